@@ -1,0 +1,99 @@
+"""The one in-memory form every reader produces and every later step consumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from medtransfer.errors import DataError
+
+# Codes of the split assignment arrays (`(folds, N)` int8): which part of a fold each image belongs to.
+SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "test": 2}
+SPLIT_NAMES = tuple(SPLIT_CODES)
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """A labelled image set, validated on construction.
+
+    images:      (N, H, W, C) uint8, C = 1 (grey) or 3 (RGB)
+    labels:      (N,) int64 class indices in [0, len(classes))
+    classes:     class names, index = label
+    groups:      (N,) int64 group codes (patient, exam) or None
+    given_split: (N,) int8 with SPLIT_CODES values when the source fixes train/val/test, else None
+    origin:      where the data came from, for messages
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    groups: np.ndarray | None = None
+    given_split: np.ndarray | None = None
+    origin: str = ""
+
+    def __post_init__(self) -> None:
+        where = self.origin or None
+        images, labels = self.images, self.labels
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise DataError(
+                f"images must have shape (N, H, W, 1 or 3), got {images.shape}",
+                where=where,
+                fix="store grey images as (N, H, W) or (N, H, W, 1) and colour as (N, H, W, 3)",
+            )
+        if images.dtype != np.uint8:
+            raise DataError(f"images must be uint8, got {images.dtype}", where=where, fix="store 8-bit images")
+        if labels.shape != (images.shape[0],):
+            raise DataError(
+                f"{labels.shape[0] if labels.ndim else 0} labels for {images.shape[0]} images",
+                where=where,
+                fix="give exactly one label per image",
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"labels must be integers, got {labels.dtype}", where=where)
+        if images.shape[0] == 0:
+            raise DataError("the dataset holds no images", where=where)
+        bad = (labels < 0) | (labels >= len(self.classes))
+        if bad.any():
+            values = sorted(set(labels[bad].tolist()))[:5]
+            raise DataError(
+                f"{int(bad.sum())} labels outside the declared range 0..{len(self.classes) - 1} (e.g. {values})",
+                where=where,
+                fix=f"declare every class under 'classes' (now {list(self.classes)}) or fix the labels",
+            )
+        for name, extra in (("groups", self.groups), ("given_split", self.given_split)):
+            if extra is not None and extra.shape != labels.shape:
+                raise DataError(f"{name} has shape {extra.shape}, expected {labels.shape}", where=where)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(side) for side in self.images.shape[1:])  # type: ignore[return-value]
+
+
+def content_fingerprint(dataset: ImageDataset) -> str:
+    """sha256 (hex) of everything a dataset holds: pixels, labels, class names, groups and the given split.
+
+    It names a data version independently of file format and compression, and of how it is later split into folds.
+    """
+    digest = hashlib.sha256()
+    header = {
+        "format": "medtransfer-dataset-v1",
+        "image_shape": list(dataset.images.shape),
+        "classes": list(dataset.classes),
+        "has_groups": dataset.groups is not None,
+        "has_given_split": dataset.given_split is not None,
+    }
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(dataset.images).data)
+    digest.update(np.ascontiguousarray(dataset.labels, dtype="<i8").data)
+    if dataset.groups is not None:
+        digest.update(np.ascontiguousarray(dataset.groups, dtype="<i8").data)
+    if dataset.given_split is not None:
+        digest.update(np.ascontiguousarray(dataset.given_split, dtype="i1").data)
+    return digest.hexdigest()

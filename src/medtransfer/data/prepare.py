@@ -1,0 +1,158 @@
+"""`prepare`: read a dataset, check its version, split it, and write `data/prepared/<name>/` atomically.
+
+The prepared folder is what DVC versions and what every later step reads:
+
+    images.npy     (N, H, W, C) uint8, memory-mappable
+    labels.npy     (N,) int64
+    groups.npy     (N,) int64, only when the dataset has groups
+    splits.npy     (folds, N) int8: 0 train, 1 val, 2 test for each fold
+    manifest.json  classes, counts per split, image shape, source path and hash, content fingerprint
+
+Everything in it is a deterministic function of the source and the params (no timestamps), so DVC sees an
+unchanged output when nothing changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtransfer import __version__
+from medtransfer.atomic_files import atomic_directory
+from medtransfer.config import Config
+from medtransfer.data.dataset import SPLIT_CODES, ImageDataset, content_fingerprint
+from medtransfer.data.readers import read_dataset
+from medtransfer.data.splits import fold_indices, make_split_assignment, split_counts
+from medtransfer.errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA = "medtransfer-prepared-v1"
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """A prepared dataset read back from disk; `images` is memory-mapped."""
+
+    name: str
+    folder: Path
+    manifest: dict[str, Any]
+    images: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray | None
+    splits: np.ndarray
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def num_folds(self) -> int:
+        return int(self.splits.shape[0])
+
+    def fold(self, fold: int) -> dict[str, np.ndarray]:
+        """Image indices of fold `fold`: {'train', 'val', 'test'} → (n,) int arrays."""
+        return fold_indices(self.splits, fold)
+
+
+def prepare_dataset(config: Config, name: str) -> dict[str, Any]:
+    """Prepare dataset `name` of `config` into `<prepared_data>/<name>/`; returns the manifest written."""
+    dataset_config = config.dataset(name)
+    source = config.resolve(dataset_config.path)
+    dataset = read_dataset(dataset_config, source)
+    fingerprint = content_fingerprint(dataset)
+    if dataset_config.fingerprint is not None and dataset_config.fingerprint.lower() != fingerprint:
+        raise DataError(
+            f"data version mismatch: params pin fingerprint {dataset_config.fingerprint.lower()} "
+            f"but {source} has {fingerprint}",
+            where=f"{config.source_file}: datasets.{name}.fingerprint",
+            fix="restore the pinned version (git checkout + dvc checkout/pull) or update the pin on purpose",
+        )
+    splits = make_split_assignment(dataset, dataset_config.split)
+    manifest = build_manifest(config, name, dataset, splits, fingerprint, source)
+    write_prepared(config.prepared_data_dir / name, dataset, splits, manifest)
+    return manifest
+
+
+def build_manifest(
+    config: Config, name: str, dataset: ImageDataset, splits: np.ndarray, fingerprint: str, source: Path
+) -> dict[str, Any]:
+    dataset_config = config.dataset(name)
+    split = dataset_config.split
+    split_record: dict[str, Any] = {"scheme": split.scheme, "folds": int(splits.shape[0])}
+    if split.scheme != "given":
+        split_record.update(val_fraction=split.val_fraction, seed=split.seed)
+    split_record["sha256"] = hashlib.sha256(np.ascontiguousarray(splits).data).hexdigest()
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "dataset": name,
+        "format": dataset_config.format,
+        "source": {"path": dataset_config.path, "sha256": file_sha256(source) if source.is_file() else None},
+        "fingerprint": fingerprint,
+        "classes": list(dataset.classes),
+        "num_classes": len(dataset.classes),
+        "num_images": dataset.num_images,
+        "image_shape": list(dataset.image_shape),
+        "class_counts": np.bincount(dataset.labels, minlength=len(dataset.classes)).astype(int).tolist(),
+        "has_groups": dataset.groups is not None,
+        "split": split_record,
+        "split_codes": dict(SPLIT_CODES),
+        "folds": split_counts(splits, dataset.labels, len(dataset.classes)),
+        "medtransfer_version": __version__,
+    }
+
+
+def write_prepared(folder: Path, dataset: ImageDataset, splits: np.ndarray, manifest: dict[str, Any]) -> None:
+    """Write the prepared folder; it appears complete or not at all."""
+    with atomic_directory(folder) as staging:
+        np.save(staging / "images.npy", np.ascontiguousarray(dataset.images), allow_pickle=False)
+        np.save(staging / "labels.npy", dataset.labels.astype(np.int64), allow_pickle=False)
+        if dataset.groups is not None:
+            np.save(staging / "groups.npy", dataset.groups.astype(np.int64), allow_pickle=False)
+        np.save(staging / "splits.npy", splits.astype(np.int8), allow_pickle=False)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def load_prepared(config: Config, name: str) -> PreparedDataset:
+    """Open `<prepared_data>/<name>/` (images memory-mapped)."""
+    config.dataset(name)
+    folder = config.prepared_data_dir / name
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise DataError(
+            f"prepared data for '{name}' not found",
+            where=str(folder),
+            fix=f"run 'medtransfer prepare --dataset {name}' (or 'dvc repro', or 'dvc pull' to fetch it)",
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("schema") != MANIFEST_SCHEMA:
+            raise ValueError("unknown schema")
+        images = np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False)
+        labels = np.load(folder / "labels.npy", allow_pickle=False)
+        groups_path = folder / "groups.npy"
+        groups = np.load(groups_path, allow_pickle=False) if groups_path.is_file() else None
+        splits = np.load(folder / "splits.npy", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise DataError(
+            f"prepared data is damaged ({error})",
+            where=str(folder),
+            fix=f"run 'medtransfer prepare --dataset {name}' again",
+        ) from None
+    return PreparedDataset(name, folder, manifest, images, labels, groups, splits)
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        while chunk := stream.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

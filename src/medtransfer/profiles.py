@@ -1,0 +1,70 @@
+"""Profiles: named parameter sets in `profiles/<name>.yaml`, one of which is the active `params.yaml`.
+
+DVC reads only `params.yaml` and cannot pick a file by flag, so switching profile means copying the profile over
+`params.yaml` (after validating it). The copy starts with a header naming its profile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medtransfer.atomic_files import atomic_write_text
+from medtransfer.config import PARAMS_FILE_NAME, config_from_mapping, read_yaml_mapping
+from medtransfer.errors import ConfigError
+
+PROFILES_DIR_NAME = "profiles"
+HEADER_PREFIX = "# Active profile: "
+
+
+def find_repository_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above `start` (cwd) holding a `profiles/` folder."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PROFILES_DIR_NAME).is_dir():
+            return folder
+    raise ConfigError(
+        f"no '{PROFILES_DIR_NAME}/' folder in {here} or above it",
+        fix="run this inside the medtransfer repository",
+    )
+
+
+def available_profiles(root: Path) -> list[str]:
+    return sorted(path.stem for path in (root / PROFILES_DIR_NAME).glob("*.yaml"))
+
+
+def active_profile(root: Path) -> str | None:
+    """The profile named in params.yaml's header, if params.yaml still matches that profile's content."""
+    params = root / PARAMS_FILE_NAME
+    if not params.is_file():
+        return None
+    text = params.read_text(encoding="utf-8")
+    first_line = text.splitlines()[0] if text else ""
+    if not first_line.startswith(HEADER_PREFIX):
+        return None
+    name = first_line[len(HEADER_PREFIX):].split()[0]
+    profile = root / PROFILES_DIR_NAME / f"{name}.yaml"
+    if profile.is_file() and render_active_params(name, profile.read_text(encoding="utf-8")) == text:
+        return name
+    return None
+
+
+def activate_profile(root: Path, name: str) -> Path:
+    """Validate `profiles/<name>.yaml` and make it the active params.yaml; returns the params path."""
+    profile = root / PROFILES_DIR_NAME / f"{name}.yaml"
+    if not profile.is_file():
+        known = ", ".join(available_profiles(root)) or "none"
+        raise ConfigError(f"unknown profile '{name}'", where=str(root / PROFILES_DIR_NAME), fix=f"choose one of: {known}")
+    target = root / PARAMS_FILE_NAME
+    # Validate as if it already were params.yaml, so relative paths resolve as they will once active.
+    config_from_mapping(read_yaml_mapping(profile), source_file=target)
+    atomic_write_text(target, render_active_params(name, profile.read_text(encoding="utf-8")))
+    return target
+
+
+def render_active_params(name: str, profile_text: str) -> str:
+    header = (
+        f"{HEADER_PREFIX}{name}\n"
+        f"# Copied from {PROFILES_DIR_NAME}/{name}.yaml by 'medtransfer profile use {name}'. DVC and every command\n"
+        "# read this file; edit the profile and re-run that command, or edit here for a one-off experiment.\n"
+    )
+    return header + profile_text

@@ -1,0 +1,85 @@
+"""MLflow set-up: tracking store, experiment, dataset lineage.
+
+The tracking URI and artifact root come from params.yaml (resolved against the repository root). Under
+`mlflow run`, the launcher has already created the run and exported MLFLOW_RUN_ID / MLFLOW_TRACKING_URI /
+MLFLOW_EXPERIMENT_ID; the step then logs into that run and keeps the launcher's experiment (never switching it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from medtransfer.config import Config
+
+# MLflow digests are limited to 36 characters; the full sha256 goes into a tag.
+_DIGEST_LENGTH = 32
+DATA_FINGERPRINT_TAG = "data_fingerprint"
+
+
+def launched_by_mlflow_run() -> bool:
+    """True inside an `mlflow run` entry point (the launcher exports the run id)."""
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
+def use_tracking_store(config: Config) -> str:
+    """Point MLflow at the configured store (or the launcher's) and return the URI in use."""
+    import mlflow
+
+    configured = config.tracking_uri
+    launcher = os.environ.get("MLFLOW_TRACKING_URI")
+    if launched_by_mlflow_run() and launcher:
+        if _normalise(launcher, Path.cwd()) != _normalise(configured, config.root):
+            print(
+                f"medtransfer: warning: mlflow run logs to {launcher}, params.yaml names {configured}; "
+                "using the launcher's store (set MLFLOW_TRACKING_URI to align them)",
+                file=sys.stderr,
+            )
+        mlflow.set_tracking_uri(launcher)
+        return launcher
+    mlflow.set_tracking_uri(configured)
+    return configured
+
+
+def ensure_experiment(config: Config) -> str:
+    """The experiment id to log to: the launcher's under `mlflow run`, else the configured one (created with
+    its artifact root under the repository, so artifacts never land in the working directory)."""
+    import mlflow
+
+    launcher_experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if launcher_experiment:
+        return launcher_experiment
+    client = mlflow.MlflowClient()
+    existing = client.get_experiment_by_name(config.stores.experiment)
+    if existing is not None:
+        return existing.experiment_id
+    artifact_root = config.artifact_root
+    location = Path(artifact_root).as_uri() if "://" not in artifact_root else artifact_root
+    return client.create_experiment(config.stores.experiment, artifact_location=location)
+
+
+def log_prepared_dataset(manifest: dict[str, Any], folder: Path, context: str) -> None:
+    """Record a prepared dataset as an input of the active run: name, source folder, fingerprint."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # two registered local sources match a path; either is right
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        source = resolve_dataset_source(str(folder))
+    dataset = MetaDataset(
+        source=source,
+        name=manifest["dataset"],
+        digest=manifest["fingerprint"][:_DIGEST_LENGTH],
+    )
+    mlflow.log_input(dataset, context=context, tags={DATA_FINGERPRINT_TAG: manifest["fingerprint"]})
+    mlflow.set_tag(f"{DATA_FINGERPRINT_TAG}.{manifest['dataset']}", manifest["fingerprint"])
+
+
+def _normalise(uri: str, base: Path) -> str:
+    from medtransfer.config import resolve_store_url
+
+    return resolve_store_url(uri, base)

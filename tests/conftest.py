@@ -1,0 +1,102 @@
+"""Shared fixtures: a params file in a temp folder, MedMNIST-layout npz files, the real BreastMNIST copy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_BREASTMNIST = REPO_ROOT.parent / "shared" / "data" / "breastmnist.npz"
+BIN_DIR = Path(sys.executable).parent
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture
+def breastmnist_path() -> Path:
+    """The real BreastMNIST copy beside the checkout; tests using it skip cleanly where it is absent."""
+    if not SHARED_BREASTMNIST.is_file():
+        pytest.skip(f"real BreastMNIST not available at {SHARED_BREASTMNIST}")
+    return SHARED_BREASTMNIST
+
+
+def write_medmnist_npz(
+    path: Path,
+    sizes: tuple[int, int, int] = (30, 10, 12),
+    num_classes: int = 2,
+    image_shape: tuple[int, ...] = (8, 8),
+    label_shape: str = "column",
+    seed: int = 0,
+) -> Path:
+    """A MedMNIST-layout npz with random uint8 images; labels (N,1) ('column'), (N,) ('flat') or (N,K) ('multi')."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), sizes):
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(count, *image_shape), dtype=np.uint8)
+        if label_shape == "multi":
+            labels = rng.integers(0, 2, size=(count, 5)).astype(np.uint8)
+        else:
+            labels = (np.arange(count) % num_classes).astype(np.uint8)
+            labels = labels[:, None] if label_shape == "column" else labels
+        arrays[f"{split}_labels"] = labels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+@pytest.fixture
+def medmnist_npz() -> Callable[..., Path]:
+    return write_medmnist_npz
+
+
+def demo_params(datasets: dict, **sections) -> dict:
+    params = {
+        "project": {"profile": "test", "seed": 0},
+        "stores": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "test", "optuna_storage": "sqlite:///optuna.db"},
+        "paths": {"raw_data": "data/raw", "prepared_data": "data/prepared"},
+        "datasets": datasets,
+    }
+    params.update(sections)
+    return params
+
+
+@pytest.fixture
+def write_params(tmp_path: Path) -> Callable[..., Path]:
+    """Write a params.yaml into tmp_path from a datasets mapping (plus optional section overrides)."""
+
+    def write(datasets: dict, folder: Path | None = None, **sections) -> Path:
+        target = (folder or tmp_path) / "params.yaml"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(yaml.safe_dump(demo_params(datasets, **sections), sort_keys=False))
+        return target
+
+    return write
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed `medtransfer` command in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PATH"] = f"{BIN_DIR}{os.pathsep}{full_env.get('PATH', '')}"
+    return subprocess.run(
+        [sys.executable, "-m", "medtransfer", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli() -> Callable[..., subprocess.CompletedProcess]:
+    return run_cli

@@ -1,0 +1,137 @@
+"""MedMNIST reader: both label shapes, colour and grey, multi-label rules, and every malformed file."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from medtransfer.config import MultiLabelRule
+from medtransfer.data.dataset import SPLIT_CODES
+from medtransfer.data.medmnist import read_medmnist_npz
+from medtransfer.errors import DataError
+
+
+@pytest.mark.parametrize("label_shape", ["column", "flat"])
+def test_both_label_shapes_read_the_same(tmp_path, medmnist_npz, label_shape):
+    path = medmnist_npz(tmp_path / "d.npz", sizes=(6, 3, 4), label_shape=label_shape)
+    dataset = read_medmnist_npz(path, ["a", "b"])
+    assert dataset.images.shape == (13, 8, 8, 1) and dataset.images.dtype == np.uint8
+    assert dataset.labels.shape == (13,) and dataset.labels.dtype == np.int64
+    assert dataset.labels.tolist() == [0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 1, 0, 1]
+    assert np.bincount(dataset.given_split).tolist() == [6, 3, 4]
+    assert dataset.given_split[6] == SPLIT_CODES["val"]
+    with np.load(path) as raw:  # pixels arrive unchanged, in train/val/test order
+        np.testing.assert_array_equal(dataset.images[:6, ..., 0], raw["train_images"])
+        np.testing.assert_array_equal(dataset.images[9:, ..., 0], raw["test_images"])
+
+
+def test_colour_and_larger_resolutions(tmp_path, medmnist_npz):
+    path = medmnist_npz(tmp_path / "d.npz", image_shape=(64, 64, 3), num_classes=3)
+    dataset = read_medmnist_npz(path, ["a", "b", "c"])
+    assert dataset.image_shape == (64, 64, 3)
+
+
+def test_real_breastmnist(breastmnist_path):
+    dataset = read_medmnist_npz(breastmnist_path, ["malignant", "normal_or_benign"])
+    assert dataset.images.shape == (780, 28, 28, 1)
+    assert np.bincount(dataset.given_split).tolist() == [546, 78, 156]
+    assert set(np.unique(dataset.labels)) == {0, 1}
+
+
+def test_multilabel_needs_an_explicit_rule(tmp_path, medmnist_npz):
+    path = medmnist_npz(tmp_path / "chest.npz", label_shape="multi")
+    with pytest.raises(DataError, match="multi-label.*add a rule under 'multilabel'"):
+        read_medmnist_npz(path, ["no", "yes"])
+    with np.load(path) as raw:
+        expected_any = (raw["train_labels"] != 0).any(axis=1).astype(int)
+        expected_col = raw["train_labels"][:, 2].astype(int)
+    any_rule = read_medmnist_npz(path, ["no", "yes"], MultiLabelRule(rule="any"))
+    assert any_rule.labels[:30].tolist() == expected_any.tolist()
+    column = read_medmnist_npz(path, ["no", "yes"], MultiLabelRule(rule="column", column=2))
+    assert column.labels[:30].tolist() == expected_col.tolist()
+    with pytest.raises(DataError, match="column 9 does not exist"):
+        read_medmnist_npz(path, ["no", "yes"], MultiLabelRule(rule="column", column=9))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="file not found") as caught:
+        read_medmnist_npz(tmp_path / "absent.npz", ["a", "b"])
+    assert str(tmp_path / "absent.npz") in caught.value.one_line()
+
+
+def test_truncated_npz(tmp_path, medmnist_npz):
+    path = medmnist_npz(tmp_path / "d.npz", sizes=(300, 50, 50), image_shape=(28, 28))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="not a readable .npz"):
+        read_medmnist_npz(path, ["a", "b"])
+
+
+def test_corrupt_member_in_npz(tmp_path, medmnist_npz):
+    path = medmnist_npz(tmp_path / "d.npz", sizes=(300, 50, 50), image_shape=(28, 28))
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        member = archive.getinfo("train_images.npy")
+    middle = member.header_offset + 200 + member.compress_size // 2
+    data[middle : middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="not a readable .npz"):
+        read_medmnist_npz(path, ["a", "b"])
+
+
+def test_not_an_npz_at_all(tmp_path):
+    path = tmp_path / "d.npz"
+    path.write_text("hello")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        read_medmnist_npz(path, ["a", "b"])
+
+
+def test_npz_missing_a_key(tmp_path, medmnist_npz):
+    path = medmnist_npz(tmp_path / "d.npz")
+    with np.load(path) as raw:
+        arrays = {key: raw[key] for key in raw.files if key != "val_labels"}
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match="npz lacks key 'val_labels'"):
+        read_medmnist_npz(path, ["a", "b"])
+
+
+def test_label_count_differs_from_image_count(tmp_path, medmnist_npz):
+    path = medmnist_npz(tmp_path / "d.npz")
+    with np.load(path) as raw:
+        arrays = {key: raw[key] for key in raw.files}
+    arrays["test_labels"] = arrays["test_labels"][:-2]
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match="test: 10 labels for 12 images"):
+        read_medmnist_npz(path, ["a", "b"])
+
+
+def test_labels_outside_the_declared_range(tmp_path, medmnist_npz):
+    path = medmnist_npz(tmp_path / "d.npz", num_classes=3)
+    with pytest.raises(DataError, match="labels outside the declared range 0..1 .*\\[2\\]"):
+        read_medmnist_npz(path, ["a", "b"])
+
+
+def test_pickled_object_arrays_are_not_loaded(tmp_path, medmnist_npz):
+    path = medmnist_npz(tmp_path / "d.npz")
+    with np.load(path) as raw:
+        arrays = {key: raw[key] for key in raw.files}
+    arrays["train_labels"] = np.array([object()] * 30, dtype=object)
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match="pickled object arrays"):
+        read_medmnist_npz(path, ["a", "b"])
+
+
+def test_wrong_rank_and_dtype(tmp_path, medmnist_npz):
+    path = medmnist_npz(tmp_path / "d.npz")
+    with np.load(path) as raw:
+        arrays = {key: raw[key] for key in raw.files}
+    arrays["train_images"] = arrays["train_images"].astype(np.float32)
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match="train_images has dtype float32; expected uint8"):
+        read_medmnist_npz(path, ["a", "b"])
+    arrays["train_images"] = np.zeros((30, 4, 8, 8, 8), dtype=np.uint8)
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match="3D subsets are not supported"):
+        read_medmnist_npz(path, ["a", "b"])

@@ -1,0 +1,128 @@
+"""params.yaml validation: one error naming the key; paths and stores resolved against the params file's folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medtransfer.config import load_config, resolve_store_url
+from medtransfer.errors import ConfigError
+
+DATASET = {"format": "medmnist", "path": "data/raw/x.npz", "classes": ["a", "b"]}
+
+
+def test_valid_params_load_into_typed_objects(write_params):
+    path = write_params({"x": {**DATASET, "split": {"scheme": "stratified_kfold", "folds": 3}}})
+    config = load_config(path)
+    dataset = config.dataset("x")
+    assert dataset.classes == ["a", "b"]
+    assert dataset.split.scheme == "stratified_kfold" and dataset.split.folds == 3
+    assert dataset.split.val_fraction == pytest.approx(0.1)  # default from the schema
+    assert config.root == path.parent
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key_in_message"),
+    [
+        (lambda p: p["datasets"]["x"].update(colour="red"), "datasets.x.colour"),
+        (lambda p: p["datasets"]["x"].pop("classes"), "datasets.x.classes"),
+        (lambda p: p["datasets"]["x"].update(split={"scheme": "given", "folds": "five"}), "datasets.x.split.folds"),
+        (lambda p: p["datasets"]["x"].update(split={"scheme": "leave_one_out"}), "datasets.x.split.scheme"),
+        (lambda p: p["datasets"]["x"].update(format=3), "datasets.x.format"),
+        (lambda p: p["stores"].update(tracking_uri=5), "stores.tracking_uri"),
+        (lambda p: p.update(sources={}), "sources"),
+        (lambda p: p["project"].update(seed=True), "project.seed"),
+        (lambda p: p["datasets"]["x"].update(classes=["only"]), "datasets.x.classes"),
+        (lambda p: p["datasets"]["x"].update(fingerprint="abc"), "datasets.x.fingerprint"),
+        (lambda p: p["datasets"]["x"].update(split={"scheme": "stratified_kfold", "val_fraction": 1.5}), "val_fraction"),
+        (lambda p: p["datasets"]["x"].update(multilabel={"rule": "column"}), "datasets.x.multilabel.column"),
+        (lambda p: p["project"].pop("profile"), "project.profile"),
+    ],
+)
+def test_bad_params_give_one_error_naming_the_key(write_params, mutate, key_in_message):
+    path = write_params({"x": dict(DATASET)})
+    params = yaml.safe_load(path.read_text())
+    mutate(params)
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = caught.value.one_line()
+    assert key_in_message in message
+    assert str(path) in message
+    assert "\n" not in message
+
+
+def test_duplicate_dataset_names_are_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "project: {profile: t}\n"
+        "datasets:\n"
+        "  x: {format: medmnist, path: a.npz, classes: [a, b]}\n"
+        "  x: {format: medmnist, path: b.npz, classes: [a, b]}\n"
+    )
+    with pytest.raises(ConfigError, match="duplicate key 'x' at line 4"):
+        load_config(path)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    broken = tmp_path / "params.yaml"
+    broken.write_text("project: {profile: t\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_unknown_dataset_lists_the_known_ones(write_params):
+    config = load_config(write_params({"x": dict(DATASET), "y": dict(DATASET)}))
+    with pytest.raises(ConfigError, match="unknown dataset 'z'.*use one of: x, y"):
+        config.dataset("z")
+
+
+def test_stores_and_paths_resolve_against_the_params_folder_not_the_cwd(write_params, tmp_path, monkeypatch):
+    path = write_params({"x": dict(DATASET)})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(path)
+    assert config.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert config.optuna_storage == f"sqlite:///{tmp_path.resolve()}/optuna.db"
+    assert config.prepared_data_dir == tmp_path / "data/prepared"
+    assert config.resolve(config.dataset("x").path) == tmp_path / "data/raw/x.npz"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:///mlflow.db", "sqlite:////r/mlflow.db"),
+        ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
+        ("journal:optuna.log", "journal:/r/optuna.log"),
+        ("postgresql://user@127.0.0.1/db", "postgresql://user@127.0.0.1/db"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("mlartifacts", "/r/mlartifacts"),
+    ],
+)
+def test_resolve_store_url(url, expected):
+    assert resolve_store_url(url, Path("/r")) == expected
+
+
+def test_params_found_from_a_subfolder_and_via_environment(write_params, tmp_path, monkeypatch):
+    path = write_params({"x": dict(DATASET)})
+    nested = tmp_path / "a" / "b"
+    nested.mkdir(parents=True)
+    monkeypatch.chdir(nested)
+    monkeypatch.delenv("MEDTRANSFER_PARAMS", raising=False)
+    assert load_config().source_file == path.resolve()
+    other = write_params({"y": dict(DATASET)}, folder=tmp_path / "other")
+    monkeypatch.setenv("MEDTRANSFER_PARAMS", str(other))
+    assert set(load_config().datasets) == {"y"}
+
+
+def test_repository_params_and_profiles_are_valid(repo_root):
+    config = load_config(repo_root / "params.yaml")
+    assert config.project.profile == "demo"
+    for profile in sorted((repo_root / "profiles").glob("*.yaml")):
+        raw = yaml.safe_load(profile.read_text())
+        assert raw["project"]["profile"] == profile.stem

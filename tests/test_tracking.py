@@ -1,0 +1,47 @@
+"""MLflow set-up: the configured sqlite store and experiment, and dataset lineage on a run."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from medtransfer.config import load_config
+from medtransfer.tracking import ensure_experiment, log_prepared_dataset, use_tracking_store
+
+
+@pytest.fixture
+def config(write_params, monkeypatch):
+    for variable in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    return load_config(write_params({}))
+
+
+def test_store_and_experiment_live_under_the_repository_root(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)  # the working folder must not matter
+    uri = use_tracking_store(config)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    experiment_id = ensure_experiment(config)
+    experiment = mlflow.MlflowClient().get_experiment(experiment_id)
+    assert experiment.name == "test"
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").resolve().as_uri()
+    assert ensure_experiment(config) == experiment_id, "found again, not created twice"
+    assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_launcher_experiment_is_kept(config, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "42")
+    assert ensure_experiment(config) == "42"
+
+
+def test_prepared_dataset_is_logged_as_a_run_input(config, tmp_path):
+    use_tracking_store(config)
+    manifest = {"dataset": "d", "fingerprint": "ab" * 32}
+    with mlflow.start_run(experiment_id=ensure_experiment(config)) as run:
+        log_prepared_dataset(manifest, tmp_path / "data/prepared/d", context="training")
+    logged = mlflow.get_run(run.info.run_id)
+    (dataset_input,) = logged.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "d"
+    assert dataset_input.dataset.digest == ("ab" * 32)[:32]
+    tags = {tag.key: tag.value for tag in dataset_input.tags}
+    assert tags["data_fingerprint"] == "ab" * 32 and tags["mlflow.data.context"] == "training"
+    assert logged.data.tags["data_fingerprint.d"] == "ab" * 32
