@@ -1,0 +1,554 @@
+"""Streaming representation-similarity measures: mean CCA, SVCCA, PWCCA, linear CKA and debiased linear CKA.
+
+Conventions: an activation matrix has one row per datapoint and one column per channel (neuron). ``X`` is
+``n x p`` and ``Y`` is ``n x q``; row ``i`` of both belongs to the same datapoint.
+
+Everything is computed from sufficient statistics accumulated by `SimilarityAccumulator`, never from stored data:
+the count ``n``, the column sums and the cross-product blocks ``X'^T X'``, ``Y'^T Y'``, ``X'^T Y'`` of *shifted*
+data ``X' = X - K_x``, ``Y' = Y - K_y`` (``K`` = the column means of the first chunk seen), plus a few fourth-moment
+sums for debiased CKA. Memory is ``O((p + q)^2)`` plus a bounded row block, independent of ``n``.
+
+Why shift: the centred scatter ``sum_i c_i c_i^T = S' - n mu' mu'^T`` (``c_i = x_i - mean``) cancels catastrophically
+when the data have a large mean (ReLU activations do). After shifting by an estimate of the mean, ``mu'`` is small
+and the subtraction is harmless.
+
+Numbers the caller may want to know:
+
+* ``channel_rtol`` (default 1e-8): for the CCA family, a channel whose variance is ``<= channel_rtol * (largest
+  channel variance of its side)`` is dropped as dead/constant. The numbers kept are ``p_kept``/``q_kept``.
+* ``eig_rtol`` (default 1e-10): when whitening a side, eigen-directions of its (kept-channel) covariance with
+  eigenvalue ``<= eig_rtol * (largest eigenvalue)`` are dropped. Cross-product methods square the condition number,
+  so an eigenvalue below about ``1e-12 * lambda_max`` carries a relative error of percents in float64 and whitening
+  by it would turn rounding noise into spurious correlations; 1e-10 leaves a margin. The number of canonical
+  correlations is ``min(rank_x, rank_y)`` with these numerical ranks.
+* Reliability: with ``m = max(p_kept, q_kept)``, CCA-family values are flagged unreliable when ``n < 10 m`` and are
+  refused (``None``) when ``n <= m + 1``; CKA is always computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import scipy.linalg
+from scipy.linalg.blas import dgemm, dsyrk
+
+__all__ = [
+    "ALL_MEASURES",
+    "CCA_MEASURES",
+    "CKA_MEASURES",
+    "DEFAULT_BLOCK_BYTES",
+    "DEFAULT_CHANNEL_RTOL",
+    "DEFAULT_EIG_RTOL",
+    "DEFAULT_SVCCA_THRESHOLD",
+    "InsufficientSamplesError",
+    "NonFiniteInputError",
+    "SimilarityAccumulator",
+    "SimilarityResult",
+    "compute_similarity",
+]
+
+#: Measure names, as used in results, on the command line and in JSON output.
+CCA_MEASURES: tuple[str, ...] = ("cca", "svcca", "pwcca")
+CKA_MEASURES: tuple[str, ...] = ("cka", "cka_debiased")
+ALL_MEASURES: tuple[str, ...] = CCA_MEASURES + CKA_MEASURES
+
+DEFAULT_CHANNEL_RTOL = 1e-8
+DEFAULT_EIG_RTOL = 1e-10
+DEFAULT_SVCCA_THRESHOLD = 0.99
+#: Size of the float64 row block the accumulator processes at once (bounds its working memory).
+DEFAULT_BLOCK_BYTES = 64 << 20
+#: Below ``RELIABLE_ROWS_PER_CHANNEL * max(p_kept, q_kept)`` rows the CCA family is flagged unreliable.
+RELIABLE_ROWS_PER_CHANNEL = 10
+
+
+class NonFiniteInputError(ValueError):
+    """A chunk given to `SimilarityAccumulator.update` holds NaN or infinity (or values whose square overflows).
+
+    ``side`` is ``"x"`` or ``"y"``; ``row`` is the 0-based index, over all rows streamed so far, of the first bad row.
+    """
+
+    def __init__(self, side: str, row: int) -> None:
+        self.side = side
+        self.row = row
+        super().__init__(f"{side.upper()} has NaN or infinite values (or values too large to square) in row {row}")
+
+
+class InsufficientSamplesError(ValueError):
+    """Raised by `SimilarityResult.require_cca` when the CCA family was refused (too few rows or no usable channel)."""
+
+
+@dataclass(frozen=True)
+class SimilarityResult:
+    """All similarity measures of one pair of activation matrices.
+
+    A measure that was not requested, or is undefined for these data, is ``None``; ``undefined`` maps each
+    requested-but-undefined measure name to the reason.
+
+    Attributes:
+        mean_cca, svcca, pwcca, cka, cka_debiased: the measures (floats in [0, 1]; debiased CKA can be slightly
+            negative).
+        canonical_correlations: shape ``(min(rank_x, rank_y),)``, descending, float64 (empty when the CCA family
+            was not computed).
+        svcca_dims: principal directions kept per side for SVCCA, ``(kx, ky)``, or ``None``.
+        cca_ranks: numerical ranks ``(rank_x, rank_y)`` of the whitened sides, or ``None``.
+        pwcca_side: ``"x"`` or ``"y"``: the side whose neurons weight PWCCA (fewer kept channels; ties -> x).
+        n, p, q: rows and channels seen; p_kept, q_kept: channels left after dropping (near-)constant ones.
+        reliable: False when the CCA family is unreliable or refused; ``warning`` then says why.
+        cca_refused: True when the CCA family could not be computed (its values are None).
+    """
+
+    n: int
+    p: int
+    q: int
+    p_kept: int
+    q_kept: int
+    mean_cca: float | None = None
+    svcca: float | None = None
+    pwcca: float | None = None
+    cka: float | None = None
+    cka_debiased: float | None = None
+    canonical_correlations: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    svcca_dims: tuple[int, int] | None = None
+    cca_ranks: tuple[int, int] | None = None
+    pwcca_side: str | None = None
+    reliable: bool = True
+    warning: str | None = None
+    cca_refused: bool = False
+    undefined: dict[str, str] = field(default_factory=dict)
+
+    def value(self, measure: str) -> float | None:
+        """The value of a measure by its public name (``cca``, ``svcca``, ``pwcca``, ``cka``, ``cka_debiased``)."""
+        if measure not in ALL_MEASURES:
+            raise KeyError(f"unknown measure {measure!r}; known: {', '.join(ALL_MEASURES)}")
+        return getattr(self, "mean_cca" if measure == "cca" else measure)
+
+    def require_cca(self) -> None:
+        """Raise `InsufficientSamplesError` if the CCA family was refused."""
+        if self.cca_refused:
+            raise InsufficientSamplesError(self.warning or "CCA-family measures could not be computed")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Accumulation
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SimilarityAccumulator:
+    """Streams paired row chunks of ``X`` (``n x p``) and ``Y`` (``n x q``) into float64 sufficient statistics.
+
+    ``update`` may be called any number of times with chunks of any row count (float16/32/64 or integer input);
+    the result equals one update with all rows up to rounding. Working memory is ``(p+q)^2`` float64 for the
+    cross-product matrix plus one row block of about ``block_bytes`` bytes, whatever the chunk or total size.
+
+    Accumulated, on shifted rows ``x'_i = x_i - K_x``, ``y'_i = y_i - K_y`` (``K`` = the first chunk's column
+    means, then fixed), with ``z'_i = [x'_i, y'_i]``, ``r'_i = |x'_i|^2``, ``t'_i = |y'_i|^2``:
+
+    * ``G = sum z'_i z'_i^T`` (upper triangle, one ``dsyrk`` per block), shape ``(p+q, p+q)``;
+    * ``sum z'_i``, ``sum r'_i z'_i``, ``sum t'_i z'_i``, each shape ``(p+q,)``;
+    * ``sum r'_i``, ``sum t'_i``, ``sum r'_i^2``, ``sum t'_i^2``, ``sum r'_i t'_i``.
+    """
+
+    def __init__(self, p: int, q: int, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
+        if p < 1 or q < 1:
+            raise ValueError(f"need at least one channel per side, got p={p}, q={q}")
+        self.p = int(p)
+        self.q = int(q)
+        d = self.p + self.q
+        self.block_rows = max(1, int(block_bytes) // (8 * d))
+        self.n = 0
+        self._shift: np.ndarray | None = None  # (p+q,) = [K_x, K_y]
+        self._buf: np.ndarray | None = None  # (block_rows, p+q), C order; its row slices transpose to Fortran order
+        # Fortran order so that dsyrk updates it in place instead of copying it in and out on every block.
+        self._gram = np.zeros((d, d), order="F")
+        # Weights w_i = (1, r'_i, t'_i). Columns of sum z'_i w_i^T: sum z', sum r' z', sum t' z'; the upper triangle
+        # of sum w_i w_i^T holds n, sum r', sum t', sum r'^2, sum r't', sum t'^2. Fortran order: updated in place.
+        self._weighted_sums = np.zeros((d, 3), order="F")
+        self._scalar_sums = np.zeros((3, 3), order="F")
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Add paired rows: ``x`` shape ``(m, p)``, ``y`` shape ``(m, q)`` (any real dtype; memmaps are fine).
+
+        Raises:
+            ValueError: shapes do not match the accumulator or each other.
+            NonFiniteInputError: a NaN/inf in the chunk (the accumulator is then unusable).
+        """
+        x = np.asanyarray(x)
+        y = np.asanyarray(y)
+        if x.ndim != 2 or y.ndim != 2:
+            raise ValueError(f"chunks must be 2-D, got x.ndim={x.ndim}, y.ndim={y.ndim}")
+        if x.shape[1] != self.p or y.shape[1] != self.q:
+            raise ValueError(f"expected {self.p} and {self.q} columns, got {x.shape[1]} and {y.shape[1]}")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x and y chunks have different row counts: {x.shape[0]} != {y.shape[0]}")
+        m_total = x.shape[0]
+        if m_total == 0:
+            return
+        for arr in (x, y):
+            if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+                raise ValueError(f"chunks must be real numbers (float or integer), got dtype {arr.dtype}")
+        p = self.p
+        if self._shift is None:
+            # Any fixed shift near the mean keeps the later centring well conditioned; np.mean with dtype reduces
+            # in float64 without materialising a float64 copy of the chunk.
+            self._shift = np.concatenate([np.mean(x, axis=0, dtype=np.float64), np.mean(y, axis=0, dtype=np.float64)])
+            if not np.isfinite(self._shift).all():
+                self._raise_first_non_finite(x, y)
+            self._buf = np.empty((min(self.block_rows, m_total), p + self.q))
+        elif self._buf.shape[0] < min(self.block_rows, m_total):
+            self._buf = np.empty((min(self.block_rows, m_total), p + self.q))
+        kx, ky = self._shift[:p], self._shift[p:]
+        for start in range(0, m_total, self.block_rows):
+            stop = min(start + self.block_rows, m_total)
+            z = self._buf[: stop - start]
+            # Converts to float64 and shifts in one pass, into the reused buffer.
+            np.subtract(x[start:stop], kx, out=z[:, :p])
+            np.subtract(y[start:stop], ky, out=z[:, p:])
+            self._add_block(z, start)
+        self.n += m_total
+
+    def _raise_first_non_finite(self, x: np.ndarray, y: np.ndarray) -> None:
+        # A NaN/inf in the first chunk poisons the shift, and with it every row; find the row it came from.
+        for start in range(0, x.shape[0], self.block_rows):
+            for side, arr in (("x", x), ("y", y)):
+                finite = np.isfinite(arr[start : start + self.block_rows]).all(axis=1)
+                if not finite.all():
+                    raise NonFiniteInputError(side, self.n + start + int(np.flatnonzero(~finite)[0]))
+        side = "x" if not np.isfinite(self._shift[: self.p]).all() else "y"
+        raise NonFiniteInputError(side, self.n)  # finite values whose sum overflows
+
+    def _add_block(self, z: np.ndarray, start: int) -> None:
+        p = self.p
+        w = np.empty((3, z.shape[0]))
+        w[0] = 1.0
+        np.einsum("ij,ij->i", z[:, :p], z[:, :p], out=w[1])
+        np.einsum("ij,ij->i", z[:, p:], z[:, p:], out=w[2])
+        # A NaN/inf anywhere in a row makes that row's squared norm non-finite: an O(m) check instead of O(m(p+q)).
+        for side, norms in (("x", w[1]), ("y", w[2])):
+            if not np.isfinite(norms.sum()):
+                bad = np.flatnonzero(~np.isfinite(norms))  # empty if only the sum overflowed
+                raise NonFiniteInputError(side, self.n + start + (int(bad[0]) if bad.size else 0))
+        # z.T is a Fortran-ordered view of the C-ordered block: dsyrk reads it without a copy and, with trans=0,
+        # computes z.T @ z into the upper triangle of the Fortran-ordered Gram matrix in place.
+        self._gram = dsyrk(1.0, z.T, beta=1.0, c=self._gram, trans=0, lower=0, overwrite_c=1)
+        # Also through SciPy's BLAS: NumPy bundles a second OpenBLAS whose idle threads spin for a while after each
+        # call, so alternating between the two libraries makes both run at a fraction of their speed.
+        self._weighted_sums = dgemm(1.0, z.T, w.T, beta=1.0, c=self._weighted_sums, overwrite_c=1)
+        self._scalar_sums = dsyrk(1.0, w.T, beta=1.0, c=self._scalar_sums, trans=1, lower=0, overwrite_c=1)
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def finalize(
+        self,
+        measures: Iterable[str] | None = None,
+        *,
+        channel_rtol: float = DEFAULT_CHANNEL_RTOL,
+        eig_rtol: float = DEFAULT_EIG_RTOL,
+        svcca_threshold: float = DEFAULT_SVCCA_THRESHOLD,
+    ) -> SimilarityResult:
+        """Compute the requested measures (default: all of `ALL_MEASURES`) from the accumulated statistics.
+
+        Does not change the accumulator; more rows may be added afterwards. Unknown measure names raise
+        ``ValueError``. See the module docstring for the tolerances.
+        """
+        wanted = set(ALL_MEASURES if measures is None else measures)
+        unknown = wanted - set(ALL_MEASURES)
+        if unknown:
+            raise ValueError(f"unknown measure(s) {', '.join(sorted(unknown))}; known: {', '.join(ALL_MEASURES)}")
+        blocks = _centred_blocks(self)
+        values: dict[str, object] = {}
+        undefined: dict[str, str] = {}
+        if wanted & set(CKA_MEASURES):
+            values.update(_cka(blocks, wanted, undefined))
+        p_kept, q_kept, keep_x, keep_y = _kept_channels(blocks, channel_rtol)
+        reliable, warning, refused = _reliability(blocks.n, p_kept, q_kept)
+        cca = {}
+        if wanted & set(CCA_MEASURES):
+            if refused:
+                for name in sorted(wanted & set(CCA_MEASURES)):
+                    undefined[name] = warning
+            else:
+                cca = _cca_family(blocks, keep_x, keep_y, wanted, eig_rtol, svcca_threshold)
+        return SimilarityResult(
+            n=blocks.n,
+            p=self.p,
+            q=self.q,
+            p_kept=p_kept,
+            q_kept=q_kept,
+            reliable=reliable,
+            warning=warning,
+            cca_refused=refused,
+            undefined=undefined,
+            **values,
+            **cca,
+        )
+
+
+def compute_similarity(
+    x: np.ndarray,
+    y: np.ndarray,
+    measures: Iterable[str] | None = None,
+    *,
+    chunk_rows: int | None = None,
+    **finalize_kwargs: float,
+) -> SimilarityResult:
+    """One-shot convenience: stream ``x`` (``n x p``) and ``y`` (``n x q``) through an accumulator and finalise.
+
+    ``chunk_rows`` (default: all rows at once; the accumulator still works in bounded row blocks) only matters for
+    memmaps whose reading you want to pace.
+    """
+    x = np.asanyarray(x)
+    y = np.asanyarray(y)
+    if x.ndim != 2 or y.ndim != 2:
+        raise ValueError(f"x and y must be 2-D, got x.ndim={x.ndim}, y.ndim={y.ndim}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y have different row counts: {x.shape[0]} != {y.shape[0]}")
+    acc = SimilarityAccumulator(x.shape[1], y.shape[1])
+    step = x.shape[0] if chunk_rows is None else max(1, int(chunk_rows))
+    for start in range(0, x.shape[0], max(step, 1)):
+        acc.update(x[start : start + step], y[start : start + step])
+    return acc.finalize(measures, **finalize_kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finalisation
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Centred statistics: ``c_i = x_i - mean_x``, ``d_i = y_i - mean_y``.
+
+    sxx ``(p, p)`` = sum c_i c_i^T, syy ``(q, q)``, sxy ``(p, q)``; sum_rt = sum |c_i|^2 |d_i|^2,
+    sum_rr = sum |c_i|^4, sum_tt = sum |d_i|^4.
+    """
+
+    n: int
+    sxx: np.ndarray
+    syy: np.ndarray
+    sxy: np.ndarray
+    sum_rt: float
+    sum_rr: float
+    sum_tt: float
+
+
+def _centred_blocks(acc: SimilarityAccumulator) -> _Blocks:
+    n, p = acc.n, acc.p
+    if n == 0:
+        raise ValueError("no rows were accumulated")
+    g = np.triu(acc._gram)
+    g += np.triu(g, 1).T  # full Z'^T Z' (shifted, uncentred), exactly symmetric
+    sums = acc._weighted_sums.T
+    mu = sums[0] / n  # mean of the shifted rows, [mu', nu']
+    # Scatter about the mean: S' - n mu mu^T (harmless cancellation because mu' is small after the shift).
+    # In place to keep finalisation at a few (p+q)^2 arrays; mu_i mu_j = mu_j mu_i, so it stays symmetric.
+    centred = np.outer(mu, mu)
+    centred *= -n
+    centred += g
+    sxx, syy, sxy = centred[:p, :p], centred[p:, p:], centred[:p, p:]
+
+    # Fourth-moment sums over centred rows. With a_i = x'_i^T mu', b_i = y'_i^T nu', m_x = |mu'|^2, m_y = |nu'|^2:
+    #   |c_i|^2 = r'_i - 2 a_i + m_x,   |d_i|^2 = t'_i - 2 b_i + m_y,
+    # and sum a_i = n m_x, sum b_i = n m_y, sum a_i b_i = mu'^T S'_xy nu', sum r'_i b_i = nu'^T sum r'_i y'_i, ...
+    # Multiplying out and summing,
+    #   sum |c|^2 |d|^2 = sum r't' - 2 nu'^T (sum r' y') - 2 mu'^T (sum t' x') + 4 mu'^T S'_xy nu'
+    #                     + m_y sum r' + m_x sum t' - 3 n m_x m_y,
+    # and |c|^4, |d|^4 are the special cases y = x and x = y.
+    mux, muy = mu[:p], mu[p:]
+    mx, my = float(mux @ mux), float(muy @ muy)
+    s = np.triu(acc._scalar_sums)  # rows/cols: 1, r', t'; only the upper triangle is filled
+    sum_r, sum_t = s[0, 1], s[0, 2]
+    rz, tz = sums[1], sums[2]  # sum r' z', sum t' z'
+    gxx, gyy, gxy = g[:p, :p], g[p:, p:], g[:p, p:]
+
+    def fourth(s_uv, u_v, v_u, mu_u, mu_v, g_uv, m_u, m_v, sum_u, sum_v) -> float:
+        return float(
+            s_uv - 2.0 * (mu_v @ u_v) - 2.0 * (mu_u @ v_u) + 4.0 * (mu_u @ _mm(g_uv, mu_v))
+            + m_v * sum_u + m_u * sum_v - 3.0 * n * m_u * m_v
+        )
+
+    sum_rt = fourth(s[1, 2], rz[p:], tz[:p], mux, muy, gxy, mx, my, sum_r, sum_t)
+    sum_rr = fourth(s[1, 1], rz[:p], rz[:p], mux, mux, gxx, mx, mx, sum_r, sum_r)
+    sum_tt = fourth(s[2, 2], tz[p:], tz[p:], muy, muy, gyy, my, my, sum_t, sum_t)
+    return _Blocks(n=n, sxx=sxx, syy=syy, sxy=sxy, sum_rt=sum_rt, sum_rr=sum_rr, sum_tt=sum_tt)
+
+
+def _cka(blocks: _Blocks, wanted: set[str], undefined: dict[str, str]) -> dict[str, float | None]:
+    """Linear CKA = |C_xy|_F^2 / (|C_xx|_F |C_yy|_F) and its debiased version (Kornblith et al. 2019).
+
+    Debiased: each |C_uv|_F^2 is replaced by n(n-3) times the unbiased HSIC estimator of Song et al. (2012) with
+    linear kernels, which for centred features reduces to
+        hsic(u, v) = |S_uv|_F^2 - n/(n-2) sum_i |c_i|^2 |d_i|^2 + (sum_i |c_i|^2)(sum_i |d_i|^2) / ((n-1)(n-2)),
+    and CKA_debiased = hsic(x, y) / sqrt(hsic(x, x) hsic(y, y)) (same as ``feature_space_linear_cka(debiased=True)``).
+    """
+    n = blocks.n
+    out: dict[str, float | None] = {}
+    nxy = float(np.sum(blocks.sxy * blocks.sxy))
+    nxx = float(np.sum(blocks.sxx * blocks.sxx))
+    nyy = float(np.sum(blocks.syy * blocks.syy))
+    if "cka" in wanted:
+        if nxx > 0.0 and nyy > 0.0:
+            out["cka"] = nxy / math.sqrt(nxx * nyy)
+        else:
+            out["cka"] = None
+            undefined["cka"] = "one side has no variance (all channels constant)"
+    if "cka_debiased" in wanted:
+        out["cka_debiased"] = None
+        if n < 4:
+            undefined["cka_debiased"] = f"debiased CKA needs at least 4 rows, got n={n}"
+            return out
+        tr_x, tr_y = float(np.trace(blocks.sxx)), float(np.trace(blocks.syy))
+
+        def hsic(frob2: float, sum_uv: float, tr_u: float, tr_v: float) -> float:
+            return frob2 - n / (n - 2.0) * sum_uv + tr_u * tr_v / ((n - 1.0) * (n - 2.0))
+
+        hxy = hsic(nxy, blocks.sum_rt, tr_x, tr_y)
+        hxx = hsic(nxx, blocks.sum_rr, tr_x, tr_x)
+        hyy = hsic(nyy, blocks.sum_tt, tr_y, tr_y)
+        if hxx > 0.0 and hyy > 0.0:
+            out["cka_debiased"] = hxy / math.sqrt(hxx * hyy)
+        else:
+            undefined["cka_debiased"] = "the unbiased self-similarity of one side is not positive (too few rows or no variance)"
+    return out
+
+
+def _kept_channels(blocks: _Blocks, rtol: float) -> tuple[int, int, np.ndarray, np.ndarray]:
+    keeps = []
+    for s in (blocks.sxx, blocks.syy):
+        var = np.diag(s)
+        top = float(var.max())
+        keeps.append(np.flatnonzero(var > rtol * top) if top > 0.0 else np.zeros(0, dtype=np.intp))
+    return len(keeps[0]), len(keeps[1]), keeps[0], keeps[1]
+
+
+def _reliability(n: int, p_kept: int, q_kept: int) -> tuple[bool, str | None, bool]:
+    """(reliable, warning, refused) for the CCA family.
+
+    Refused when n <= max(p_kept, q_kept) + 1: centred rows live in the (n-1)-dimensional space orthogonal to the
+    all-ones vector, so once a side has at least n-1 generic channels its centred column space is that whole space
+    and every canonical correlation is 1 whatever the data. The boundary n = m + 1 (m channels = n - 1 dimensions)
+    is therefore included.
+    """
+    m = max(p_kept, q_kept)
+    if min(p_kept, q_kept) == 0:
+        side = "X" if p_kept == 0 else "Y"
+        return False, f"CCA-family measures refused: every channel of {side} is constant", True
+    if n <= m + 1:
+        return (
+            False,
+            f"CCA-family measures refused: n={n} rows <= max(p_kept, q_kept)+1 = {m + 1}; "
+            "with so few rows every canonical correlation is 1",
+            True,
+        )
+    if n < RELIABLE_ROWS_PER_CHANNEL * m:
+        return (
+            False,
+            f"CCA-family measures unreliable: n={n} rows < {RELIABLE_ROWS_PER_CHANNEL} x max(p_kept, q_kept) = "
+            f"{RELIABLE_ROWS_PER_CHANNEL * m}; canonical correlations are biased towards 1",
+            False,
+        )
+    return True, None, False
+
+
+def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` (2-D ``a``; 2-D or 1-D ``b``) through SciPy's BLAS, like the accumulation (see ``_add_block``).
+
+    C-ordered operands are passed as their Fortran-ordered transposes with the transpose flag, so nothing is copied.
+    """
+    b2 = b[:, None] if b.ndim == 1 else b
+    ta, tb = not a.flags.f_contiguous, not b2.flags.f_contiguous
+    out = dgemm(1.0, a.T if ta else a, b2.T if tb else b2, trans_a=ta, trans_b=tb)
+    return out[:, 0] if b.ndim == 1 else out
+
+
+def _whiten_basis(s: np.ndarray, eig_rtol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition ``s = V diag(lam) V^T`` restricted to non-negligible eigenvalues, descending.
+
+    Returns ``lam`` shape ``(r,)`` and ``V`` shape ``(k, r)``.
+    """
+    # Divide and conquer ("evd") is markedly faster than the default MRRR driver when all eigenpairs are needed.
+    lam, vec = scipy.linalg.eigh(s, check_finite=False, driver="evd")
+    lam, vec = lam[::-1], vec[:, ::-1]
+    r = int(np.count_nonzero(lam > eig_rtol * lam[0])) if lam[0] > 0 else 0
+    return lam[:r], vec[:, :r]
+
+
+def _svd(m: np.ndarray, compute_uv: bool = True):
+    try:
+        return scipy.linalg.svd(m, full_matrices=False, compute_uv=compute_uv, check_finite=False)
+    except np.linalg.LinAlgError:  # gesdd occasionally fails to converge; gesvd is slower but robust
+        return scipy.linalg.svd(
+            m, full_matrices=False, compute_uv=compute_uv, check_finite=False, lapack_driver="gesvd"
+        )
+
+
+def _svcca_dims(lam: np.ndarray, threshold: float) -> int:
+    """Fewest leading principal directions holding ``threshold`` of the variance (sum of ``lam``)."""
+    cum = np.cumsum(lam)
+    # The slack keeps an exact 99% split (e.g. synthetic data) from flipping on rounding.
+    return int(min(len(lam), np.searchsorted(cum, threshold * cum[-1] * (1.0 - 1e-12)) + 1))
+
+
+def _cca_family(
+    blocks: _Blocks,
+    keep_x: np.ndarray,
+    keep_y: np.ndarray,
+    wanted: set[str],
+    eig_rtol: float,
+    svcca_threshold: float,
+) -> dict[str, object]:
+    """Mean CCA, SVCCA and PWCCA from one eigen-decomposition per side and one SVD.
+
+    With C_xx = V_x L_x V_x^T and C_yy = V_y L_y V_y^T (kept channels, non-negligible eigen-directions, descending)
+    the whitened cross-covariance is M = L_x^{-1/2} V_x^T C_xy V_y L_y^{-1/2} = U S W^T; S are the canonical
+    correlations; canonical weights are A = V_x L_x^{-1/2} U (X side) and B = V_y L_y^{-1/2} W (Y side).
+
+    SVCCA keeps the top kx, ky principal directions of each side. Those reduced sides are already white in the same
+    bases, so their whitened cross-covariance is the leading block M[:kx, :ky]; only its singular values are needed.
+
+    PWCCA (Morcos et al. 2018) on the side with fewer kept channels (ties: X), say X with canonical variates
+    h_i = X_c a_i of unit variance:
+        alpha_i = sum_j |Cov(x_j, h_i)|,   Cov(x, h) = C_xx A = V_x L_x^{1/2} U   (shape (p_kept, k)),
+        PWCCA = sum_i alpha_i rho_i / sum_i alpha_i,
+    over the kept (centred) channels x_j and all k = min(rank_x, rank_y) canonical pairs. google/svcca's
+    ``compute_pwcca`` instead adds the neuron means back to the canonical directions, orthonormalises those
+    uncentred directions with QR and weights by |projections| of the uncentred activations, so it depends on the
+    channel means and on the QR basis; this version is invariant to shifting the data.
+    """
+    n1 = blocks.n - 1.0
+    cxx = blocks.sxx[np.ix_(keep_x, keep_x)] / n1
+    cyy = blocks.syy[np.ix_(keep_y, keep_y)] / n1
+    cxy = blocks.sxy[np.ix_(keep_x, keep_y)] / n1
+    lam_x, v_x = _whiten_basis(cxx, eig_rtol)
+    lam_y, v_y = _whiten_basis(cyy, eig_rtol)
+    sx, sy = 1.0 / np.sqrt(lam_x), 1.0 / np.sqrt(lam_y)
+    m = (sx[:, None] * _mm(_mm(v_x.T, cxy), v_y)) * sy[None, :]
+    u, rho, wt = _svd(m)
+    rho = np.clip(rho, 0.0, 1.0)
+    out: dict[str, object] = {
+        "canonical_correlations": rho,
+        "cca_ranks": (len(lam_x), len(lam_y)),
+    }
+    if "cca" in wanted:
+        out["mean_cca"] = float(np.mean(rho))
+    if "svcca" in wanted:
+        kx, ky = _svcca_dims(lam_x, svcca_threshold), _svcca_dims(lam_y, svcca_threshold)
+        if kx == len(lam_x) and ky == len(lam_y):
+            rho_sv = rho
+        else:
+            rho_sv = np.clip(_svd(m[:kx, :ky], compute_uv=False), 0.0, 1.0)
+        out["svcca"] = float(np.mean(rho_sv))
+        out["svcca_dims"] = (kx, ky)
+    if "pwcca" in wanted:
+        side = "x" if len(keep_x) <= len(keep_y) else "y"
+        k = len(rho)
+        if side == "x":
+            cov_nh = _mm(v_x, np.sqrt(lam_x)[:, None] * u[:, :k])
+        else:
+            cov_nh = _mm(v_y, np.sqrt(lam_y)[:, None] * wt[:k].T)
+        alpha = np.abs(cov_nh).sum(axis=0)
+        out["pwcca"] = float(alpha @ rho / alpha.sum())
+        out["pwcca_side"] = side
+    return out

@@ -1,0 +1,238 @@
+"""``medtransfer similarity X.npy Y.npy``: representation similarity of two activation matrices.
+
+``X.npy`` is ``n x p`` and ``Y.npy`` is ``n x q`` (rows = datapoints, paired; columns = channels), saved with
+``np.save``. Float16/32/64 arrays are used as they are; integer arrays are accepted and converted to float64
+(exact up to 2**53); booleans, complex numbers, strings, structured and object arrays are refused.
+
+The files are memory-mapped and streamed through `SimilarityAccumulator` in row chunks, so memory does not grow
+with ``n``; it does grow with the channels, as one ``(p+q) x (p+q)`` float64 matrix (refused above
+`MAX_GRAM_BYTES`). Every problem the user can fix raises `InputError` (one line: what, which file, how to fix) before
+anything is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from medtransfer.analysis.similarity import (
+    ALL_MEASURES,
+    CCA_MEASURES,
+    NonFiniteInputError,
+    SimilarityAccumulator,
+    SimilarityResult,
+)
+from medtransfer.errors import InputError
+
+__all__ = ["add_arguments", "run", "parse_measures", "compute", "format_table", "to_json_dict"]
+
+#: Bytes of input read per streamed chunk (per file, in the file's dtype); module-level so tests can shrink it.
+CHUNK_BYTES = 64 << 20
+#: Largest (p+q) x (p+q) float64 cross-product matrix the command will allocate (memory grows with channels, not n).
+MAX_GRAM_BYTES = 8 << 30
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+_DISPLAY = {
+    "cca": "mean CCA",
+    "svcca": "SVCCA",
+    "pwcca": "PWCCA",
+    "cka": "linear CKA",
+    "cka_debiased": "debiased linear CKA",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``similarity`` command's positional arguments and options to ``parser``."""
+    parser.add_argument("x", metavar="X.npy", help="first activation matrix, n x p (rows = datapoints)")
+    parser.add_argument("y", metavar="Y.npy", help="second activation matrix, n x q, rows paired with X.npy")
+    parser.add_argument(
+        "--measures",
+        default=",".join(ALL_MEASURES),
+        help=f"comma-separated measures to compute (default: all): {','.join(ALL_MEASURES)}",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute the requested measures for ``args.x`` and ``args.y``, print them to stdout and return 0.
+
+    Raises:
+        InputError: unreadable or unusable input files, or an unknown measure name, or too few rows for a
+            requested CCA-family measure.
+    """
+    measures = parse_measures(args.measures)
+    result = compute(Path(args.x), Path(args.y), measures)
+    if args.json:
+        print(json.dumps(to_json_dict(result, measures)))
+    else:
+        print(format_table(result, measures))
+    return 0
+
+
+def parse_measures(text: str | None) -> list[str]:
+    """``"cca, cka"`` -> ``["cca", "cka"]`` (order kept, duplicates dropped); unknown names raise `InputError`."""
+    if text is None:
+        return list(ALL_MEASURES)
+    names: list[str] = []
+    for raw in text.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        if name not in ALL_MEASURES:
+            raise InputError(
+                f"unknown measure {name!r}", where="--measures", fix=f"use a comma-separated subset of {','.join(ALL_MEASURES)}"
+            )
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise InputError("no measure given", where="--measures", fix=f"use a comma-separated subset of {','.join(ALL_MEASURES)}")
+    return names
+
+
+def compute(x_path: Path, y_path: Path, measures: list[str]) -> SimilarityResult:
+    """Validate both files, stream them through the accumulator and finalise the requested ``measures``."""
+    x = _open_matrix(x_path)
+    y = _open_matrix(y_path)
+    if x.shape[0] != y.shape[0]:
+        raise InputError(
+            f"row counts differ: {x.shape[0]} rows in {x_path} but {y.shape[0]} rows in {y_path}",
+            where=f"{x_path}, {y_path}",
+            fix="rows are datapoints and must be paired: save both activation matrices for the same inputs",
+        )
+    n, p, q = x.shape[0], x.shape[1], y.shape[1]
+    gram_bytes = 8 * (p + q) ** 2
+    if gram_bytes > MAX_GRAM_BYTES:
+        raise InputError(
+            f"{p} + {q} channels need a {gram_bytes / 2**30:.1f} GiB cross-product matrix "
+            f"(limit {MAX_GRAM_BYTES / 2**30:.0f} GiB)",
+            where=f"{x_path}, {y_path}",
+            fix="reduce the channels first, e.g. average-pool spatial positions of convolutional activations",
+        )
+    acc = SimilarityAccumulator(p, q)
+    step = max(1, CHUNK_BYTES // max(x.dtype.itemsize * p, y.dtype.itemsize * q))
+    try:
+        for start in range(0, n, step):
+            acc.update(x[start : start + step], y[start : start + step])
+    except NonFiniteInputError as err:
+        path = x_path if err.side == "x" else y_path
+        raise InputError(
+            f"contains NaN or infinite values (or values too large to square), first in row {err.row}",
+            where=str(path),
+            fix="remove or repair those rows in both files (rows must stay paired)",
+        ) from None
+    result = acc.finalize(measures)
+    for name in measures:
+        if result.value(name) is not None:
+            continue
+        reason = result.undefined.get(name, "undefined")
+        if name in CCA_MEASURES and result.cca_refused and min(result.p_kept, result.q_kept) > 0:
+            raise InputError(
+                f"cannot compute {name}: {reason}",
+                where=f"{x_path}, {y_path}",
+                fix="use more rows than channels (ideally 10x), or request only cka,cka_debiased via --measures",
+            )
+        raise InputError(
+            f"cannot compute {name}: {reason}",
+            where=f"{x_path}, {y_path}",
+            fix="check that the activations vary across rows and that there are at least 4 rows",
+        )
+    return result
+
+
+def _open_matrix(path: Path) -> np.ndarray:
+    """Memory-map a 2-D real ``.npy`` array, or raise `InputError` saying what is wrong with ``path``."""
+    where = str(path)
+    if not path.exists():
+        raise InputError("file not found", where=where, fix="check the path")
+    if not path.is_file():
+        raise InputError("not a regular file", where=where, fix="give the path of a .npy file")
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(len(_NPY_MAGIC))
+    except OSError as err:
+        raise InputError(f"cannot read file ({err.strerror})", where=where, fix="check the file's permissions") from None
+    if magic.startswith(_ZIP_MAGIC):
+        raise InputError("is an .npz archive, not a single array", where=where, fix="save each matrix with np.save to its own .npy file")
+    if magic != _NPY_MAGIC:
+        raise InputError("not a NumPy .npy file", where=where, fix="save the activation matrix with np.save(path, array)")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as err:
+        text = str(err)
+        if "Python objects" in text or "pickled" in text or "allow_pickle" in text:
+            raise InputError(
+                "holds Python objects (a pickled object array), which are not loaded for safety",
+                where=where,
+                fix="save a numeric float array, e.g. np.save(path, np.asarray(acts, dtype=np.float32))",
+            ) from None
+        raise InputError(
+            f"corrupt or truncated .npy file ({text.splitlines()[0] if text else 'unreadable'})",
+            where=where,
+            fix="re-create the file with np.save",
+        ) from None
+    except (OSError, EOFError) as err:
+        raise InputError(f"corrupt or truncated .npy file ({err})", where=where, fix="re-create the file with np.save") from None
+    if not isinstance(arr, np.ndarray):
+        raise InputError("does not hold a single array", where=where, fix="save the activation matrix with np.save")
+    dtype = arr.dtype
+    if dtype.hasobject:
+        raise InputError("holds Python objects", where=where, fix="save a numeric float array")
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)) or dtype.fields is not None:
+        raise InputError(
+            f"has dtype {dtype}, not a real number type",
+            where=where,
+            fix="save activations as float32 or float64 (integers are also accepted)",
+        )
+    if arr.ndim != 2:
+        raise InputError(
+            f"is {arr.ndim}-D with shape {tuple(arr.shape)}, expected a 2-D matrix (rows = datapoints, columns = channels)",
+            where=where,
+            fix="flatten each datapoint's activations, e.g. acts.reshape(len(acts), -1), and save again",
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InputError(f"is empty (shape {tuple(arr.shape)})", where=where, fix="save at least one row and one column")
+    return arr
+
+
+def _fmt(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.6f}"
+
+
+def format_table(result: SimilarityResult, measures: list[str]) -> str:
+    """The plain-text report: an aligned (measure, value) table, then n, p_kept, q_kept and any warning."""
+    rows = [(f"{_DISPLAY[name]} ({name})", _fmt(result.value(name))) for name in measures]
+    rows.append(("n", str(result.n)))
+    rows.append(("p_kept", f"{result.p_kept} of {result.p}"))
+    rows.append(("q_kept", f"{result.q_kept} of {result.q}"))
+    if "svcca" in measures and result.svcca_dims is not None:
+        rows.append(("svcca_dims", f"{result.svcca_dims[0]} (X), {result.svcca_dims[1]} (Y)"))
+    wanted_cca = any(name in CCA_MEASURES for name in measures)
+    width = max(len("measure"), *(len(label) for label, _ in rows))
+    lines = [f"{'measure':<{width}}  value", f"{'-' * width}  {'-' * 9}"]
+    lines += [f"{label:<{width}}  {value}" for label, value in rows]
+    if wanted_cca and result.warning:
+        lines.append(f"warning: {result.warning}")
+    return "\n".join(lines)
+
+
+def to_json_dict(result: SimilarityResult, measures: list[str]) -> dict[str, object]:
+    """The ``--json`` object: one number per requested measure under its name, plus sizes and reliability."""
+
+    def num(value: float | None) -> float | None:
+        return None if value is None or not math.isfinite(value) else float(value)
+
+    out: dict[str, object] = {name: num(result.value(name)) for name in measures}
+    out["canonical_correlations"] = [float(v) for v in result.canonical_correlations]
+    if "svcca" in measures:
+        out["svcca_dims"] = list(result.svcca_dims) if result.svcca_dims is not None else None
+    out.update(n=result.n, p=result.p, q=result.q, p_kept=result.p_kept, q_kept=result.q_kept)
+    wanted_cca = any(name in CCA_MEASURES for name in measures)
+    out["reliable"] = bool(result.reliable) if wanted_cca else True
+    out["warning"] = result.warning if wanted_cca else None
+    return out
