@@ -60,3 +60,17 @@ def test_profile_command(cli, repo_copy):
     assert result.returncode == 0, result.stderr
     listing = cli("profile", "list", cwd=repo_copy)
     assert "* medmnist" in listing.stdout and "  demo" in listing.stdout
+
+
+def test_paper_profile_declares_the_seven_targets_with_their_rules(repo_copy):
+    activate_profile(repo_copy, "paper")
+    config = load_config(repo_copy / "params.yaml")
+    assert set(config.datasets) == {"thyroid", "breast", "chest", "mammograms", "knee", "isic", "pcam_small"}
+    sizes = {name: dataset.image_size for name, dataset in config.datasets.items()}
+    assert sizes["pcam_small"] == 96 and sizes["chest"] == sizes["knee"] == sizes["isic"] == 112
+    assert all(224 <= sizes[name] <= 256 for name in ("breast", "thyroid", "mammograms"))
+    thyroid = config.dataset("thyroid")
+    assert {grade for grade, cls in thyroid.label_map.items() if cls == "malignant"} == {"4", "4a", "4b", "4c", "5"}
+    assert config.dataset("breast").label_map["normal"] == config.dataset("breast").label_map["benign"]
+    assert config.dataset("mammograms").label_map["BENIGN_WITHOUT_CALLBACK"] == "benign"
+    assert len(config.dataset("knee").classes) == 3 and len(config.dataset("isic").classes) == 7

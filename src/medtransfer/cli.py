@@ -106,6 +106,119 @@ def _run_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- download ----------------------------------------------------------------------------------------------------
+
+
+def _add_download(commands) -> None:
+    parser = commands.add_parser(
+        "download",
+        help="fetch MedMNIST files from their published record, verified by the official MD5",
+        description="Download MedMNIST .npz files into data/raw/medmnist/ (or where the dataset's 'path' points), "
+        "verified against the official MD5 checksums. Offline it fails fast and says where to put the file.",
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--dataset", help="a medmnist dataset of params.yaml whose path is named after a MedMNIST file")
+    which.add_argument("--all", action="store_true", help="every such dataset of params.yaml")
+    which.add_argument("--subset", help="a MedMNIST subset by name (e.g. breastmnist), saved under <raw_data>/medmnist/")
+    parser.add_argument("--size", type=int, default=28, help="resolution for --subset: 28, 64, 128 or 224 (default 28)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer (default 30)")
+    parser.set_defaults(handler=_run_download)
+
+
+def _run_download(args: argparse.Namespace) -> int:
+    from medtransfer.data.download import download_medmnist, medmnist_file, medmnist_file_for_path
+    from medtransfer.errors import ConfigError
+
+    config = _config(args)
+    if args.subset:
+        file = medmnist_file(args.subset, args.size)
+        targets = [(file, config.raw_data_dir / "medmnist" / file.file_name)]
+    else:
+        names = [args.dataset] if args.dataset else [n for n, d in config.datasets.items() if d.format == "medmnist"]
+        targets = []
+        for name in names:
+            path = config.resolve(config.dataset(name).path)
+            file = medmnist_file_for_path(path)
+            if file is None:
+                if args.dataset:
+                    raise ConfigError(
+                        f"'{path.name}' is not a published MedMNIST file name (e.g. breastmnist.npz, dermamnist_224.npz)",
+                        where=f"{config.source_file}: datasets.{name}.path",
+                        fix="use --subset and --size, or name the file as MedMNIST does",
+                    )
+                continue
+            targets.append((file, path))
+        if not targets:
+            raise ConfigError("no dataset of params.yaml names a MedMNIST file", where=str(config.source_file))
+    for file, path in targets:
+        outcome = download_medmnist(file, path, timeout=args.timeout)
+        print(f"{file.file_name}: {outcome}, MD5 {file.md5} verified -> {path}")
+    return 0
+
+
+# -- source ------------------------------------------------------------------------------------------------------
+
+
+def _add_source(commands) -> None:
+    parser = commands.add_parser(
+        "source",
+        help="register a pretraining source as source.NAME in the MLflow Model Registry (idempotent)",
+        description="Build the source declared under 'sources' in params.yaml (random init, timm ImageNet, a Keras "
+        "HDF5 such as RadImageNet, or a safetensors file), package it safely (safetensors + JSON spec) and "
+        "register it as source.NAME with alias 'default'. The same weights never make a second version. Writes "
+        "the pointer results/sources/NAME.json for DVC.",
+    )
+    parser.add_argument("--name", required=True, help="a name under 'sources' in params.yaml")
+    parser.set_defaults(handler=_run_source)
+
+
+def _run_source(args: argparse.Namespace) -> int:
+    import json
+
+    from medtransfer.atomic_files import atomic_write_text
+    from medtransfer.models.sources import register_source
+
+    config = _config(args)
+    registered = register_source(config, args.name)
+    pointer = config.resolve("results/sources") / f"{args.name}.json"
+    atomic_write_text(
+        pointer,
+        json.dumps(
+            {"source": args.name, "registered_model": registered.name, "version": registered.version,
+             "weights_sha256": registered.weights_sha256},
+            indent=2,
+        ) + "\n",
+    )
+    verb = "reused" if registered.reused else "registered"
+    print(f"{verb} {registered.name} version {registered.version} (alias default), weights sha256 "
+          f"{registered.weights_sha256}\n  -> {pointer}")
+    return 0
+
+
+# -- convert-keras -----------------------------------------------------------------------------------------------
+
+
+def _add_convert_keras(commands) -> None:
+    parser = commands.add_parser(
+        "convert-keras",
+        help="convert a Keras ResNet50 HDF5 file (RadImageNet, Keras ImageNet) to a keras_resnet50 safetensors file",
+        description="Read a Keras ResNet50 HDF5 weight file (whole-model or weights-only legacy layout), check that "
+        "every tensor fits keras_resnet50, and write its state dict as safetensors (no pickle).",
+    )
+    parser.add_argument("h5", help="the Keras .h5 file")
+    parser.add_argument("out", help="the .safetensors file to write")
+    parser.add_argument("--ignore-top", action="store_true", help="skip a classifier top (e.g. 'predictions')")
+    parser.set_defaults(handler=_run_convert_keras)
+
+
+def _run_convert_keras(args: argparse.Namespace) -> int:
+    from medtransfer.models.keras_h5 import convert_keras_h5_to_safetensors
+
+    digest = convert_keras_h5_to_safetensors(Path(args.h5), Path(args.out), ignore_top=args.ignore_top)
+    print(f"wrote {args.out} (sha256 {digest}); declare it as kind: safetensors, arch: keras_resnet50")
+    return 0
+
+
 # -- profile -----------------------------------------------------------------------------------------------------
 
 
@@ -150,9 +263,33 @@ def _run_profile_use(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- similarity --------------------------------------------------------------------------------------------------
+
+
+def _add_similarity(commands) -> None:
+    from medtransfer.analysis import similarity_command
+
+    parser = commands.add_parser(
+        "similarity",
+        help="mean CCA, SVCCA, PWCCA and linear CKA of two activation matrices (.npy)",
+        description="Compare two activation matrices saved as .npy (rows: datapoints, columns: channels; "
+        "n×p and n×q, float32 or float64), streaming them through the float64 engine.",
+    )
+    similarity_command.add_arguments(parser)
+    parser.set_defaults(handler=similarity_command.run)
+
+
 # -- entry -------------------------------------------------------------------------------------------------------
 
-_SUBCOMMANDS: tuple[Callable, ...] = (_add_demo_data, _add_prepare, _add_profile)
+_SUBCOMMANDS: tuple[Callable, ...] = (
+    _add_convert_keras,
+    _add_demo_data,
+    _add_download,
+    _add_prepare,
+    _add_profile,
+    _add_similarity,
+    _add_source,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,11 +66,13 @@ class SplitConfig:
 
     `given` keeps the dataset's own train/val/test split (one fold). `stratified_kfold` pools every image and
     makes `folds` test folds with the class proportions kept; `grouped_kfold` does the same by group (patient,
-    exam) so that no group crosses folds. In both, `val_fraction` of the remaining images (stratified by class,
-    or by whole groups) is held out for early stopping; the test fold is only ever used for reporting.
+    exam) so that no group crosses folds; `predefined_folds` takes the test folds from the data's own `fold`
+    column (a published split, reproduced exactly). In all three, `val_fraction` of the remaining images
+    (stratified by class, or by whole groups when there are groups) is held out for early stopping; the test
+    fold is only ever used for reporting.
     """
 
-    scheme: Literal["given", "stratified_kfold", "grouped_kfold"] = "given"
+    scheme: Literal["given", "stratified_kfold", "grouped_kfold", "predefined_folds"] = "given"
     folds: int = 5
     val_fraction: float = 0.1
     seed: int = 0
@@ -88,14 +91,53 @@ class MultiLabelRule:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """One dataset: where it is, how to read it, its classes, and how to split it."""
+    """One dataset: where it is, how to read it, its classes, and how to split it.
 
-    format: Literal["medmnist"]
+    format:        `medmnist` (a MedMNIST-layout .npz), `image_folder` (one subfolder per raw label) or `csv`
+                   (a manifest with columns path,label[,group][,fold]; paths relative to the CSV).
+    classes:       class names; a label is the index of its class here.
+    label_map:     raw label (folder name, CSV value, e.g. a TI-RADS grade) → class name. Without it, raw labels
+                   must be class names (or, in an npz, class indices).
+    image_size:    side in pixels every image is resized to (required for folders and CSVs).
+    channels:      1 (grey) or 3 (RGB); images of the other kind are converted (required for folders and CSVs).
+    resize:        `nearest` (as the original study's Keras loader) or `bilinear`.
+    exclude:       glob patterns of files to skip (e.g. BUSI's segmentation masks, `*_mask*`).
+    group_pattern: for image folders, a regular expression with one group that extracts the patient or exam
+                   id from each file's path relative to the folder.
+    """
+
+    format: Literal["medmnist", "image_folder", "csv"]
     path: str
     classes: list[str]
     split: SplitConfig = field(default_factory=SplitConfig)
+    label_map: dict[str, str] | None = None
+    image_size: int | None = None
+    channels: Literal[1, 3] | None = None
+    resize: Literal["nearest", "bilinear"] = "nearest"
+    exclude: list[str] = field(default_factory=list)
+    group_pattern: str | None = None
     multilabel: MultiLabelRule | None = None
     fingerprint: str | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """A named pretraining starting point, registered as `source.<name>` by `medtransfer source`.
+
+    kind:          `random` (Keras-like initialisation from `seed`), `timm` (timm's pretrained ImageNet weights
+                   for `arch`, optionally a `timm_tag` such as `a1_in1k`; needs the Hugging Face hub or its
+                   cache), `keras_h5` (a Keras ResNet50 HDF5 file at `path`, e.g. RadImageNet's; arch must be
+                   keras_resnet50) or `safetensors` (a backbone state dict at `path`).
+    preprocessing: `imagenet` or `caffe`; defaults to the architecture's (caffe for keras_resnet50).
+    """
+
+    kind: Literal["random", "timm", "keras_h5", "safetensors"]
+    arch: str
+    seed: int = 0
+    path: str | None = None
+    timm_tag: str | None = None
+    preprocessing: Literal["imagenet", "caffe"] | None = None
     description: str = ""
 
 
@@ -109,6 +151,18 @@ class Config:
     stores: StoresConfig
     paths: PathsConfig
     datasets: dict[str, DatasetConfig]
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+
+    def source(self, name: str) -> SourceConfig:
+        """The source called `name`, or a ConfigError listing the known names."""
+        if name not in self.sources:
+            known = ", ".join(sorted(self.sources)) or "none"
+            raise ConfigError(
+                f"unknown source '{name}'",
+                where=f"{self.source_file}: sources",
+                fix=f"use one of: {known}, or declare it under 'sources'",
+            )
+        return self.sources[name]
 
     def dataset(self, name: str) -> DatasetConfig:
         """The dataset called `name`, or a ConfigError listing the known names."""
@@ -185,7 +239,7 @@ def load_config(params_file: str | os.PathLike[str] | None = None) -> Config:
 def config_from_mapping(raw: dict[str, Any], *, source_file: Path) -> Config:
     """Validate an already-parsed params mapping; relative paths resolve against `source_file`'s folder."""
     where = str(source_file)
-    known = set(_SECTIONS) | {"datasets"}
+    known = set(_SECTIONS) | {"datasets", "sources"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(
@@ -199,23 +253,32 @@ def config_from_mapping(raw: dict[str, Any], *, source_file: Path) -> Config:
         name: _build(schema, raw.get(name, {}) if raw.get(name) is not None else {}, name, where)
         for name, schema in _SECTIONS.items()
     }
-    datasets_raw = raw.get("datasets") or {}
-    if not isinstance(datasets_raw, dict):
-        raise ConfigError(
-            f"expected a mapping of dataset names, got {_describe(datasets_raw)}", where=f"{where}: datasets"
-        )
     datasets = {}
-    for name, entry in datasets_raw.items():
-        if not isinstance(name, str) or not name or not _is_safe_name(name):
-            raise ConfigError(
-                f"dataset name {name!r} is not usable",
-                where=f"{where}: datasets",
-                fix="use letters, digits, '-' and '_' only (it becomes a folder name)",
-            )
+    for name, entry in _named_entries(raw, "datasets", where).items():
         dataset = _build(DatasetConfig, entry, f"datasets.{name}", where)
         _check_dataset(dataset, f"datasets.{name}", where)
         datasets[name] = dataset
-    return Config(root=source_file.parent, source_file=source_file, datasets=datasets, **sections)
+    sources = {
+        name: _build(SourceConfig, entry, f"sources.{name}", where)
+        for name, entry in _named_entries(raw, "sources", where).items()
+    }
+    for name, source in sources.items():
+        _check_source(source, f"sources.{name}", where)
+    return Config(root=source_file.parent, source_file=source_file, datasets=datasets, sources=sources, **sections)
+
+
+def _named_entries(raw: dict[str, Any], section: str, where: str) -> dict[str, Any]:
+    entries = raw.get(section) or {}
+    if not isinstance(entries, dict):
+        raise ConfigError(f"expected a mapping of names, got {_describe(entries)}", where=f"{where}: {section}")
+    for name in entries:
+        if not isinstance(name, str) or not name or not _is_safe_name(name):
+            raise ConfigError(
+                f"name {name!r} is not usable",
+                where=f"{where}: {section}",
+                fix="use letters, digits, '-' and '_' only (it becomes part of file and model names)",
+            )
+    return entries
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
@@ -333,7 +396,7 @@ def _coerce(expected: Any, value: Any, key: str, where: str) -> Any:
             return _coerce(options[0], value, key, where)
         raise TypeError(f"unsupported union in schema at {key}")  # pragma: no cover - schema bug
     if origin is Literal:
-        if value not in args:
+        if isinstance(value, bool) or value not in args:  # True == 1 in Python; a flag is never a choice here
             choices = ", ".join(repr(arg) for arg in args)
             raise ConfigError(f"expected one of {choices}, got {_describe(value)}", where=location)
         return value
@@ -344,8 +407,10 @@ def _coerce(expected: Any, value: Any, key: str, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"expected a mapping, got {_describe(value)}", where=location)
+        # YAML reads `4: malignant` with an integer key; raw labels are compared as text.
         return {
-            _coerce(args[0], name, f"{key}.{name}", where): _coerce(args[1], item, f"{key}.{name}", where)
+            _coerce(args[0], str(name) if isinstance(name, int) and args[0] is str else name, f"{key}.{name}", where):
+            _coerce(args[1], item, f"{key}.{name}", where)
             for name, item in value.items()
         }
     if dataclasses.is_dataclass(expected):
@@ -378,9 +443,11 @@ def _check_dataset(dataset: DatasetConfig, key: str, where: str) -> None:
     split = dataset.split
     if split.scheme != "given" and split.folds < 2:
         raise ConfigError(f"k-fold needs at least 2 folds, got {split.folds}", where=f"{where}: {key}.split.folds")
-    if not 0.0 <= split.val_fraction < 1.0:
+    if not 0.0 < split.val_fraction < 1.0:
         raise ConfigError(
-            f"val_fraction must be in [0, 1), got {split.val_fraction}", where=f"{where}: {key}.split.val_fraction"
+            f"val_fraction must be in (0, 1), got {split.val_fraction}",
+            where=f"{where}: {key}.split.val_fraction",
+            fix="every fold needs validation images for early stopping",
         )
     rule = dataset.multilabel
     if rule is not None:
@@ -393,10 +460,57 @@ def _check_dataset(dataset: DatasetConfig, key: str, where: str) -> None:
                 "a multi-label rule makes a binary label, so exactly 2 classes are needed",
                 where=f"{where}: {key}.classes",
             )
+    if dataset.format in ("image_folder", "csv"):
+        for needed in ("image_size", "channels"):
+            if getattr(dataset, needed) is None:
+                raise ConfigError(
+                    f"format '{dataset.format}' needs '{needed}' (images come in mixed sizes and modes)",
+                    where=f"{where}: {key}.{needed}",
+                    fix="e.g. image_size: 112 and channels: 1",
+                )
+    if dataset.image_size is not None and not 8 <= dataset.image_size <= 4096:
+        raise ConfigError(f"image_size must be 8..4096, got {dataset.image_size}", where=f"{where}: {key}.image_size")
+    if dataset.label_map is not None:
+        unknown = sorted({name for name in dataset.label_map.values() if name not in dataset.classes})
+        if unknown:
+            raise ConfigError(
+                f"label_map maps to '{unknown[0]}', which is not among the classes {dataset.classes}",
+                where=f"{where}: {key}.label_map",
+            )
+    if dataset.group_pattern is not None:
+        try:
+            groups = re.compile(dataset.group_pattern).groups
+        except re.error as error:
+            raise ConfigError(f"not a regular expression: {error}", where=f"{where}: {key}.group_pattern") from None
+        if groups != 1:
+            raise ConfigError(
+                f"group_pattern needs exactly one capturing group, it has {groups}",
+                where=f"{where}: {key}.group_pattern",
+                fix="e.g. '^(\\d+)_' for files named <patient>_<n>.png",
+            )
     if dataset.fingerprint is not None and not _looks_like_sha256(dataset.fingerprint):
         raise ConfigError(
             "fingerprint must be the 64-hex-digit sha256 that 'medtransfer prepare' prints",
             where=f"{where}: {key}.fingerprint",
+        )
+
+
+def _check_source(source: SourceConfig, key: str, where: str) -> None:
+    from medtransfer.models.backbones import BACKBONES  # the architecture registry is the models' business
+
+    if source.arch not in BACKBONES:
+        raise ConfigError(
+            f"unknown architecture '{source.arch}'", where=f"{where}: {key}.arch", fix=f"use one of: {', '.join(BACKBONES)}"
+        )
+    if source.kind in ("keras_h5", "safetensors") and not source.path:
+        raise ConfigError(f"kind '{source.kind}' needs a 'path' to the weights file", where=f"{where}: {key}.path")
+    if source.kind == "keras_h5" and source.arch != "keras_resnet50":
+        raise ConfigError(
+            "Keras HDF5 weights fit only arch keras_resnet50", where=f"{where}: {key}.arch", fix="set arch: keras_resnet50"
+        )
+    if source.kind == "timm" and source.arch == "keras_resnet50":
+        raise ConfigError(
+            "timm has no keras_resnet50 weights", where=f"{where}: {key}.kind", fix="use kind keras_h5 with the Keras file"
         )
 
 

@@ -34,5 +34,16 @@ class DataError(UserError):
     """A dataset file is missing, unreadable, or its content is inconsistent."""
 
 
+class ModelError(UserError):
+    """A weights file, model artifact or registry entry is missing, malformed, or does not match its spec."""
+
+
 class InputError(UserError):
     """A command-line input (a file given on the command line, an option value) is unusable."""
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr: something was skipped or looks odd, but the step goes on."""
+    import sys
+
+    print(f"medtransfer: warning: {message}".replace("\n", " "), file=sys.stderr)

@@ -34,6 +34,7 @@ def dvc_project(tmp_path, repo_root, medmnist_npz):
     params = {
         "project": {"profile": "test", "seed": 0},
         "paths": {"raw_data": "data/raw", "prepared_data": "data/prepared"},
+        "sources": {},  # dvc.yaml's foreach needs the key, even empty
         "datasets": {"d": {"format": "medmnist", "path": "data/raw/d.npz", "classes": ["a", "b"],
                            "split": {"scheme": "stratified_kfold", "folds": 3}}},
     }

@@ -123,15 +123,50 @@ def test_pickled_object_arrays_are_not_loaded(tmp_path, medmnist_npz):
         read_medmnist_npz(path, ["a", "b"])
 
 
-def test_wrong_rank_and_dtype(tmp_path, medmnist_npz):
-    path = medmnist_npz(tmp_path / "d.npz")
+def _rewrite(path, **changes):
     with np.load(path) as raw:
         arrays = {key: raw[key] for key in raw.files}
-    arrays["train_images"] = arrays["train_images"].astype(np.float32)
+    arrays.update(changes)
     np.savez(path, **arrays)
-    with pytest.raises(DataError, match="train_images has dtype float32; expected uint8"):
-        read_medmnist_npz(path, ["a", "b"])
-    arrays["train_images"] = np.zeros((30, 4, 8, 8, 8), dtype=np.uint8)
-    np.savez(path, **arrays)
+
+
+def test_wrong_rank(tmp_path, medmnist_npz):
+    path = medmnist_npz(tmp_path / "d.npz")
+    _rewrite(path, train_images=np.zeros((30, 4, 8, 8, 8), dtype=np.uint8))
     with pytest.raises(DataError, match="3D subsets are not supported"):
         read_medmnist_npz(path, ["a", "b"])
+    _rewrite(path, train_images=np.zeros((30, 8, 8, 2), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"train_images has shape \(30, 8, 8, 2\)"):
+        read_medmnist_npz(path, ["a", "b"])
+
+
+def test_float_images_convert_only_when_unambiguous(tmp_path, medmnist_npz):
+    path = medmnist_npz(tmp_path / "d.npz")
+    with np.load(path) as raw:
+        levels = raw["train_images"]
+    _rewrite(path, train_images=levels.astype(np.float32) / 255.0)  # fractions of full scale
+    np.testing.assert_array_equal(read_medmnist_npz(path, ["a", "b"]).images[:30, ..., 0], levels)
+    _rewrite(path, train_images=levels.astype(np.float64))  # 8-bit levels stored as floats
+    np.testing.assert_array_equal(read_medmnist_npz(path, ["a", "b"]).images[:30, ..., 0], levels)
+    broken = levels.astype(np.float32)
+    broken[3, 2, 1] = np.nan
+    broken[4, 0, 0] = np.inf
+    _rewrite(path, train_images=broken)
+    with pytest.raises(DataError, match="train_images holds 2 NaN or infinite pixel values"):
+        read_medmnist_npz(path, ["a", "b"])
+    _rewrite(path, train_images=levels.astype(np.int32) * 4)
+    with pytest.raises(DataError, match="outside 0..255"):
+        read_medmnist_npz(path, ["a", "b"])
+    _rewrite(path, train_images=np.full(levels.shape, "x"))
+    with pytest.raises(DataError, match="expected numeric images"):
+        read_medmnist_npz(path, ["a", "b"])
+
+
+def test_label_map_on_stored_integers(tmp_path, medmnist_npz):
+    path = medmnist_npz(tmp_path / "d.npz", num_classes=3)  # BUSI-like: 0 normal, 1 benign, 2 malignant
+    dataset = read_medmnist_npz(path, ["benign", "malignant"], label_map={"0": "benign", "1": "benign", "2": "malignant"})
+    with np.load(path) as raw:
+        stored = raw["train_labels"][:, 0]
+    assert dataset.labels[:30].tolist() == (stored == 2).astype(int).tolist()
+    with pytest.raises(DataError, match="label '2' .* is not in the label map"):
+        read_medmnist_npz(path, ["benign", "malignant"], label_map={"0": "benign", "1": "benign"})

@@ -149,10 +149,9 @@ def test_prepare_command_bad_config(tmp_path, write_params, cli):
     params = write_params({"d": {**_entry("data/raw/d.npz"), "colour": "red"}})
     result = cli("--params", str(params), "prepare", "--dataset", "d")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"medtransfer prepare: error: {params}: datasets.d.colour: unknown key 'colour' -- "
-        "known keys here: format, path, classes, split, multilabel, fingerprint, description"
-    ]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"medtransfer prepare: error: {params}: datasets.d.colour: unknown key 'colour' -- ")
+    assert "known keys here: format, path, classes, split" in line
 
 
 def test_prepare_command_success_prints_the_fingerprint(tmp_path, medmnist_npz, write_params, cli):

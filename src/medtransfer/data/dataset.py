@@ -24,6 +24,7 @@ class ImageDataset:
     classes:     class names, index = label
     groups:      (N,) int64 group codes (patient, exam) or None
     given_split: (N,) int8 with SPLIT_CODES values when the source fixes train/val/test, else None
+    predefined_fold: (N,) int64 test-fold index 0..K-1 when the source publishes its folds, else None
     origin:      where the data came from, for messages
     """
 
@@ -32,6 +33,7 @@ class ImageDataset:
     classes: tuple[str, ...]
     groups: np.ndarray | None = None
     given_split: np.ndarray | None = None
+    predefined_fold: np.ndarray | None = None
     origin: str = ""
 
     def __post_init__(self) -> None:
@@ -63,7 +65,11 @@ class ImageDataset:
                 where=where,
                 fix=f"declare every class under 'classes' (now {list(self.classes)}) or fix the labels",
             )
-        for name, extra in (("groups", self.groups), ("given_split", self.given_split)):
+        for name, extra in (
+            ("groups", self.groups),
+            ("given_split", self.given_split),
+            ("predefined_fold", self.predefined_fold),
+        ):
             if extra is not None and extra.shape != labels.shape:
                 raise DataError(f"{name} has shape {extra.shape}, expected {labels.shape}", where=where)
 
@@ -88,6 +94,7 @@ def content_fingerprint(dataset: ImageDataset) -> str:
         "classes": list(dataset.classes),
         "has_groups": dataset.groups is not None,
         "has_given_split": dataset.given_split is not None,
+        "has_predefined_fold": dataset.predefined_fold is not None,
     }
     digest.update(json.dumps(header, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(dataset.images).data)
@@ -96,4 +103,35 @@ def content_fingerprint(dataset: ImageDataset) -> str:
         digest.update(np.ascontiguousarray(dataset.groups, dtype="<i8").data)
     if dataset.given_split is not None:
         digest.update(np.ascontiguousarray(dataset.given_split, dtype="i1").data)
+    if dataset.predefined_fold is not None:
+        digest.update(np.ascontiguousarray(dataset.predefined_fold, dtype="<i8").data)
     return digest.hexdigest()
+
+
+def images_as_uint8(images: np.ndarray, key: str, where: str) -> np.ndarray:
+    """Images of any numeric dtype as uint8, refusing what cannot be converted without guessing.
+
+    uint8 passes unchanged. Integers must lie in 0..255. Floats must be finite; values within [0, 1] are taken as
+    fractions of full scale (×255), values within [0, 255] as 8-bit levels; both are rounded.
+    """
+    if images.dtype == np.uint8:
+        return images
+    if images.dtype == np.bool_ or not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
+        raise DataError(f"{key} has dtype {images.dtype}; expected numeric images", where=where, fix="store 8-bit images")
+    if np.issubdtype(images.dtype, np.floating):
+        finite = np.isfinite(images)
+        if not finite.all():
+            raise DataError(
+                f"{key} holds {int((~finite).sum())} NaN or infinite pixel values",
+                where=where,
+                fix="clean or re-export the images",
+            )
+    low, high = float(images.min(initial=0)), float(images.max(initial=0))
+    if low < 0 or high > 255:
+        raise DataError(
+            f"{key} has pixel values in [{low:g}, {high:g}], outside 0..255",
+            where=where,
+            fix="rescale the images to 8 bits",
+        )
+    scale = 255.0 if np.issubdtype(images.dtype, np.floating) and high <= 1.0 else 1.0
+    return np.round(images.astype(np.float64) * scale).astype(np.uint8)

@@ -14,14 +14,23 @@ from pathlib import Path
 import numpy as np
 
 from medtransfer.config import MultiLabelRule
-from medtransfer.data.dataset import SPLIT_CODES, ImageDataset
+from medtransfer.data.dataset import SPLIT_CODES, ImageDataset, images_as_uint8
+from medtransfer.data.labels import LabelResolver
 from medtransfer.errors import DataError
 
 MEDMNIST_SPLITS = ("train", "val", "test")
 
 
-def read_medmnist_npz(path: Path, classes: list[str], multilabel: MultiLabelRule | None = None) -> ImageDataset:
-    """Read a MedMNIST-style npz into one `ImageDataset` whose `given_split` records train/val/test."""
+def read_medmnist_npz(
+    path: Path,
+    classes: list[str],
+    multilabel: MultiLabelRule | None = None,
+    label_map: dict[str, str] | None = None,
+) -> ImageDataset:
+    """Read a MedMNIST-style npz into one `ImageDataset` whose `given_split` records train/val/test.
+
+    Labels are class indices, unless `label_map` maps the stored values (as text, e.g. "2") to class names.
+    """
     path = Path(path)
     where = str(path)
     if not path.is_file():
@@ -47,9 +56,14 @@ def read_medmnist_npz(path: Path, classes: list[str], multilabel: MultiLabelRule
     shapes = {part.shape[1:] for part in parts_images}
     if len(shapes) != 1:
         raise DataError(f"train/val/test images differ in shape: {sorted(shapes)}", where=where)
+    labels = np.concatenate(parts_labels)
+    if label_map is not None:
+        resolver = LabelResolver(classes, label_map, where)
+        lookup = {raw: resolver.index(str(raw), "stored label") for raw in np.unique(labels).tolist()}
+        labels = np.asarray([lookup[raw] for raw in labels.tolist()], dtype=np.int64)
     return ImageDataset(
         images=np.concatenate(parts_images),
-        labels=np.concatenate(parts_labels),
+        labels=labels,
         classes=tuple(classes),
         given_split=np.concatenate(parts_split),
         origin=where,
@@ -103,9 +117,7 @@ def _as_nhwc_uint8(images: np.ndarray, key: str, where: str) -> np.ndarray:
             where=where,
             fix="MedMNIST 3D subsets are not supported; use a 2D subset",
         )
-    if images.dtype != np.uint8:
-        raise DataError(f"{key} has dtype {images.dtype}; expected uint8", where=where, fix="store 8-bit images")
-    return images
+    return images_as_uint8(images, key, where)
 
 
 def _as_single_label(labels: np.ndarray, key: str, rule: MultiLabelRule | None, where: str) -> np.ndarray:

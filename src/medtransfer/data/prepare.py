@@ -27,7 +27,7 @@ from medtransfer.atomic_files import atomic_directory
 from medtransfer.config import Config
 from medtransfer.data.dataset import SPLIT_CODES, ImageDataset, content_fingerprint
 from medtransfer.data.readers import read_dataset
-from medtransfer.data.splits import fold_indices, make_split_assignment, split_counts
+from medtransfer.data.splits import check_split_assignment, fold_indices, make_split_assignment, split_counts
 from medtransfer.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -77,6 +77,7 @@ def prepare_dataset(config: Config, name: str) -> dict[str, Any]:
             fix="restore the pinned version (git checkout + dvc checkout/pull) or update the pin on purpose",
         )
     splits = make_split_assignment(dataset, dataset_config.split)
+    check_split_assignment(splits, dataset.labels, where=f"datasets.{name}")
     manifest = build_manifest(config, name, dataset, splits, fingerprint, source)
     write_prepared(config.prepared_data_dir / name, dataset, splits, manifest)
     return manifest

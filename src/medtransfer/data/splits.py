@@ -11,7 +11,7 @@ import numpy as np
 
 from medtransfer.config import SplitConfig
 from medtransfer.data.dataset import SPLIT_CODES, SPLIT_NAMES, ImageDataset
-from medtransfer.errors import DataError
+from medtransfer.errors import DataError, warn
 
 TRAIN, VAL, TEST = SPLIT_CODES["train"], SPLIT_CODES["val"], SPLIT_CODES["test"]
 
@@ -28,6 +28,23 @@ def make_split_assignment(dataset: ImageDataset, split: SplitConfig) -> np.ndarr
         return given_split_assignment(dataset.given_split)
     if split.scheme == "stratified_kfold":
         return stratified_kfold_assignment(dataset.labels, split.folds, split.val_fraction, split.seed)
+    if split.scheme == "predefined_folds":
+        if dataset.predefined_fold is None:
+            raise DataError(
+                "split scheme 'predefined_folds' needs a 'fold' column in the CSV manifest",
+                where=dataset.origin,
+                fix="add a fold column, or use stratified_kfold / grouped_kfold",
+            )
+        available = int(dataset.predefined_fold.max()) + 1
+        if available != split.folds:
+            raise DataError(
+                f"the fold column has {available} folds, but split.folds asks for {split.folds}",
+                where=dataset.origin,
+                fix=f"set split.folds: {available}, or fix the fold column",
+            )
+        return predefined_folds_assignment(
+            dataset.predefined_fold, dataset.labels, dataset.groups, split.val_fraction, split.seed
+        )
     if dataset.groups is None:
         raise DataError(
             "split scheme 'grouped_kfold' needs groups (patient or exam ids), and this dataset has none",
@@ -62,11 +79,7 @@ def stratified_kfold_assignment(labels: np.ndarray, folds: int, val_fraction: fl
     assignment = np.empty((folds, labels.shape[0]), dtype=np.int8)
     for fold in range(folds):
         row = np.where(test_fold == fold, TEST, TRAIN).astype(np.int8)
-        fold_rng = np.random.default_rng([seed, fold])
-        for cls in np.unique(labels):
-            candidates = np.flatnonzero((labels == cls) & (row == TRAIN))
-            take = int(round(val_fraction * candidates.size))
-            row[fold_rng.permutation(candidates)[:take]] = VAL
+        _hold_out_stratified(row, labels, val_fraction, np.random.default_rng([seed, fold]))
         assignment[fold] = row
     return assignment
 
@@ -98,16 +111,72 @@ def grouped_kfold_assignment(groups: np.ndarray, folds: int, val_fraction: float
     assignment = np.empty((folds, groups.shape[0]), dtype=np.int8)
     for fold in range(folds):
         row = np.where(test_fold == fold, TEST, TRAIN).astype(np.int8)
-        train_groups = np.flatnonzero(fold_of_group != fold)
-        wanted = val_fraction * sizes[train_groups].sum()
-        held = 0
-        for group in np.random.default_rng([seed, fold]).permutation(train_groups)[: max(train_groups.size - 1, 0)]:
-            if held >= wanted:
-                break
-            row[inverse == group] = VAL
-            held += sizes[group]
+        _hold_out_groups(row, groups, val_fraction, np.random.default_rng([seed, fold]))
         assignment[fold] = row
     return assignment
+
+
+def predefined_folds_assignment(
+    test_fold: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, val_fraction: float, seed: int
+) -> np.ndarray:
+    """The data's own folds (a published split): test_fold (N,) int 0..K-1. Validation is held out of the
+    other folds by whole groups when there are groups, else stratified by class."""
+    folds = int(test_fold.max()) + 1
+    assignment = np.empty((folds, test_fold.shape[0]), dtype=np.int8)
+    for fold in range(folds):
+        row = np.where(test_fold == fold, TEST, TRAIN).astype(np.int8)
+        rng = np.random.default_rng([seed, fold])
+        if groups is None:
+            _hold_out_stratified(row, labels, val_fraction, rng)
+        else:
+            _hold_out_groups(row, groups, val_fraction, rng)
+        assignment[fold] = row
+    return assignment
+
+
+def _hold_out_stratified(row: np.ndarray, labels: np.ndarray, val_fraction: float, rng: np.random.Generator) -> None:
+    """Move round(val_fraction × count) training images of each class to validation (in place)."""
+    for cls in np.unique(labels):
+        candidates = np.flatnonzero((labels == cls) & (row == TRAIN))
+        take = int(round(val_fraction * candidates.size))
+        row[rng.permutation(candidates)[:take]] = VAL
+
+
+def _hold_out_groups(row: np.ndarray, groups: np.ndarray, val_fraction: float, rng: np.random.Generator) -> None:
+    """Move whole training groups, in shuffled order, to validation until val_fraction is reached (in place),
+    always leaving at least one group to train on."""
+    train_groups, sizes = np.unique(groups[row == TRAIN], return_counts=True)
+    wanted = val_fraction * sizes.sum()
+    held = 0
+    for position in rng.permutation(train_groups.size)[: max(train_groups.size - 1, 0)]:
+        if held >= wanted:
+            break
+        row[(groups == train_groups[position]) & (row == TRAIN)] = VAL
+        held += sizes[position]
+
+
+def check_split_assignment(assignment: np.ndarray, labels: np.ndarray, where: str) -> None:
+    """Refuse folds that cannot train or be reported; warn when validation sees one class only."""
+    for fold in range(assignment.shape[0]):
+        parts = fold_indices(assignment, fold)
+        for name in SPLIT_NAMES:
+            if parts[name].size == 0:
+                raise DataError(
+                    f"fold {fold} has an empty {name} split",
+                    where=where,
+                    fix="use fewer folds, a larger val_fraction, or a dataset with more images",
+                )
+        train_classes = np.unique(labels[parts["train"]])
+        if train_classes.size < 2:
+            raise DataError(
+                f"fold {fold}: the train split holds only class {int(train_classes[0])}",
+                where=where,
+                fix="check the labels and the label map; a classifier needs two classes to learn",
+            )
+        val_classes = np.unique(labels[parts["val"]])
+        if val_classes.size < 2:
+            warn(f"{where}: fold {fold}: the validation split holds only class {int(val_classes[0])}; "
+                 "validation loss still works, validation AUC is undefined")
 
 
 def fold_indices(assignment: np.ndarray, fold: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,1 @@
+"""Backbones, weight converters, pretraining sources and model packaging."""

@@ -1,0 +1,108 @@
+"""Registered-model names, aliases and tag keys, defined once; resolving `models:/` URIs with one-line errors.
+
+Names: `source.<name>` for pretraining sources, `<dataset>.<source>.<regime>` for fine-tuned models.
+Aliases: `default` (a source's current version), `champion` (the best fine-tuned fold), `fold<k>`.
+Registry stages are deprecated in MLflow; aliases and tags carry the same meaning.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from medtransfer.errors import ModelError
+
+SOURCE_PREFIX = "source."
+ALIAS_DEFAULT = "default"
+ALIAS_CHAMPION = "champion"
+
+
+class Tag:
+    """Tag keys on registered model versions (and on the runs that produced them)."""
+
+    ROLE = "role"  # "source" or "finetuned"
+    DATASET = "dataset"
+    SOURCE = "source"
+    REGIME = "regime"
+    ARCH = "arch"
+    ORIGIN = "origin"  # where the weights came from: "random(seed=0)", "timm:resnet50.a1_in1k", "keras_h5:<sha256>"
+    WEIGHTS_SHA256 = "weights_sha256"
+    PREPROCESSING = "preprocessing"
+    DATA_FINGERPRINT = "data_fingerprint"
+    STUDY = "study"
+
+
+ROLE_SOURCE = "source"
+ROLE_FINETUNED = "finetuned"
+
+
+def source_model_name(source: str) -> str:
+    return f"{SOURCE_PREFIX}{source}"
+
+
+def finetuned_model_name(dataset: str, source: str, regime: str) -> str:
+    return f"{dataset}.{source}.{regime}"
+
+
+def fold_alias(fold: int) -> str:
+    return f"fold{fold}"
+
+
+def model_uri(name: str, *, alias: str | None = None, version: int | str | None = None) -> str:
+    if (alias is None) == (version is None):
+        raise ValueError("give exactly one of alias and version")
+    return f"models:/{name}@{alias}" if alias is not None else f"models:/{name}/{version}"
+
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """A parsed `models:/name@alias` or `models:/name/version` URI."""
+
+    name: str
+    alias: str | None
+    version: str | None
+
+
+def parse_model_uri(uri: str) -> ModelReference:
+    match = _URI.match(uri)
+    if match is None:
+        raise ModelError(
+            f"'{uri}' is not a registered-model URI",
+            fix="write models:/<name>@<alias> or models:/<name>/<version>, e.g. models:/source.random@default",
+        )
+    return ModelReference(match["name"], match["alias"], match["version"])
+
+
+def resolve_model_version(client, uri: str):
+    """The registry's ModelVersion behind `uri`, or a ModelError saying what is missing and how to get it."""
+    from mlflow.exceptions import MlflowException
+
+    reference = parse_model_uri(uri)
+    try:
+        client.get_registered_model(reference.name)
+    except MlflowException:
+        raise ModelError(
+            f"no registered model named '{reference.name}'",
+            where=uri,
+            fix=_how_to_create(reference.name),
+        ) from None
+    try:
+        if reference.alias is not None:
+            return client.get_model_version_by_alias(reference.name, reference.alias)
+        return client.get_model_version(reference.name, reference.version)
+    except MlflowException:
+        what = f"alias '{reference.alias}'" if reference.alias else f"version {reference.version}"
+        raise ModelError(
+            f"registered model '{reference.name}' has no {what}",
+            where=uri,
+            fix=f"list its versions in the MLflow UI, or {_how_to_create(reference.name)}",
+        ) from None
+
+
+def _how_to_create(name: str) -> str:
+    if name.startswith(SOURCE_PREFIX):
+        return f"register it with 'medtransfer source --name {name[len(SOURCE_PREFIX):]}'"
+    return "run the search that registers it ('medtransfer search ...')"
