@@ -6,6 +6,7 @@ Exit codes: 0 success; 2 bad input or configuration (one line on stderr, no trac
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -173,25 +174,91 @@ def _add_source(commands) -> None:
 
 
 def _run_source(args: argparse.Namespace) -> int:
-    import json
-
-    from medtransfer.atomic_files import atomic_write_text
     from medtransfer.models.sources import register_source
 
     config = _config(args)
-    registered = register_source(config, args.name)
-    pointer = config.resolve("results/sources") / f"{args.name}.json"
-    atomic_write_text(
-        pointer,
-        json.dumps(
-            {"source": args.name, "registered_model": registered.name, "version": registered.version,
-             "weights_sha256": registered.weights_sha256},
-            indent=2,
-        ) + "\n",
-    )
+    _report_source(config, args.name, register_source(config, args.name))
+    return 0
+
+
+def _report_source(config, name: str, registered) -> None:
+    from medtransfer.models.sources import write_source_pointer
+
+    pointer = write_source_pointer(config, name, registered)
     verb = "reused" if registered.reused else "registered"
     print(f"{verb} {registered.name} version {registered.version} (alias default), weights sha256 "
           f"{registered.weights_sha256}\n  -> {pointer}")
+
+
+# -- pretrain ----------------------------------------------------------------------------------------------------
+
+
+def _add_pretrain(commands) -> None:
+    parser = commands.add_parser(
+        "pretrain",
+        help="pretrain a declared source on a prepared dataset and register it as source.NAME",
+        description="Supervised training from a seeded Keras-like initialisation on the dataset's fold 0, with the "
+        "source's 'train' settings (else the top-level ones); registered as source.NAME with its provenance. "
+        "Reuses the registered version when nothing in its recipe changed.",
+    )
+    parser.add_argument("--dataset", required=True, help="the prepared dataset to pretrain on")
+    parser.add_argument("--source-name", required=True, help="a source of kind 'pretrained' in params.yaml")
+    parser.set_defaults(handler=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from medtransfer.errors import ConfigError
+    from medtransfer.train.pretrain import pretrain_source
+
+    config = _config(args)
+    source = config.source(args.source_name)
+    if source.kind != "pretrained" or source.dataset != args.dataset:
+        raise ConfigError(
+            f"source '{args.source_name}' is not declared as pretrained on '{args.dataset}'",
+            where=f"{config.source_file}: sources.{args.source_name}",
+            fix=f"declare it with kind: pretrained and dataset: {args.dataset}",
+        )
+    _report_source(config, args.source_name, pretrain_source(config, args.source_name))
+    return 0
+
+
+# -- finetune ----------------------------------------------------------------------------------------------------
+
+
+def _add_finetune(commands) -> None:
+    parser = commands.add_parser(
+        "finetune",
+        help="fine-tune one registered source on one fold of a prepared dataset, logged to MLflow",
+        description="Load source.SOURCE@default, replace its head, train with the regime's phases (early stopping "
+        "on the fold's validation part), report on its test part, and log metrics, predictions, plots and the "
+        "model to one MLflow run.",
+    )
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--source", required=True, help="a registered source (see 'medtransfer source')")
+    parser.add_argument("--regime", default="full", choices=["full", "freeze", "linear"])
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="training seed (default: train.seed in params.yaml)")
+    parser.add_argument("--preset", choices=["paper"], help="a fixed protocol instead of params.yaml's 'train'")
+    parser.set_defaults(handler=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from medtransfer.train.finetune import FinetuneRequest, run_finetune
+    from medtransfer.train.presets import train_settings
+
+    config = _config(args)
+    request = FinetuneRequest(
+        dataset=args.dataset,
+        source=args.source,
+        regime=args.regime,
+        fold=args.fold,
+        settings=train_settings(config.train, args.preset, args.seed),
+        preset=args.preset,
+    )
+    result = run_finetune(config, request)
+    metrics = ", ".join(f"{key} {value:.4f}" for key, value in sorted(result.test_metrics.items()))
+    print(f"fine-tuned {args.dataset} from source.{args.source} v{result.source_version} ({args.regime}, fold "
+          f"{args.fold}): {metrics}\n  run {result.run_id}, model {result.model_uri}")
     return 0
 
 
@@ -285,7 +352,9 @@ _SUBCOMMANDS: tuple[Callable, ...] = (
     _add_convert_keras,
     _add_demo_data,
     _add_download,
+    _add_finetune,
     _add_prepare,
+    _add_pretrain,
     _add_profile,
     _add_similarity,
     _add_source,
@@ -310,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # MLflow logs store migrations at INFO on stderr; keep stderr for our own one-line messages.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -104,6 +104,7 @@ class DatasetConfig:
     exclude:       glob patterns of files to skip (e.g. BUSI's segmentation masks, `*_mask*`).
     group_pattern: for image folders, a regular expression with one group that extracts the patient or exam
                    id from each file's path relative to the folder.
+    horizontal_flip: whether training may mirror images (the original study did, except for chest X-rays).
     """
 
     format: Literal["medmnist", "image_folder", "csv"]
@@ -117,8 +118,33 @@ class DatasetConfig:
     exclude: list[str] = field(default_factory=list)
     group_pattern: str | None = None
     multilabel: MultiLabelRule | None = None
+    horizontal_flip: bool = True
     fingerprint: str | None = None
     description: str = ""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tuning (and pretraining) hyperparameters; the search samples around these.
+
+    The `full` regime trains everything with `optimizer` at `learning_rate`, early-stopping on validation loss
+    after `patience` epochs without improvement and restoring the best epoch. `freeze` first trains the head
+    alone on a frozen backbone at `head_learning_rate` (early stop on validation accuracy, `head_patience`),
+    then everything as in `full`. `linear` trains the head alone throughout (early stop on validation loss).
+    """
+
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: float = 1.0e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    batch_size: int = 64
+    max_epochs: int = 30
+    patience: int = 3
+    head_learning_rate: float = 1.0e-3
+    head_patience: int = 2
+    head_max_epochs: int = 30
+    augment: bool = True
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,15 +154,19 @@ class SourceConfig:
     kind:          `random` (Keras-like initialisation from `seed`), `timm` (timm's pretrained ImageNet weights
                    for `arch`, optionally a `timm_tag` such as `a1_in1k`; needs the Hugging Face hub or its
                    cache), `keras_h5` (a Keras ResNet50 HDF5 file at `path`, e.g. RadImageNet's; arch must be
-                   keras_resnet50) or `safetensors` (a backbone state dict at `path`).
+                   keras_resnet50), `safetensors` (a backbone state dict at `path`) or `pretrained` (our own
+                   supervised pretraining on `dataset`, from a Keras-like initialisation drawn from `seed`,
+                   with the `train` settings given here, else the top-level ones).
     preprocessing: `imagenet` or `caffe`; defaults to the architecture's (caffe for keras_resnet50).
     """
 
-    kind: Literal["random", "timm", "keras_h5", "safetensors"]
+    kind: Literal["random", "timm", "keras_h5", "safetensors", "pretrained"]
     arch: str
     seed: int = 0
     path: str | None = None
     timm_tag: str | None = None
+    dataset: str | None = None
+    train: TrainConfig | None = None
     preprocessing: Literal["imagenet", "caffe"] | None = None
     description: str = ""
 
@@ -152,6 +182,7 @@ class Config:
     paths: PathsConfig
     datasets: dict[str, DatasetConfig]
     sources: dict[str, SourceConfig] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def source(self, name: str) -> SourceConfig:
         """The source called `name`, or a ConfigError listing the known names."""
@@ -205,6 +236,7 @@ _SECTIONS: dict[str, type] = {
     "project": ProjectConfig,
     "stores": StoresConfig,
     "paths": PathsConfig,
+    "train": TrainConfig,
 }
 
 
@@ -264,6 +296,12 @@ def config_from_mapping(raw: dict[str, Any], *, source_file: Path) -> Config:
     }
     for name, source in sources.items():
         _check_source(source, f"sources.{name}", where)
+        if source.kind == "pretrained" and source.dataset not in datasets:
+            raise ConfigError(
+                f"pretrained source needs a dataset declared under 'datasets', got {source.dataset!r}",
+                where=f"{where}: sources.{name}.dataset",
+            )
+    _check_distinct_initialisations(sources, where)
     return Config(root=source_file.parent, source_file=source_file, datasets=datasets, sources=sources, **sections)
 
 
@@ -508,10 +546,29 @@ def _check_source(source: SourceConfig, key: str, where: str) -> None:
         raise ConfigError(
             "Keras HDF5 weights fit only arch keras_resnet50", where=f"{where}: {key}.arch", fix="set arch: keras_resnet50"
         )
+    if source.kind == "pretrained" and not source.dataset:
+        raise ConfigError("kind 'pretrained' needs a 'dataset' to pretrain on", where=f"{where}: {key}.dataset")
     if source.kind == "timm" and source.arch == "keras_resnet50":
         raise ConfigError(
             "timm has no keras_resnet50 weights", where=f"{where}: {key}.kind", fix="use kind keras_h5 with the Keras file"
         )
+
+
+def _check_distinct_initialisations(sources: dict[str, SourceConfig], where: str) -> None:
+    """Two sources drawn from the same seed on the same architecture start identical, which inflates their
+    similarity (and two pretrained sources would share their initialisation); refuse it."""
+    seen: dict[tuple[str, int], str] = {}
+    for name, source in sources.items():
+        if source.kind not in ("random", "pretrained"):
+            continue
+        key = (source.arch, source.seed)
+        if key in seen:
+            raise ConfigError(
+                f"sources '{seen[key]}' and '{name}' both start from seed {source.seed} on {source.arch}",
+                where=f"{where}: sources.{name}.seed",
+                fix="give every random or pretrained source its own seed",
+            )
+        seen[key] = name
 
 
 def _looks_like_sha256(text: str) -> bool:

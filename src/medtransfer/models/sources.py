@@ -49,6 +49,11 @@ def source_preprocessing(source: SourceConfig) -> Preprocessing:
 def build_source(config: Config, name: str) -> BuiltSource:
     """The headless model `sources.<name>` describes, with its weights."""
     source = config.source(name)
+    if source.kind == "pretrained":
+        raise ModelError(
+            f"source '{name}' is made by pretraining, not built",
+            fix=f"run 'medtransfer pretrain --dataset {source.dataset} --source-name {name}' (or 'medtransfer source --name {name}')",
+        )
     model = Classifier(source.arch, num_classes=None)
     if source.kind == "random":
         keras_like_init_(model, torch.Generator().manual_seed(source.seed))
@@ -81,6 +86,10 @@ def register_source(config: Config, name: str) -> RegisteredSource:
     from medtransfer.models.mlflow_models import log_packaged_model, register_logged_model
     from medtransfer.tracking import ensure_experiment, use_tracking_store
 
+    if config.source(name).kind == "pretrained":
+        from medtransfer.train.pretrain import pretrain_source
+
+        return pretrain_source(config, name)
     use_tracking_store(config)
     built = build_source(config, name)
     digest = hashlib.sha256(state_dict_bytes(built.model)).hexdigest()
@@ -88,7 +97,7 @@ def register_source(config: Config, name: str) -> RegisteredSource:
     client = mlflow.MlflowClient()
     existing = _version_with_weights(client, model_name, digest)
     if existing is not None:
-        _ensure_alias(client, model_name, existing.version)
+        ensure_default_alias(client, model_name, existing.version)
         return RegisteredSource(model_name, str(existing.version), digest, reused=True)
     source = config.source(name)
     tags = {
@@ -107,22 +116,40 @@ def register_source(config: Config, name: str) -> RegisteredSource:
         if logged_digest != digest:  # pragma: no cover - the package writes the same bytes it was hashed from
             raise ModelError(f"packaged weights changed while logging ({logged_digest} != {digest})")
         version = register_logged_model(model_uri, model_name, tags)
-    _ensure_alias(client, model_name, version.version)
+    ensure_default_alias(client, model_name, version.version)
     return RegisteredSource(model_name, str(version.version), digest, reused=False)
 
 
-def _version_with_weights(client, model_name: str, digest: str):
+def write_source_pointer(config: Config, name: str, registered: RegisteredSource) -> Path:
+    """results/sources/<name>.json: the registered version and weights hash, a DVC output later stages depend on."""
+    import json
+
+    from medtransfer.atomic_files import atomic_write_text
+
+    pointer = config.resolve("results/sources") / f"{name}.json"
+    record = {"source": name, "registered_model": registered.name, "version": registered.version,
+              "weights_sha256": registered.weights_sha256}
+    atomic_write_text(pointer, json.dumps(record, indent=2) + "\n")
+    return pointer
+
+
+def registered_versions(client, model_name: str) -> list:
+    """Every version of `model_name`, oldest first (empty when the model does not exist)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = client.search_model_versions(f"name = '{model_name}'")
+        return sorted(client.search_model_versions(f"name = '{model_name}'"), key=lambda v: int(v.version))
     except MlflowException:
-        return None
-    matching = [v for v in versions if v.tags.get(Tag.WEIGHTS_SHA256) == digest]
-    return min(matching, key=lambda v: int(v.version)) if matching else None
+        return []
 
 
-def _ensure_alias(client, model_name: str, version: str) -> None:
+def _version_with_weights(client, model_name: str, digest: str):
+    matching = [v for v in registered_versions(client, model_name) if v.tags.get(Tag.WEIGHTS_SHA256) == digest]
+    return matching[0] if matching else None
+
+
+def ensure_default_alias(client, model_name: str, version: str) -> None:
+    """Point alias `default` of `model_name` at `version` (a no-op when it already does)."""
     try:
         current = client.get_model_version_by_alias(model_name, ALIAS_DEFAULT).version
     except Exception:  # noqa: BLE001 - no alias yet

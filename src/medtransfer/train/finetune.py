@@ -1,0 +1,165 @@
+"""`finetune`: one (dataset, source, regime, fold, seed) run — load the source from the registry, replace its head,
+train with the regime's phases, report on the fold's test split, and log everything to MLflow.
+
+Validation drives early stopping; the test split is touched once, after training, for reporting only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medtransfer.config import Config, TrainConfig
+from medtransfer.data.prepare import PreparedDataset, load_prepared
+from medtransfer.errors import ConfigError
+from medtransfer.models.backbones import Classifier
+from medtransfer.models.packaging import ModelSpec
+from medtransfer.registry import ALIAS_DEFAULT, Tag, model_uri, source_model_name
+from medtransfer.train.augment import AugmentationSettings
+from medtransfer.train.loop import REGIMES, EpochCallback, PhaseResult, Split, Trainer
+from medtransfer.train.reporting import CONFUSION_FILE, PREDICTIONS_FILE, ROC_FILE, write_confusion, write_predictions, write_roc_plot
+
+PREDICTIONS_ARTIFACT_DIR = "predictions"
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    dataset: str
+    source: str
+    regime: str
+    fold: int
+    settings: TrainConfig
+    preset: str | None = None
+
+
+@dataclass
+class FinetuneResult:
+    run_id: str
+    model_uri: str | None
+    weights_sha256: str | None
+    source_version: str
+    test_metrics: dict[str, float]
+    best_val_loss: float
+    phases: list[PhaseResult]
+    model: Classifier
+
+
+def fold_splits(prepared: PreparedDataset, fold: int) -> dict[str, tuple[np.ndarray, Split]]:
+    """{'train'|'val'|'test': (dataset indices, Split)} of one fold, images loaded into memory."""
+    parts = prepared.fold(fold)
+    return {
+        name: (indices, Split(np.ascontiguousarray(prepared.images[indices]), prepared.labels[indices]))
+        for name, indices in parts.items()
+    }
+
+
+def seeded_head(model: Classifier, num_classes: int, seed: int) -> None:
+    model.replace_head(num_classes, generator=torch.Generator().manual_seed(seed))
+
+
+def run_finetune(
+    config: Config,
+    request: FinetuneRequest,
+    *,
+    on_epoch_end: EpochCallback | None = None,
+    log_model: bool = True,
+    run_name: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> FinetuneResult:
+    """Fine-tune and log one run (nested under the active run, if any). See the module docstring."""
+    import mlflow
+
+    from medtransfer.models.mlflow_models import load_registered_model, log_packaged_model
+    from medtransfer.tracking import ensure_experiment, log_prepared_dataset, use_tracking_store
+
+    if request.regime not in REGIMES:
+        raise ConfigError(f"unknown regime '{request.regime}'", fix=f"use one of: {', '.join(REGIMES)}")
+    dataset_config = config.dataset(request.dataset)
+    prepared = load_prepared(config, request.dataset)
+    splits = fold_splits(prepared, request.fold)
+    use_tracking_store(config)
+    source = load_registered_model(model_uri(source_model_name(request.source), alias=ALIAS_DEFAULT))
+    model = source.model
+    torch.manual_seed(request.settings.seed)
+    seeded_head(model, len(prepared.classes), request.settings.seed)
+    augmentation = AugmentationSettings(horizontal_flip=dataset_config.horizontal_flip)
+
+    tags = {
+        "step": "finetune",
+        Tag.DATASET: request.dataset,
+        Tag.SOURCE: request.source,
+        Tag.REGIME: request.regime,
+        "fold": str(request.fold),
+        Tag.DATA_FINGERPRINT: prepared.fingerprint,
+        **(extra_tags or {}),
+    }
+    active = mlflow.active_run()
+    name = run_name or f"finetune {request.dataset} {request.source} {request.regime} fold{request.fold}"
+    with mlflow.start_run(
+        experiment_id=None if active else ensure_experiment(config), run_name=name, nested=active is not None, tags=tags
+    ) as run:
+        mlflow.log_params(_run_params(request, source.version))
+        log_prepared_dataset(prepared.manifest, prepared.folder, context="training")
+        epoch_counter = {"step": 0}
+
+        def log_epoch(phase: str, epoch: int, metrics: dict[str, float]) -> None:
+            epoch_counter["step"] += 1
+            finite = {f"{_split_of(key)}": value for key, value in metrics.items() if np.isfinite(value)}
+            mlflow.log_metrics(finite, step=epoch_counter["step"])
+            if on_epoch_end is not None:
+                on_epoch_end(phase, epoch, metrics)
+
+        trainer = Trainer(model, source.spec.preprocessing, request.settings, augmentation, on_epoch_end=log_epoch)
+        phases = trainer.fit(request.regime, splits["train"][1], splits["val"][1])
+        final_val = trainer.evaluate(splits["val"][1]).metrics
+        test_indices, test_split = splits["test"]
+        evaluation = trainer.evaluate(test_split)
+        test_metrics = {f"test_{key}": value for key, value in evaluation.metrics.items()}
+        mlflow.log_metrics({key: value for key, value in test_metrics.items() if np.isfinite(value)})
+        mlflow.log_metrics({"best_val_loss": final_val["loss"], "epochs": float(epoch_counter["step"])})
+        for phase in phases:
+            mlflow.log_metric(f"{phase.name}_best_epoch", phase.best_epoch)
+        with tempfile.TemporaryDirectory(prefix="medtransfer-finetune-") as staging:
+            folder = Path(staging)
+            write_predictions(folder / PREDICTIONS_FILE, test_indices, test_split.labels, evaluation.probabilities, prepared.classes)
+            write_confusion(folder / CONFUSION_FILE, test_split.labels, evaluation.probabilities, prepared.classes)
+            write_roc_plot(folder / ROC_FILE, test_split.labels, evaluation.probabilities, prepared.classes, title=name)
+            mlflow.log_artifacts(str(folder), artifact_path=PREDICTIONS_ARTIFACT_DIR)
+        uri, digest = None, None
+        if log_model:
+            spec = ModelSpec(
+                arch=source.spec.arch,
+                num_classes=len(prepared.classes),
+                preprocessing=source.spec.preprocessing,
+                classes=prepared.classes,
+                dropout=model.dropout,
+                extra={"role": "finetuned", "dataset": request.dataset, "source": request.source,
+                       "source_version": source.version, "regime": request.regime, "fold": request.fold,
+                       "data_fingerprint": prepared.fingerprint},
+            )
+            uri, digest = log_packaged_model(trainer.model.cpu(), spec)
+            mlflow.set_tag(Tag.WEIGHTS_SHA256, digest)
+    return FinetuneResult(run.info.run_id, uri, digest, source.version, test_metrics, final_val["loss"], phases, trainer.model)
+
+
+def _split_of(key: str) -> str:
+    """Per-epoch metric names as logged: train_* for the training pass, val_* for validation."""
+    return key if key.startswith("val_") else f"train_{key}"
+
+
+def _run_params(request: FinetuneRequest, source_version: str) -> dict[str, Any]:
+    return {
+        "dataset": request.dataset,
+        "source": request.source,
+        "source_version": source_version,
+        "regime": request.regime,
+        "fold": request.fold,
+        "preset": request.preset or "none",
+        **dataclasses.asdict(request.settings),
+    }
