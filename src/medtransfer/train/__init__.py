@@ -1,0 +1,1 @@
+"""Fine-tuning and pretraining: the training loop, augmentation, metrics, presets."""
