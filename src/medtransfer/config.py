@@ -148,6 +148,27 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AnalysisConfig:
+    """How `extract` samples activations and `compare` compares them.
+
+    Datapoints are spatial positions: a layer's activations (N, C, H, W) become (N·H·W, C). As in the original
+    study, about `positions_per_layer` datapoints are taken per layer, from N = round(positions_per_layer / (H·W))
+    held-out images (at least 1, at most what the fold's test part holds; `images` raises the cap or fixes N).
+    The same images, in the same order, feed every model of a pair. `channel_sample` > 0 compares that many
+    random channels (the same indices in both networks) `channel_repeats` times and averages, as the original
+    did with 64 × 5; 0 compares all channels.
+    """
+
+    positions_per_layer: int = 10000
+    images: int | None = None
+    channel_sample: int = 0
+    channel_repeats: int = 5
+    measures: list[str] = field(default_factory=lambda: ["cca", "svcca", "pwcca", "cka", "cka_debiased"])
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     """A named pretraining starting point, registered as `source.<name>` by `medtransfer source`.
 
@@ -183,6 +204,7 @@ class Config:
     datasets: dict[str, DatasetConfig]
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def source(self, name: str) -> SourceConfig:
         """The source called `name`, or a ConfigError listing the known names."""
@@ -237,6 +259,7 @@ _SECTIONS: dict[str, type] = {
     "stores": StoresConfig,
     "paths": PathsConfig,
     "train": TrainConfig,
+    "analysis": AnalysisConfig,
 }
 
 

@@ -1,0 +1,134 @@
+"""Where the MLflow Model Registry and DVC meet: small pointer files naming registered model versions.
+
+A search writes `results/models/<dataset>.<source>.<regime>.json` (a DVC output) naming the registered model,
+the version of every fold (and seed) fit, their runs and weight hashes, the source version they started from and
+the data fingerprint. Later stages depend on these files, so DVC reruns them exactly when the registered models
+change, and they refuse to run when the registry no longer agrees with a pointer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medtransfer.atomic_files import atomic_write_text
+from medtransfer.config import Config
+from medtransfer.errors import ModelError
+from medtransfer.registry import Tag, finetuned_model_name, fold_alias
+
+POINTER_FOLDER = "results/models"
+POINTER_FORMAT = "medtransfer-models-v1"
+
+
+@dataclass(frozen=True)
+class FoldModel:
+    """One registered fit of the best configuration: a fold (and seed) of a study."""
+
+    fold: int
+    seed: int
+    version: str
+    run_id: str
+    weights_sha256: str
+    alias: str
+    test_auc: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelPointer:
+    registered_model: str
+    dataset: str
+    source: str
+    regime: str
+    source_model: str
+    source_version: str
+    source_weights_sha256: str
+    data_fingerprint: str
+    study: str
+    champion_version: str
+    folds: list[FoldModel] = field(default_factory=list)
+    test_auc_mean: float | None = None
+    test_auc_sd: float | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+
+    def fold_model(self, fold: int, seed: int | None = None) -> FoldModel:
+        matches = [f for f in self.folds if f.fold == fold and (seed is None or f.seed == seed)]
+        if not matches:
+            raise ModelError(f"{self.registered_model} has no registered model for fold {fold}")
+        return sorted(matches, key=lambda f: f.seed)[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": POINTER_FORMAT, **dataclasses.asdict(self)}
+
+
+def pointer_path(config: Config, dataset: str, source: str, regime: str) -> Path:
+    return config.resolve(POINTER_FOLDER) / f"{finetuned_model_name(dataset, source, regime)}.json"
+
+
+def write_pointer(config: Config, pointer: ModelPointer) -> Path:
+    path = pointer_path(config, pointer.dataset, pointer.source, pointer.regime)
+    atomic_write_text(path, json.dumps(pointer.to_dict(), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_pointer(path: Path) -> ModelPointer:
+    where = str(path)
+    if not Path(path).is_file():
+        raise ModelError("model pointer not found", where=where, fix="run the search that writes it ('medtransfer search ...')")
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        if raw.pop("format", None) != POINTER_FORMAT:
+            raise ValueError("unknown format")
+        raw["folds"] = [FoldModel(**entry) for entry in raw["folds"]]
+        return ModelPointer(**raw)
+    except (ValueError, TypeError, KeyError) as error:
+        raise ModelError(f"malformed model pointer ({error})", where=where, fix="run the search again to rewrite it") from None
+
+
+def pointers_for_dataset(config: Config, dataset: str) -> list[ModelPointer]:
+    """Every pointer of `dataset`, sorted by source and regime."""
+    folder = config.resolve(POINTER_FOLDER)
+    pointers = [read_pointer(path) for path in sorted(folder.glob(f"{dataset}.*.json"))]
+    return [p for p in pointers if p.dataset == dataset]
+
+
+def verify_pointer(client, pointer: ModelPointer, where: str) -> None:
+    """Refuse (one line) when the registry disagrees with the pointer: a version missing, another weight hash,
+    an alias moved, or the source version's weights changed."""
+    from mlflow.exceptions import MlflowException
+
+    def disagree(detail: str) -> ModelError:
+        return ModelError(
+            f"the registry disagrees with the model pointer: {detail}",
+            where=where,
+            fix="rerun the search ('dvc repro') so that the pointer and the registry match again",
+        )
+
+    for fit in pointer.folds:
+        try:
+            version = client.get_model_version(pointer.registered_model, fit.version)
+        except MlflowException:
+            raise disagree(f"{pointer.registered_model} version {fit.version} does not exist") from None
+        if version.tags.get(Tag.WEIGHTS_SHA256) != fit.weights_sha256:
+            raise disagree(f"{pointer.registered_model} v{fit.version} holds weights {version.tags.get(Tag.WEIGHTS_SHA256)}, "
+                           f"the pointer says {fit.weights_sha256}")
+        try:
+            aliased = client.get_model_version_by_alias(pointer.registered_model, fit.alias).version
+        except MlflowException:
+            aliased = None
+        if str(aliased) != str(fit.version):
+            raise disagree(f"alias {fit.alias} of {pointer.registered_model} points to {aliased}, not {fit.version}")
+    try:
+        source_version = client.get_model_version(pointer.source_model, pointer.source_version)
+    except MlflowException:
+        raise disagree(f"{pointer.source_model} version {pointer.source_version} does not exist") from None
+    if source_version.tags.get(Tag.WEIGHTS_SHA256) != pointer.source_weights_sha256:
+        raise disagree(f"{pointer.source_model} v{pointer.source_version} changed its weights")
+
+
+def fold_model_alias(fold: int, seed_index: int) -> str:
+    """`fold<k>` for the first seed of a fold, `fold<k>-seed<i>` for further seeds."""
+    return fold_alias(fold) if seed_index == 0 else f"{fold_alias(fold)}-seed{seed_index}"
+
