@@ -59,6 +59,28 @@ def medmnist_npz() -> Callable[..., Path]:
     return write_medmnist_npz
 
 
+def write_blob_npz(path, seed, classes=2, per_split=(48, 16, 24)):
+    """16 px grey images whose class sets the quadrant of a bright blob; MedMNIST layout."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), per_split):
+        labels = np.arange(count) % classes
+        images = rng.normal(90, 20, size=(count, 16, 16))
+        for index, label in enumerate(labels):
+            top, left = divmod(int(label), 2)
+            images[index, top * 8 + 2 : top * 8 + 5, left * 8 + 2 : left * 8 + 5] += 120
+        arrays[f"{split}_images"] = np.clip(images, 0, 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels[:, None].astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+@pytest.fixture
+def blob_npz() -> Callable[..., None]:
+    """A learnable 16 px MedMNIST-layout npz: the class sets the quadrant of a bright blob."""
+    return write_blob_npz
+
+
 def demo_params(datasets: dict, **sections) -> dict:
     params = {
         "project": {"profile": "test", "seed": 0},

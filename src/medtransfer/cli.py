@@ -262,6 +262,44 @@ def _run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- search ------------------------------------------------------------------------------------------------------
+
+
+def _add_search(commands) -> None:
+    parser = commands.add_parser(
+        "search",
+        help="Optuna search for one (dataset, source, regime); registers the best configuration fit on every fold",
+        description="Run (or resume) the Optuna study of one (dataset, source, regime): trials are nested MLflow runs "
+        "under one parent per study; the best configuration is fit on every fold (and seed), registered as "
+        "DATASET.SOURCE.REGIME with aliases fold<k> and champion, and results/models/DATASET.SOURCE.REGIME.json "
+        "records the versions for DVC. Several processes may work on one study (journal or database storage).",
+    )
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--regime", default="full", choices=["full", "freeze", "linear"])
+    parser.add_argument("--trials", type=int, help="COMPLETE trials wanted (default: search.trials in params.yaml)")
+    parser.add_argument("--preset", choices=["paper"], help="no search: fit this fixed protocol on every fold")
+    parser.set_defaults(handler=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from medtransfer.search.study import SearchRequest, run_search
+
+    config = _config(args)
+    if args.trials is not None and args.trials < 1:
+        from medtransfer.errors import InputError
+
+        raise InputError(f"--trials must be at least 1, got {args.trials}")
+    outcome = run_search(config, SearchRequest(args.dataset, args.source, args.regime, args.trials, args.preset))
+    pointer = outcome.pointer
+    versions = ", ".join(f"{fit.alias}=v{fit.version}" for fit in pointer.folds)
+    auc = "n/a" if pointer.test_auc_mean is None else f"{pointer.test_auc_mean:.4f} ± {pointer.test_auc_sd:.4f}"
+    print(f"study {outcome.study}: {outcome.complete_trials} complete trials, best {outcome.best_params or 'preset'}\n"
+          f"  registered {pointer.registered_model}: {versions}; champion v{pointer.champion_version}; "
+          f"test AUC {auc}\n  -> {outcome.pointer_path}")
+    return 0
+
+
 # -- convert-keras -----------------------------------------------------------------------------------------------
 
 
@@ -356,6 +394,7 @@ _SUBCOMMANDS: tuple[Callable, ...] = (
     _add_prepare,
     _add_pretrain,
     _add_profile,
+    _add_search,
     _add_similarity,
     _add_source,
 )
@@ -381,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     # MLflow logs store migrations at INFO on stderr; keep stderr for our own one-line messages.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -148,6 +148,50 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SearchParameter:
+    """One hyperparameter of the search space: a TrainConfig field sampled as a float or int range (optionally
+    on a log scale) or chosen from `choices`."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Optuna searches: one study per (dataset, source, regime), its trials nested MLflow runs.
+
+    Trials tune on fold `search_fold` (train/val only); the best configuration is then fit on every fold listed
+    in `folds` (default: all) for every seed in `seeds`, and registered. TPE is seeded and starts with
+    `startup_trials` random trials; the median pruner compares validation loss per epoch once
+    `pruner_startup_trials` trials have finished and after `pruner_warmup_epochs` epochs. The defaults suit small
+    budgets: a 4-trial search still prunes and is not purely random.
+    """
+
+    trials: int = 4
+    space: dict[str, SearchParameter] = field(default_factory=dict)
+    search_fold: int = 0
+    folds: list[int] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    seed: int = 0
+    startup_trials: int = 2
+    pruner_startup_trials: int = 1
+    pruner_warmup_epochs: int = 1
+    max_failed_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What the study compares: the targets fine-tuned, the sources they start from, and the regimes."""
+
+    targets: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    regimes: list[str] = field(default_factory=lambda: ["full"])
+
+
+@dataclass(frozen=True)
 class AnalysisConfig:
     """How `extract` samples activations and `compare` compares them.
 
@@ -204,6 +248,8 @@ class Config:
     datasets: dict[str, DatasetConfig]
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def source(self, name: str) -> SourceConfig:
@@ -259,6 +305,8 @@ _SECTIONS: dict[str, type] = {
     "stores": StoresConfig,
     "paths": PathsConfig,
     "train": TrainConfig,
+    "search": SearchConfig,
+    "study": StudyConfig,
     "analysis": AnalysisConfig,
 }
 
@@ -325,6 +373,7 @@ def config_from_mapping(raw: dict[str, Any], *, source_file: Path) -> Config:
                 where=f"{where}: sources.{name}.dataset",
             )
     _check_distinct_initialisations(sources, where)
+    _check_study_and_search(sections, datasets, sources, where)
     return Config(root=source_file.parent, source_file=source_file, datasets=datasets, sources=sources, **sections)
 
 
@@ -476,6 +525,8 @@ def _coerce(expected: Any, value: Any, key: str, where: str) -> Any:
         }
     if dataclasses.is_dataclass(expected):
         return _build(expected, value, key, where)
+    if expected is Any:
+        return value
     if expected is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"expected true or false, got {_describe(value)}", where=location)
@@ -575,6 +626,44 @@ def _check_source(source: SourceConfig, key: str, where: str) -> None:
         raise ConfigError(
             "timm has no keras_resnet50 weights", where=f"{where}: {key}.kind", fix="use kind keras_h5 with the Keras file"
         )
+
+
+def _check_study_and_search(sections: dict[str, Any], datasets: dict, sources: dict, where: str) -> None:
+    study: StudyConfig = sections["study"]
+    for key, names, known in (("targets", study.targets, datasets), ("sources", study.sources, sources)):
+        for name in names:
+            if name not in known:
+                raise ConfigError(
+                    f"'{name}' is not declared under '{'datasets' if key == 'targets' else 'sources'}'",
+                    where=f"{where}: study.{key}",
+                )
+    for regime in study.regimes:
+        if regime not in ("full", "freeze", "linear"):
+            raise ConfigError(f"unknown regime '{regime}'", where=f"{where}: study.regimes", fix="use full, freeze or linear")
+    search: SearchConfig = sections["search"]
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    for name, parameter in search.space.items():
+        key = f"{where}: search.space.{name}"
+        if name not in train_fields or name == "seed":
+            raise ConfigError(f"'{name}' is not a tunable training setting", where=key,
+                              fix=f"use one of: {', '.join(n for n in train_fields if n != 'seed')}")
+        if parameter.type == "categorical":
+            if not parameter.choices:
+                raise ConfigError("a categorical parameter needs a non-empty 'choices' list", where=key)
+            for choice in parameter.choices:
+                _coerce(hints[name], choice, f"search.space.{name}.choices", where)
+        else:
+            if parameter.low is None or parameter.high is None or not parameter.low < parameter.high:
+                raise ConfigError("a range needs 'low' < 'high'", where=key)
+            if parameter.log and parameter.low <= 0:
+                raise ConfigError("a log-scale range needs 'low' > 0", where=key)
+            if hints[name] is int and parameter.type != "int" or hints[name] is float and parameter.type != "float":
+                raise ConfigError(f"'{name}' is {hints[name].__name__}-valued; set type: {hints[name].__name__}", where=key)
+    if search.trials < 1:
+        raise ConfigError("trials must be at least 1", where=f"{where}: search.trials")
+    if not search.seeds:
+        raise ConfigError("at least one seed is needed for the final fits", where=f"{where}: search.seeds")
 
 
 def _check_distinct_initialisations(sources: dict[str, SourceConfig], where: str) -> None:

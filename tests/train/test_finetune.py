@@ -23,28 +23,12 @@ TINY_TRAIN = {"learning_rate": 1e-3, "batch_size": 16, "max_epochs": 2, "patienc
               "augment": True, "seed": 0}
 
 
-def _blob_npz(path, seed, classes=2, per_split=(48, 16, 24)):
-    """16 px grey images whose class sets the quadrant of a bright blob; MedMNIST layout."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, count in zip(("train", "val", "test"), per_split):
-        labels = np.arange(count) % classes
-        images = rng.normal(90, 20, size=(count, 16, 16))
-        for index, label in enumerate(labels):
-            top, left = divmod(int(label), 2)
-            images[index, top * 8 + 2 : top * 8 + 5, left * 8 + 2 : left * 8 + 5] += 120
-        arrays[f"{split}_images"] = np.clip(images, 0, 255).astype(np.uint8)
-        arrays[f"{split}_labels"] = labels[:, None].astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
-
-
 @pytest.fixture
-def config(tmp_path, write_params, monkeypatch):
+def config(tmp_path, write_params, monkeypatch, blob_npz):
     for variable in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(variable, raising=False)
-    _blob_npz(tmp_path / "data/raw/target.npz", 0)
-    _blob_npz(tmp_path / "data/raw/pretext.npz", 1, classes=4)
+    blob_npz(tmp_path / "data/raw/target.npz", 0)
+    blob_npz(tmp_path / "data/raw/pretext.npz", 1, classes=4)
     params = write_params(
         {
             "target": {"format": "medmnist", "path": "data/raw/target.npz", "classes": ["a", "b"],

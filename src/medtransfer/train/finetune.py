@@ -6,6 +6,7 @@ Validation drives early stopping; the test split is touched once, after training
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class FinetuneRequest:
     fold: int
     settings: TrainConfig
     preset: str | None = None
+    source_version: str | None = None  # pin a registered version; default: the source's `default` alias
 
 
 @dataclass
@@ -71,8 +73,11 @@ def run_finetune(
     log_model: bool = True,
     run_name: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    use_active_run: bool = False,
 ) -> FinetuneResult:
-    """Fine-tune and log one run (nested under the active run, if any). See the module docstring."""
+    """Fine-tune and log one run: a new run nested under the active run, if any, or — with `use_active_run` —
+    into the active run itself (a caller that manages the run's life, such as a search trial). See the module
+    docstring."""
     import mlflow
 
     from medtransfer.models.mlflow_models import load_registered_model, log_packaged_model
@@ -84,7 +89,11 @@ def run_finetune(
     prepared = load_prepared(config, request.dataset)
     splits = fold_splits(prepared, request.fold)
     use_tracking_store(config)
-    source = load_registered_model(model_uri(source_model_name(request.source), alias=ALIAS_DEFAULT))
+    if request.source_version is None:
+        source_uri = model_uri(source_model_name(request.source), alias=ALIAS_DEFAULT)
+    else:
+        source_uri = model_uri(source_model_name(request.source), version=request.source_version)
+    source = load_registered_model(source_uri)
     model = source.model
     torch.manual_seed(request.settings.seed)
     seeded_head(model, len(prepared.classes), request.settings.seed)
@@ -101,9 +110,19 @@ def run_finetune(
     }
     active = mlflow.active_run()
     name = run_name or f"finetune {request.dataset} {request.source} {request.regime} fold{request.fold}"
-    with mlflow.start_run(
-        experiment_id=None if active else ensure_experiment(config), run_name=name, nested=active is not None, tags=tags
-    ) as run:
+    if use_active_run:
+        if active is None:
+            raise RuntimeError("use_active_run needs an active MLflow run")
+        mlflow.set_tags(tags)
+        context = contextlib.nullcontext(active)
+    else:
+        context = mlflow.start_run(
+            experiment_id=active.info.experiment_id if active else ensure_experiment(config),
+            run_name=name,
+            nested=active is not None,
+            tags=tags,
+        )
+    with context as run:
         mlflow.log_params(_run_params(request, source.version))
         log_prepared_dataset(prepared.manifest, prepared.folder, context="training")
         epoch_counter = {"step": 0}

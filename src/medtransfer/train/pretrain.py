@@ -73,8 +73,9 @@ def pretrain_source(config: Config, name: str):
     torch.manual_seed(source.seed)
     augmentation = AugmentationSettings(horizontal_flip=config.dataset(source.dataset).horizontal_flip)
     origin = f"pretrained(dataset={source.dataset}, seed={source.seed})"
-    with mlflow.start_run(experiment_id=None if mlflow.active_run() else ensure_experiment(config),
-                          run_name=f"pretrain {name} on {source.dataset}", nested=mlflow.active_run() is not None):
+    active = mlflow.active_run()
+    with mlflow.start_run(experiment_id=active.info.experiment_id if active else ensure_experiment(config),
+                          run_name=f"pretrain {name} on {source.dataset}", nested=active is not None):
         mlflow.set_tags({"step": "pretrain", Tag.SOURCE: name, Tag.DATASET: source.dataset, Tag.ROLE: ROLE_SOURCE})
         mlflow.log_params({"source": name, "arch": source.arch, "seed": source.seed, "dataset": source.dataset,
                            **{f"train_{k}": v for k, v in dataclasses.asdict(settings).items()}})

@@ -1,0 +1,258 @@
+"""Optuna searches as MLflow runs: pruning, resume, crash recovery, parallel workers, registration, pointers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from medtransfer.config import load_config
+from medtransfer.data.prepare import prepare_dataset
+from medtransfer.models.sources import register_source
+from medtransfer.pointers import pointer_path, read_pointer, verify_pointer
+from medtransfer.search.storage import create_storage
+from medtransfer.search.study import SearchRequest, run_search, study_name
+
+BIN = Path(sys.executable).parent
+TRAIN = {"learning_rate": 3e-3, "batch_size": 16, "max_epochs": 2, "patience": 2, "augment": False, "seed": 0}
+SEARCH = {
+    "trials": 2,
+    "space": {"learning_rate": {"type": "float", "low": 1.0e-9, "high": 3.0e-3, "log": True}},
+    "startup_trials": 1,
+    "pruner_startup_trials": 1,
+    "pruner_warmup_epochs": 1,
+}
+
+
+def _project(tmp_path, write_params, blob_npz, tracking_uri=None, storage="sqlite:///optuna.db"):
+    blob_npz(tmp_path / "data/raw/target.npz", 0)
+    stores = {"tracking_uri": tracking_uri or "sqlite:///mlflow.db", "experiment": "search-test",
+              "optuna_storage": storage}
+    params = write_params(
+        {"target": {"format": "medmnist", "path": "data/raw/target.npz", "classes": ["a", "b"],
+                    "split": {"scheme": "stratified_kfold", "folds": 2, "val_fraction": 0.25}}},
+        sources={"random": {"kind": "random", "arch": "resnet18", "seed": 0}},
+        train=TRAIN, search=SEARCH, stores=stores,
+    )
+    config = load_config(params)
+    prepare_dataset(config, "target")
+    register_source(config, "random")
+    return config
+
+
+@pytest.fixture
+def clean_mlflow_env(monkeypatch):
+    for variable in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+@pytest.fixture
+def config(tmp_path, write_params, blob_npz, clean_mlflow_env):
+    return _project(tmp_path, write_params, blob_npz)
+
+
+def _runs(config, filter_string=""):
+    experiment = mlflow.MlflowClient().get_experiment_by_name(config.stores.experiment)
+    return mlflow.MlflowClient().search_runs([experiment.experiment_id], filter_string=filter_string, max_results=500)
+
+
+def test_a_hopeless_trial_is_pruned(config):
+    request = SearchRequest("target", "random", "full", trials=2)
+    study = optuna.create_study(storage=create_storage(config.optuna_storage), study_name=study_name(config, request),
+                                direction="minimize")
+    study.enqueue_trial({"learning_rate": 3e-3})  # learns
+    study.enqueue_trial({"learning_rate": 1e-9})  # cannot learn: its validation loss stays put
+    # The same configuration again: training is deterministic, so its curve equals the first one's and the median
+    # rule (prune when worse) lets it complete the requested two.
+    study.enqueue_trial({"learning_rate": 3e-3})
+    outcome = run_search(config, request)
+    trials = optuna.load_study(study_name=outcome.study, storage=create_storage(config.optuna_storage)).get_trials()
+    assert trials[1].params["learning_rate"] == pytest.approx(1e-9)
+    assert trials[1].state == TrialState.PRUNED
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    pruned_run = mlflow.get_run(trials[1].user_attrs["mlflow_run_id"])
+    assert pruned_run.info.status == "KILLED" and pruned_run.data.tags["optuna_state"] == "PRUNED"
+
+
+def test_resume_reuses_the_parent_and_every_run_is_nested(config):
+    first = run_search(config, SearchRequest("target", "random", "full", trials=1))
+    second = run_search(config, SearchRequest("target", "random", "full", trials=2))
+    assert first.parent_run_id == second.parent_run_id and second.complete_trials == 2
+    parents = _runs(config, "tags.step = 'search'")
+    assert [run.info.run_id for run in parents] == [first.parent_run_id]
+    children = [run for run in _runs(config) if run.data.tags.get("step") in ("trial", "final_fit")]
+    assert len(children) >= 2 + 2
+    assert all(run.data.tags.get("mlflow.parentRunId") == first.parent_run_id for run in children)
+    assert not _runs(config, "attributes.status = 'RUNNING'")
+    parent = mlflow.get_run(first.parent_run_id)
+    assert {"test_auc_mean", "test_auc_sd", "best_val_loss"} <= set(parent.data.metrics)
+
+
+def test_pointer_matches_the_registry(config):
+    outcome = run_search(config, SearchRequest("target", "random", "full", trials=1))
+    path = pointer_path(config, "target", "random", "full")
+    pointer = read_pointer(path)
+    assert pointer == outcome.pointer and len(pointer.folds) == 2
+    manifest = json.loads((config.prepared_data_dir / "target/manifest.json").read_text())
+    client = mlflow.MlflowClient()
+    fold0 = client.get_model_version_by_alias("target.random.full", "fold0")
+    assert fold0.tags["data_fingerprint"] == manifest["fingerprint"] == pointer.data_fingerprint
+    assert fold0.tags["study"] == outcome.study and json.loads(fold0.tags["params"]) == outcome.best_params
+    assert str(client.get_model_version_by_alias("target.random.full", "champion").version) == pointer.champion_version
+    verify_pointer(client, pointer, str(path))  # agrees
+    client.set_registered_model_alias("target.random.full", "fold0", pointer.folds[1].version)
+    from medtransfer.errors import ModelError
+
+    with pytest.raises(ModelError, match="registry disagrees with the model pointer: alias fold0"):
+        verify_pointer(client, pointer, str(path))
+
+
+def test_preset_paper_registers_without_searching(config, monkeypatch):
+    import dataclasses
+
+    from medtransfer.train import presets
+
+    quick = dataclasses.replace(presets.PAPER, max_epochs=1, head_max_epochs=1, batch_size=16)
+    monkeypatch.setitem(presets.PRESETS, "paper", quick)
+    outcome = run_search(config, SearchRequest("target", "random", "freeze", preset="paper"))
+    assert outcome.complete_trials == 0 and outcome.study.endswith("/paper")
+    version = mlflow.MlflowClient().get_model_version_by_alias("target.random.freeze", "fold1")
+    assert version.tags["trial"] == "paper"
+
+
+def _cli_env(extra=None):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env.update({"PATH": f"{BIN}{os.pathsep}{env['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true"}, **(extra or {}))
+    return env
+
+
+@pytest.mark.slow
+def test_sigkill_mid_trial_then_rerun_gives_exactly_the_requested_trials(config):
+    command = [sys.executable, "-m", "medtransfer", "--params", str(config.source_file), "search",
+               "--dataset", "target", "--source", "random", "--trials", "2"]
+    worker = subprocess.Popen(command, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    name = study_name(config, SearchRequest("target", "random", "full"))
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            try:
+                study = optuna.load_study(study_name=name, storage=create_storage(config.optuna_storage))
+                running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+            except KeyError:
+                running = []
+            if running:
+                break
+            time.sleep(0.5)
+        assert running, "the search never started a trial"
+        time.sleep(2)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    rerun = subprocess.run(command, env=_cli_env(), capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    trials = optuna.load_study(study_name=name, storage=create_storage(config.optuna_storage)).get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    killed = running[0]
+    assert trials[killed.number].state == TrialState.FAIL
+    mlflow.set_tracking_uri(config.tracking_uri)
+    assert mlflow.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    assert not _runs(config, "attributes.status = 'RUNNING'"), "no run left RUNNING"
+    versions = mlflow.MlflowClient().search_model_versions("name = 'target.random.full'")
+    assert len(versions) == 2, "one registered version per fold"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    """A local MLflow server over SQLite (SQLite files are not safe for concurrent writers; the server is)."""
+    port = _free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--default-artifact-root", (store / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        env=_cli_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(server.pid, signal.SIGKILL)
+        pytest.fail("the MLflow server did not start")
+    yield url
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_two_parallel_workers_share_one_study(tmp_path, write_params, blob_npz, clean_mlflow_env, tracking_server):
+    config = _project(tmp_path, write_params, blob_npz, tracking_uri=tracking_server, storage="journal:optuna.log")
+    command = [sys.executable, "-m", "medtransfer", "--params", str(config.source_file), "search",
+               "--dataset", "target", "--source", "random", "--trials", "3"]
+    workers = [subprocess.Popen(command, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=900)
+        assert worker.returncode == 0, stderr[-3000:]
+    name = study_name(config, SearchRequest("target", "random", "full"))
+    trials = optuna.load_study(study_name=name, storage=create_storage(config.optuna_storage)).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3
+    assert len({t.params["learning_rate"] for t in complete}) == 3, "distinct trials"
+    assert len({t.user_attrs["worker"]["pid"] for t in trials if "worker" in t.user_attrs}) == 2, "both workers ran trials"
+    mlflow.set_tracking_uri(tracking_server)
+    assert len(_runs(config, "tags.step = 'search'")) == 1, "one parent for the study"
+    versions = mlflow.MlflowClient().search_model_versions("name = 'target.random.full'")
+    assert len(versions) == 2, "one registration per fold"
+
+
+@pytest.mark.slow
+def test_mlflow_run_search_keeps_the_chosen_experiment(config, repo_root):
+    import shutil
+
+    for name in ("MLproject", "conda.yaml"):
+        shutil.copy(repo_root / name, config.root / name)
+    command = [str(BIN / "mlflow"), "run", ".", "-e", "search", "-P", "dataset=target", "-P", "source=random",
+               "-P", "regime=full", "-P", "trials=1", "--env-manager", "local", "--experiment-name", "chosen"]
+    result = subprocess.run(command, cwd=config.root, env=_cli_env({"MLFLOW_TRACKING_URI": config.tracking_uri}),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    client = mlflow.MlflowClient()
+    chosen = client.get_experiment_by_name("chosen")
+    runs = client.search_runs([chosen.experiment_id], max_results=100)
+    steps = {run.data.tags.get("step") for run in runs}
+    assert {"search", "trial", "final_fit"} <= steps
+    assert client.get_experiment_by_name(config.stores.experiment) is None or not client.search_runs(
+        [client.get_experiment_by_name(config.stores.experiment).experiment_id], "tags.step = 'trial'"
+    ), "nothing was logged to another experiment"
+    launcher = [run for run in runs if "study_parent_run_id" in run.data.tags]
+    assert len(launcher) == 1 and launcher[0].info.status == "FINISHED"
