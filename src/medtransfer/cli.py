@@ -44,7 +44,7 @@ def _add_prepare(commands) -> None:
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from medtransfer.data.prepare import prepare_dataset
-    from medtransfer.tracking import launched_by_mlflow_run
+    from medtransfer.tracking import launched_by_mlflow_run, study_run_id
 
     config = _config(args)
     manifest = prepare_dataset(config, args.dataset)
@@ -58,7 +58,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         f"{manifest['num_classes']} classes, train/val/test {counts}\n"
         f"  fingerprint {manifest['fingerprint']}\n  -> {folder}"
     )
-    if launched_by_mlflow_run():
+    if launched_by_mlflow_run() or study_run_id():
         _log_prepare_to_mlflow(config, manifest, folder)
     return 0
 
@@ -66,11 +66,9 @@ def _run_prepare(args: argparse.Namespace) -> int:
 def _log_prepare_to_mlflow(config, manifest: dict, folder: Path) -> None:
     import mlflow
 
-    from medtransfer.tracking import log_prepared_dataset, use_tracking_store
+    from medtransfer.tracking import log_prepared_dataset, step_run
 
-    use_tracking_store(config)
-    with mlflow.start_run():
-        mlflow.set_tags({"step": "prepare", "dataset": manifest["dataset"]})
+    with step_run(config, step="prepare", run_name=f"prepare {manifest['dataset']}", tags={"dataset": manifest["dataset"]}):
         mlflow.log_params(
             {
                 "dataset": manifest["dataset"],

@@ -7,6 +7,7 @@ MLFLOW_EXPERIMENT_ID; the step then logs into that run and keeps the launcher's 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from medtransfer.config import Config
+
+STUDY_RUN_ENV = "MEDTRANSFER_STUDY_RUN_ID"  # set by `medtransfer study` for the steps it runs through DVC
 
 # MLflow digests are limited to 36 characters; the full sha256 goes into a tag.
 _DIGEST_LENGTH = 32
@@ -23,6 +26,41 @@ DATA_FINGERPRINT_TAG = "data_fingerprint"
 def launched_by_mlflow_run() -> bool:
     """True inside an `mlflow run` entry point (the launcher exports the run id)."""
     return bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
+def study_run_id() -> str | None:
+    """The parent run of `medtransfer study`, when this step runs inside one."""
+    return os.environ.get(STUDY_RUN_ENV) or None
+
+
+@contextlib.contextmanager
+def step_run(config: Config, *, step: str, run_name: str, tags: dict[str, str] | None = None):
+    """The MLflow run a pipeline step logs into, opened and closed around the step:
+
+    - inside an active run (the caller's): a nested child of it;
+    - under `mlflow run` (the launcher exported MLFLOW_RUN_ID): the launcher's run;
+    - under `medtransfer study`: a child of the study's parent run, in its experiment;
+    - otherwise a new run in the configured experiment.
+    """
+    import mlflow
+
+    use_tracking_store(config)
+    tags = {"step": step, **(tags or {})}
+    active = mlflow.active_run()
+    if active is not None:
+        context = mlflow.start_run(experiment_id=active.info.experiment_id, nested=True, run_name=run_name, tags=tags)
+    elif launched_by_mlflow_run():
+        context = mlflow.start_run()
+    elif study_run_id():
+        parent = mlflow.MlflowClient().get_run(study_run_id())
+        context = mlflow.start_run(
+            experiment_id=parent.info.experiment_id, run_name=run_name, parent_run_id=parent.info.run_id, tags=tags
+        )
+    else:
+        context = mlflow.start_run(experiment_id=ensure_experiment(config), run_name=run_name, tags=tags)
+    with context as run:
+        mlflow.set_tags(tags)
+        yield run
 
 
 def use_tracking_store(config: Config) -> str:

@@ -84,7 +84,7 @@ def register_source(config: Config, name: str) -> RegisteredSource:
     import mlflow
 
     from medtransfer.models.mlflow_models import log_packaged_model, register_logged_model
-    from medtransfer.tracking import ensure_experiment, use_tracking_store
+    from medtransfer.tracking import step_run, use_tracking_store
 
     if config.source(name).kind == "pretrained":
         from medtransfer.train.pretrain import pretrain_source
@@ -108,8 +108,7 @@ def register_source(config: Config, name: str) -> RegisteredSource:
         Tag.WEIGHTS_SHA256: digest,
         Tag.PREPROCESSING: built.spec.preprocessing.name,
     }
-    with mlflow.start_run(experiment_id=ensure_experiment(config), run_name=f"source {name}"):
-        mlflow.set_tags({"step": "source", Tag.SOURCE: name, Tag.ROLE: ROLE_SOURCE})
+    with step_run(config, step="source", run_name=f"source {name}", tags={Tag.SOURCE: name, Tag.ROLE: ROLE_SOURCE}):
         mlflow.log_params({"source": name, "kind": source.kind, "arch": source.arch, "seed": source.seed,
                            "preprocessing": built.spec.preprocessing.name})
         model_uri, logged_digest = log_packaged_model(built.model, built.spec)

@@ -75,7 +75,7 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
     import mlflow
 
     from medtransfer.registry import resolve_model_version
-    from medtransfer.tracking import ensure_experiment, use_tracking_store
+    from medtransfer.tracking import ensure_experiment, study_run_id, use_tracking_store
 
     if request.regime not in REGIMES:
         raise ConfigError(f"unknown regime '{request.regime}'", fix=f"use one of: {', '.join(REGIMES)}")
@@ -98,6 +98,8 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
         Tag.REGIME: request.regime,
         Tag.DATA_FINGERPRINT: prepared.fingerprint,
     }
+    if study_run_id():
+        parent_tags["mlflow.parentRunId"] = study_run_id()  # shown under the study's run in the UI
     parent_id = find_or_create_parent(client, experiment_id, name, parent_tags)
     if launcher_run_id:
         client.set_tag(launcher_run_id, Tag.STUDY, name)

@@ -81,7 +81,7 @@ def run_finetune(
     import mlflow
 
     from medtransfer.models.mlflow_models import load_registered_model, log_packaged_model
-    from medtransfer.tracking import ensure_experiment, log_prepared_dataset, use_tracking_store
+    from medtransfer.tracking import log_prepared_dataset, step_run, use_tracking_store
 
     if request.regime not in REGIMES:
         raise ConfigError(f"unknown regime '{request.regime}'", fix=f"use one of: {', '.join(REGIMES)}")
@@ -116,12 +116,7 @@ def run_finetune(
         mlflow.set_tags(tags)
         context = contextlib.nullcontext(active)
     else:
-        context = mlflow.start_run(
-            experiment_id=active.info.experiment_id if active else ensure_experiment(config),
-            run_name=name,
-            nested=active is not None,
-            tags=tags,
-        )
+        context = step_run(config, step=tags["step"], run_name=name, tags=tags)
     with context as run:
         mlflow.log_params(_run_params(request, source.version))
         log_prepared_dataset(prepared.manifest, prepared.folder, context="training")

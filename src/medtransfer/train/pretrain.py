@@ -49,7 +49,7 @@ def pretrain_source(config: Config, name: str):
 
     from medtransfer.models.mlflow_models import log_packaged_model, register_logged_model
     from medtransfer.models.sources import RegisteredSource, ensure_default_alias, registered_versions
-    from medtransfer.tracking import ensure_experiment, log_prepared_dataset, use_tracking_store
+    from medtransfer.tracking import log_prepared_dataset, step_run, use_tracking_store
 
     source = config.source(name)
     if source.kind != "pretrained":
@@ -73,10 +73,8 @@ def pretrain_source(config: Config, name: str):
     torch.manual_seed(source.seed)
     augmentation = AugmentationSettings(horizontal_flip=config.dataset(source.dataset).horizontal_flip)
     origin = f"pretrained(dataset={source.dataset}, seed={source.seed})"
-    active = mlflow.active_run()
-    with mlflow.start_run(experiment_id=active.info.experiment_id if active else ensure_experiment(config),
-                          run_name=f"pretrain {name} on {source.dataset}", nested=active is not None):
-        mlflow.set_tags({"step": "pretrain", Tag.SOURCE: name, Tag.DATASET: source.dataset, Tag.ROLE: ROLE_SOURCE})
+    with step_run(config, step="pretrain", run_name=f"pretrain {name} on {source.dataset}",
+                  tags={Tag.SOURCE: name, Tag.DATASET: source.dataset, Tag.ROLE: ROLE_SOURCE}):
         mlflow.log_params({"source": name, "arch": source.arch, "seed": source.seed, "dataset": source.dataset,
                            **{f"train_{k}": v for k, v in dataclasses.asdict(settings).items()}})
         log_prepared_dataset(prepared.manifest, prepared.folder, context="pretraining")
