@@ -1,0 +1,359 @@
+"""`extract --dataset NAME`: run every model the study names once over held-out images and save sampled stage
+activations to `activations/<NAME>/` (a DVC output), so that `compare` never needs a network.
+
+The models: the source version each pointer (`results/models/<NAME>.*.json`) starts from, every fold fit of every
+pointer, and the `default` version of every source of kind random. Before anything runs, each pointer is checked
+against the registry (`pointers.verify_pointer`) and against the prepared data's fingerprint; any disagreement is
+refused with one line. `pairs.plan_pairs` decides which fold's images each model goes through (see pairs.py).
+
+Each model is loaded once, applies its own preprocessing to the same uint8 images, and runs in eval mode under
+`torch.inference_mode`, in batches of `analysis.batch_size`; hooks on the five backbone stages keep only the
+sampled positions (see activations.py). Besides the activations, the folder holds the first convolution's weights
+of every source (`conv1/<source>.npy`, for the filter pictures) and each fine-tuned model's test predictions
+(`predictions/<model_key>.csv`, copied from its run), and `manifest.json`:
+
+    format, dataset, data_fingerprint, classes, image_shape, sampling {positions_per_layer, images, seed,
+    batch_size}, layers, random_baselines [model keys], pointers [{file, registered_model, source, regime,
+    source_model, source_version, versions}],
+    folds {"<k>": {folder, test_images, order: [dataset indices], layers: {layer: {images, height, width, rows,
+          image_indices: [dataset indices]}}, models: [keys run on this fold's images]}},
+    models {key: {registered_model, version, weights_sha256, role, source, random_init, regime, fold, seed,
+          seed_index, init_key, run_id, test_auc, arch, preprocessing, channels {layer: C}, predictions}},
+    conv1 {source: {file, model_key, module, shape}}
+
+The whole folder is written to a temporary sibling and renamed into place (`atomic_files.atomic_directory`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medtransfer.analysis.activations import (
+    ACTIVATIONS_FOLDER,
+    ACTIVATIONS_FORMAT,
+    CONV1_FOLDER,
+    LAYERS,
+    PREDICTIONS_FOLDER,
+    activations_path,
+    extract_stage_activations,
+    first_conv_weights,
+    fold_folder_name,
+    plan_layers,
+    sample_order,
+    save_array,
+    stage_shapes,
+    write_manifest,
+)
+from medtransfer.analysis.pairs import (
+    ROLE_FINETUNED,
+    RandomSource,
+    StudyModel,
+    plan_pairs,
+    random_baseline_keys,
+    required_activations,
+    study_folds,
+    study_models,
+)
+from medtransfer.atomic_files import atomic_directory
+from medtransfer.config import Config
+from medtransfer.errors import ConfigError, DataError, ModelError
+
+__all__ = ["activations_folder", "run_extract"]
+
+
+def activations_folder(config: Config, dataset: str) -> Path:
+    """`activations/<dataset>/` under the repository root."""
+    return config.resolve(ACTIVATIONS_FOLDER) / dataset
+
+
+def run_extract(config: Config, dataset: str) -> Path:
+    """Extract the activations of every model of `dataset`'s study; returns the activations folder.
+
+    Raises ConfigError (unknown dataset), DataError (prepared data missing or of another version than the
+    pointers name, an empty test fold) and ModelError (no pointers, a registry that disagrees with a pointer, a
+    model that cannot be loaded), each with a one-line message.
+    """
+    import mlflow
+
+    from medtransfer.data.prepare import load_prepared
+    from medtransfer.pointers import pointer_path, pointers_for_dataset, verify_pointer
+    from medtransfer.tracking import use_tracking_store
+
+    config.dataset(dataset)
+    _check_sampling_settings(config)
+    started = time.perf_counter()
+    pointers = pointers_for_dataset(config, dataset)
+    if not pointers:
+        raise ModelError(
+            f"no model pointers for dataset '{dataset}'",
+            where=str(config.resolve("results/models")),
+            fix=f"run the search first ('medtransfer search --dataset {dataset} ...' or 'dvc repro'), which writes "
+            f"results/models/{dataset}.<source>.<regime>.json",
+        )
+    prepared = load_prepared(config, dataset)
+    use_tracking_store(config)
+    client = mlflow.MlflowClient()
+    for pointer in pointers:
+        where = str(pointer_path(config, pointer.dataset, pointer.source, pointer.regime))
+        verify_pointer(client, pointer, where)
+        if pointer.data_fingerprint != prepared.fingerprint:
+            raise DataError(
+                f"the models were trained on data {pointer.data_fingerprint[:12]}…, the prepared data is "
+                f"{prepared.fingerprint[:12]}…",
+                where=where,
+                fix="restore the data version the pointer names (dvc checkout), or rerun the search on this data",
+            )
+    random_sources = _registered_random_sources(config, client)
+    models = study_models(pointers, random_sources)
+    baselines = random_baseline_keys(random_sources)
+    pairs = plan_pairs(models, baselines)
+    needs = required_activations(pairs)
+    folds = study_folds(models)
+    for fold in folds:
+        if fold >= prepared.num_folds:
+            raise DataError(
+                f"the pointers name fold {fold} but the prepared data has {prepared.num_folds} fold(s)",
+                where=str(prepared.folder),
+                fix="prepare the data with the split the search used, or rerun the search",
+            )
+    orders = {fold: sample_order(prepared.fold(fold)["test"], config.analysis.seed, fold) for fold in folds}
+    for fold, order in orders.items():
+        if len(order) == 0:
+            raise DataError(f"fold {fold} has no test images", where=str(prepared.folder))
+
+    folder = activations_folder(config, dataset)
+    fold_plans: dict[int, dict] = {}
+    records: dict[str, dict[str, Any]] = {}
+    conv1: dict[str, dict[str, Any]] = {}
+    run_models = [m for m in models if m.key in needs]
+    with atomic_directory(folder) as staging:
+        for index, model in enumerate(run_models, start=1):
+            record = _extract_model(config, prepared, model, needs[model.key], orders, fold_plans, staging, conv1)
+            records[model.key] = record
+            if sys.stderr.isatty():  # progress for people watching; logs get the summary only
+                print(f"  [{index}/{len(run_models)}] {model.key} ({model.role}) on fold(s) "
+                      f"{', '.join(map(str, needs[model.key]))}", file=sys.stderr, flush=True)
+        manifest = build_manifest(config, dataset, prepared, pointers, models, baselines, orders, fold_plans,
+                                  records, needs, conv1)
+        write_manifest(staging, manifest)
+    _log_extract_run(config, dataset, prepared, manifest, folder)
+    elapsed = time.perf_counter() - started
+    sizes = ", ".join(
+        f"{layer} {fold_plans[folds[0]][layer].images} img × {fold_plans[folds[0]][layer].positions} pos"
+        for layer in LAYERS
+    )
+    print(f"extract {dataset}: {len(run_models)} models, {len(folds)} fold(s), {len(pairs)} pairs planned; "
+          f"fold {folds[0]}: {sizes}; {elapsed:.0f} s\n  -> {folder}")
+    return folder
+
+
+def _check_sampling_settings(config: Config) -> None:
+    analysis = config.analysis
+    where = f"{config.source_file}: analysis"
+    if analysis.positions_per_layer < 1:
+        raise ConfigError(f"positions_per_layer must be at least 1, got {analysis.positions_per_layer}",
+                          where=f"{where}.positions_per_layer", fix="the original study used 10000")
+    if analysis.images is not None and analysis.images < 1:
+        raise ConfigError(f"images must be at least 1 (or null), got {analysis.images}", where=f"{where}.images",
+                          fix="leave it null to take round(positions_per_layer / (H*W)) images per layer")
+    if analysis.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {analysis.batch_size}", where=f"{where}.batch_size")
+
+
+def _registered_random_sources(config: Config, client) -> list[RandomSource]:
+    """The `default` version of every source of kind random, in params order."""
+    from medtransfer.registry import ALIAS_DEFAULT, Tag, model_uri, resolve_model_version, source_model_name
+
+    found = []
+    for name, source in config.sources.items():
+        if source.kind != "random":
+            continue
+        registered = source_model_name(name)
+        version = resolve_model_version(client, model_uri(registered, alias=ALIAS_DEFAULT))
+        found.append(RandomSource(name, registered, str(version.version), version.tags.get(Tag.WEIGHTS_SHA256, "")))
+    return found
+
+
+def _extract_model(
+    config: Config,
+    prepared,
+    model: StudyModel,
+    folds: list[int],
+    orders: dict[int, np.ndarray],
+    fold_plans: dict[int, dict],
+    staging: Path,
+    conv1: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Load one model, run it over the images of `folds`, write its files; returns its manifest record."""
+    from medtransfer.models.mlflow_models import load_registered_model
+
+    loaded = load_registered_model(f"models:/{model.registered_model}/{model.version}")
+    if model.weights_sha256 and loaded.weights_sha256 != model.weights_sha256:
+        raise ModelError(
+            f"{model.registered_model} v{model.version} holds weights {loaded.weights_sha256}, the study expects "
+            f"{model.weights_sha256}",
+            fix="rerun the search ('dvc repro') so that the pointer and the registry match again",
+        )
+    network = loaded.model.to(_device()).eval()
+    preprocessing = loaded.spec.preprocessing
+    shapes = stage_shapes(network, preprocessing, prepared.images[int(orders[folds[0]][0])])
+    for fold in folds:
+        plans = fold_plans.get(fold)
+        if plans is None:
+            plans = fold_plans[fold] = plan_layers(
+                {layer: shapes[layer][1:] for layer in LAYERS},
+                len(orders[fold]),
+                positions_per_layer=config.analysis.positions_per_layer,
+                fixed_images=config.analysis.images,
+            )
+        for layer, plan in plans.items():
+            if shapes[layer][1:] != (plan.height, plan.width):
+                raise ModelError(
+                    f"stage {layer} of {model.key} is {shapes[layer][1]}x{shapes[layer][2]}, other models give "
+                    f"{plan.height}x{plan.width}; positions of different spatial sizes cannot be paired",
+                    fix="compare models whose stages have the same strides (the ResNet family does)",
+                )
+        activations = extract_stage_activations(
+            network, preprocessing, prepared.images, orders[fold], plans, config.analysis.batch_size
+        )
+        for layer, array in activations.items():
+            save_array(activations_path(staging, fold, model.key, layer), array)
+        del activations
+    predictions_file = None
+    if model.role == ROLE_FINETUNED and model.run_id:
+        predictions_file = _copy_predictions(model, staging)
+    elif model.role != ROLE_FINETUNED and model.source not in conv1:
+        module, weights = first_conv_weights(network)
+        file = f"{CONV1_FOLDER}/{model.source}.npy"
+        save_array(staging / file, weights)
+        conv1[model.source] = {"file": file, "model_key": model.key, "module": module, "shape": list(weights.shape)}
+    record = {
+        **model.to_dict(),
+        "arch": loaded.spec.arch,
+        "preprocessing": preprocessing.name,
+        "channels": {layer: int(shapes[layer][0]) for layer in LAYERS},
+        "predictions": predictions_file,
+    }
+    del network, loaded
+    return record
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _copy_predictions(model: StudyModel, staging: Path) -> str | None:
+    """Copy the run's `predictions/test_predictions.csv` beside the activations (None, with a warning, if absent)."""
+    import mlflow
+
+    from medtransfer.errors import warn
+    from medtransfer.train.finetune import PREDICTIONS_ARTIFACT_DIR
+    from medtransfer.train.reporting import PREDICTIONS_FILE
+
+    target = f"{PREDICTIONS_FOLDER}/{model.key}.csv"
+    try:
+        with tempfile.TemporaryDirectory(prefix="medtransfer-predictions-") as download:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=model.run_id, artifact_path=f"{PREDICTIONS_ARTIFACT_DIR}/{PREDICTIONS_FILE}", dst_path=download
+            )
+            (staging / PREDICTIONS_FOLDER).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, staging / target)
+    except Exception as error:  # noqa: BLE001 - any store failure means the same thing here
+        warn(f"{model.key}: no test predictions in run {model.run_id} ({type(error).__name__}); "
+             "its prediction similarity is skipped")
+        return None
+    return target
+
+
+def build_manifest(
+    config: Config,
+    dataset: str,
+    prepared,
+    pointers,
+    models: list[StudyModel],
+    baselines: list[str],
+    orders: dict[int, np.ndarray],
+    fold_plans: dict[int, dict],
+    records: dict[str, dict[str, Any]],
+    needs: dict[str, list[int]],
+    conv1: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The manifest described in the module docstring (no timestamps: unchanged inputs give the same file)."""
+    from medtransfer.pointers import pointer_path
+
+    folds: dict[str, Any] = {}
+    for fold, order in orders.items():
+        plans = fold_plans[fold]
+        folds[str(fold)] = {
+            "folder": fold_folder_name(fold),
+            "test_images": int(len(order)),
+            "order": order.tolist(),
+            "layers": {
+                layer: {"images": plan.images, "height": plan.height, "width": plan.width, "rows": plan.rows,
+                        "image_indices": order[: plan.images].tolist()}
+                for layer, plan in plans.items()
+            },
+            "models": [key for key, needed in needs.items() if fold in needed],
+        }
+    return {
+        "format": ACTIVATIONS_FORMAT,
+        "dataset": dataset,
+        "data_fingerprint": prepared.fingerprint,
+        "classes": prepared.classes,
+        "image_shape": list(prepared.images.shape[1:]),
+        "sampling": {
+            "positions_per_layer": config.analysis.positions_per_layer,
+            "images": config.analysis.images,
+            "seed": config.analysis.seed,
+            "batch_size": config.analysis.batch_size,
+        },
+        "layers": list(LAYERS),
+        "random_baselines": baselines,
+        "pointers": [
+            {
+                "file": _relative(pointer_path(config, p.dataset, p.source, p.regime), config.root),
+                "registered_model": p.registered_model,
+                "source": p.source,
+                "regime": p.regime,
+                "source_model": p.source_model,
+                "source_version": str(p.source_version),
+                "versions": sorted(str(f.version) for f in p.folds),
+            }
+            for p in pointers
+        ],
+        "folds": folds,
+        # Every study model, also one no pair needs (then without channels): compare plans the pairs from this list.
+        "models": {m.key: records.get(m.key, {**m.to_dict(), "channels": None, "predictions": None}) for m in models},
+        "conv1": conv1,
+    }
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _log_extract_run(config: Config, dataset: str, prepared, manifest: dict[str, Any], folder: Path) -> None:
+    """One MLflow run (nested under an active one): which model versions were extracted, from which data."""
+    import mlflow
+
+    from medtransfer.tracking import log_prepared_dataset, step_run
+
+    tags = {"dataset": dataset}
+    tags.update({f"model.{key}": str(record["version"]) for key, record in manifest["models"].items()
+                 if record.get("channels")})
+    with step_run(config, step="extract", run_name=f"extract {dataset}", tags=tags):
+        mlflow.log_params({**{f"analysis.{k}": v for k, v in manifest["sampling"].items()},
+                           "models": len(manifest["models"]), "folds": len(manifest["folds"])})
+        log_prepared_dataset(prepared.manifest, prepared.folder, context="analysis")
+        mlflow.log_artifact(str(folder / "manifest.json"), artifact_path="analysis")

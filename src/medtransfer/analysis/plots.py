@@ -1,0 +1,163 @@
+"""The analysis figures, drawn from the tables `compare` writes (plain row dicts), never from a network.
+
+* `plot_layer_curves`: similarity per layer (x = stem … stage4), one line per pair group, with the random-vs-random
+  and shuffled-image baselines shaded as noise-floor bands (mean ± sd).
+* `plot_prediction_agreement`: error agreement observed vs its chance level, per pair of fine-tuned models.
+* `plot_conv1_filters`: the first convolution's filters as an image grid, each filter min-max normalised.
+* `plot_similarity_vs_gain`: per layer, similarity to the source against the relative AUC gain over random init.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medtransfer.atomic_files import atomic_write_bytes
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> None:
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plot_layer_curves(
+    summary: Sequence[dict], measure: str, layers: Sequence[str], path: Path, *, title: str, floor_kinds: Sequence[str],
+    skip_kinds: Sequence[str] = (),
+) -> None:
+    """Line per (pair_kind, pair, regime) group of `summary` rows for `measure`; `floor_kinds` drawn as bands."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    x = np.arange(len(layers))
+    rows = [row for row in summary if row["measure"] == measure]
+    colours = {"random_vs_random": "tab:grey", "shuffled": "tab:brown"}
+    for kind in floor_kinds:
+        means, sds = [], []
+        for layer in layers:
+            match = [row for row in rows if row["layer"] == layer]
+            floor = match[0] if match else {}
+            means.append(_number(floor.get(f"{kind}_mean")))
+            sds.append(_number(floor.get(f"{kind}_sd")))
+        means, sds = np.asarray(means), np.nan_to_num(np.asarray(sds))
+        if np.isfinite(means).any():
+            axis.fill_between(x, means - sds, means + sds, color=colours.get(kind, "grey"), alpha=0.25,
+                              label=f"{kind.replace('_', ' ')} (noise floor)")
+            axis.plot(x, means, color=colours.get(kind, "grey"), linewidth=0.8, linestyle=":")
+    groups: dict[tuple[str, str, str], dict[str, tuple[float, float]]] = {}
+    for row in rows:
+        if row["pair_kind"] in floor_kinds or row["pair_kind"] in skip_kinds:
+            continue
+        key = (row["pair_kind"], row["pair"], row["regime"])
+        groups.setdefault(key, {})[row["layer"]] = (_number(row["mean"]), _number(row["sd"]))
+    palette = plt.get_cmap("tab20")
+    for index, ((kind, pair, regime), values) in enumerate(sorted(groups.items())):
+        means = np.array([values.get(layer, (math.nan, math.nan))[0] for layer in layers])
+        sds = np.nan_to_num(np.array([values.get(layer, (math.nan, math.nan))[1] for layer in layers]))
+        label = f"{kind.replace('_', ' ')}: {pair}" + (f" ({regime})" if regime else "")
+        axis.errorbar(x, means, yerr=sds, marker="o", markersize=3, linewidth=1.2, capsize=2, label=label,
+                      color=palette(index % 20), linestyle=("-", "--", "-.")[index // 20 % 3])
+    axis.set_xticks(x, list(layers))
+    axis.set(ylabel=measure, title=title, ylim=(-0.05 if measure == "cka_debiased" else 0.0, 1.02))
+    axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.set_size_inches(10.5, 4.8)
+    _save(figure, path)
+
+
+def plot_prediction_agreement(rows: Sequence[dict], path: Path, *, title: str) -> None:
+    """Bars of error agreement (observed vs chance), mean ± sd over folds, per (pair, regime)."""
+    plt = _pyplot()
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for row in rows:
+        groups.setdefault((row["pair"], row["regime"]), []).append(
+            (_number(row["error_agreement"]), _number(row["error_agreement_chance"])))
+    figure, axis = plt.subplots(figsize=(max(4.5, 1.4 * len(groups) + 2), 4.2), dpi=110)
+    if not groups:
+        axis.text(0.5, 0.5, "no pairs of fine-tuned models", ha="center", va="center", transform=axis.transAxes)
+    labels = []
+    for index, ((pair, regime), values) in enumerate(sorted(groups.items())):
+        values = np.asarray(values)
+        means = np.nanmean(values, axis=0)
+        sds = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(2)
+        axis.bar(index - 0.2, means[0], 0.4, yerr=sds[0], capsize=3, color="tab:blue", label="observed" if index == 0 else None)
+        axis.bar(index + 0.2, means[1], 0.4, yerr=sds[1], capsize=3, color="tab:grey", label="chance" if index == 0 else None)
+        labels.append(f"{pair}\n({regime})" if regime else pair)
+    axis.set_xticks(range(len(labels)), labels, fontsize=7)
+    axis.set(ylabel="error agreement", ylim=(0, 1.05), title=title)
+    if groups:
+        axis.legend(fontsize=7)
+    _save(figure, path)
+
+
+def filter_grid(weights: np.ndarray) -> np.ndarray:
+    """(out, in, kh, kw) filters → one (rows·(kh+1)−1, cols·(kw+1)−1, 3) image in [0, 1], each filter min-max
+    normalised on its own; grey (in ≠ 3) filters show their mean over input channels."""
+    weights = np.asarray(weights, dtype=np.float64)
+    out, channels, height, width = weights.shape
+    tiles = weights.transpose(0, 2, 3, 1) if channels == 3 else np.repeat(weights.mean(axis=1)[..., None], 3, axis=-1)
+    low = tiles.reshape(out, -1).min(axis=1)[:, None, None, None]
+    high = tiles.reshape(out, -1).max(axis=1)[:, None, None, None]
+    tiles = (tiles - low) / np.where(high > low, high - low, 1.0)
+    columns = int(math.ceil(math.sqrt(out)))
+    rows = int(math.ceil(out / columns))
+    grid = np.ones((rows * (height + 1) - 1, columns * (width + 1) - 1, 3))
+    for index in range(out):
+        r, c = divmod(index, columns)
+        grid[r * (height + 1): r * (height + 1) + height, c * (width + 1): c * (width + 1) + width] = tiles[index]
+    return grid
+
+
+def plot_conv1_filters(weights: np.ndarray, path: Path, *, title: str) -> None:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(4.5, 4.8), dpi=110)
+    axis.imshow(filter_grid(weights), interpolation="nearest")
+    axis.set_axis_off()
+    axis.set_title(title, fontsize=9)
+    _save(figure, path)
+
+
+def plot_similarity_vs_gain(points: Sequence[dict], layers: Sequence[str], measure: str, path: Path, *, title: str) -> None:
+    """One panel per layer: `measure` (fine-tuned vs its source) against the relative AUC gain over random init."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers), 3.0), dpi=110, sharey=True)
+    axes = np.atleast_1d(axes)
+    sources = sorted({row["source"] for row in points})
+    for axis, layer in zip(axes, layers):
+        here = [row for row in points if row["layer"] == layer]
+        for source in sources:
+            mine = [row for row in here if row["source"] == source]
+            axis.scatter([_number(r[measure]) for r in mine], [_number(r["relative_gain"]) for r in mine], s=14, label=source)
+        r_value = _number(here[0][f"pearson_{measure}_layer"]) if here else math.nan
+        axis.set_title(f"{layer}  r = {r_value:.2f}" if math.isfinite(r_value) else f"{layer}  r = n/a", fontsize=8)
+        axis.set_xlabel(measure, fontsize=8)
+        axis.axhline(0.0, color="grey", linewidth=0.6, linestyle=":")
+    axes[0].set_ylabel("relative AUC gain over random init", fontsize=8)
+    if not points:
+        axes[len(axes) // 2].text(0.5, 0.5, "no random-init baseline", ha="center", va="center",
+                                   transform=axes[len(axes) // 2].transAxes, fontsize=8)
+    elif sources:
+        axes[-1].legend(fontsize=6)
+    figure.suptitle(title, fontsize=9)
+    _save(figure, path)

@@ -1,0 +1,225 @@
+"""compare's parts on synthetic activations: controls (identity, shuffled images), channel sampling, streaming,
+the summary and the similarity-vs-gain table. No registry, no network file."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import medtransfer.analysis.compare as compare
+from medtransfer.analysis.activations import extract_stage_activations, plan_layers, stage_shapes
+from medtransfer.analysis.compare import (
+    channel_draws,
+    compare_pair_layer,
+    image_derangement,
+    layer_curve_rows,
+    similarity_vs_gain,
+    summarise,
+)
+from medtransfer.analysis.pairs import StudyModel
+from medtransfer.models.backbones import Classifier, keras_like_init_
+from medtransfer.models.preprocessing import IMAGENET
+
+MEASURES = ["cca", "svcca", "pwcca", "cka", "cka_debiased"]
+
+
+def _images_with_positions(rng, images: int, positions: int, channels: int) -> np.ndarray:
+    """(images·positions, channels) float32 rows with no structure shared across images or positions."""
+    return rng.normal(size=(images * positions, channels)).astype(np.float32)
+
+
+def test_identity_is_one_and_shuffled_images_fall_to_the_independent_level():
+    rng = np.random.default_rng(0)
+    images, positions, channels = 400, 16, 8
+    x = _images_with_positions(rng, images, positions, channels)
+    y = (x @ rng.normal(size=(channels, channels)) + 0.3 * rng.normal(size=x.shape)).astype(np.float32)
+    unrelated = _images_with_positions(rng, images, positions, channels)
+
+    identity = compare_pair_layer(x, x, positions, MEASURES)
+    for measure in MEASURES:
+        assert identity.values[measure] == pytest.approx(1.0, abs=1e-6), measure
+    real = compare_pair_layer(x, y, positions, MEASURES)
+    shuffled = compare_pair_layer(x, y, positions, MEASURES, shuffle_rng=np.random.default_rng(1))
+    independent = compare_pair_layer(x, unrelated, positions, MEASURES)
+    assert real.values["cca"] > 0.9 and real.values["cka"] > 0.5  # CKA is not invariant to a general linear map
+    for measure in ("cca", "cka"):
+        assert shuffled.values[measure] < 0.1
+        assert shuffled.values[measure] == pytest.approx(independent.values[measure], abs=0.03), measure
+    assert real.reliable and real.n == images * positions and real.images == images
+
+
+def test_shuffling_moves_whole_images():
+    # y = x exactly; after permuting y's images, row (i, pos) of x meets row (pi(i), pos) of y.
+    positions = 3
+    x = np.repeat(np.arange(5, dtype=np.float32)[:, None], positions, axis=0)  # image i's rows all hold i
+    x = np.hstack([x, np.tile(np.arange(positions, dtype=np.float32), 5)[:, None]])  # and the position
+    seen = []
+
+    class Recorder:
+        def __init__(self, p, q, **_):
+            pass
+
+        def update(self, a, b):
+            seen.append((a.copy(), b.copy()))
+
+        def finalize(self, measures):
+            from medtransfer.analysis.similarity import SimilarityResult
+
+            return SimilarityResult(n=15, p=2, q=2, p_kept=2, q_kept=2, mean_cca=0.0)
+
+    original = compare.SimilarityAccumulator
+    compare.SimilarityAccumulator = Recorder
+    try:
+        compare_pair_layer(x, x, positions, ["cca"], shuffle_rng=np.random.default_rng(2))
+    finally:
+        compare.SimilarityAccumulator = original
+    a = np.vstack([chunk[0] for chunk in seen])
+    b = np.vstack([chunk[1] for chunk in seen])
+    np.testing.assert_array_equal(a[:, 1], b[:, 1])  # same positions
+    pairs = {(int(i), int(j)) for i, j in zip(a[:, 0], b[:, 0])}
+    assert len(pairs) == 5 and all(i != j for i, j in pairs)  # each image meets one other image, all its rows
+
+
+def test_a_derangement_has_no_fixed_point():
+    for images in (2, 3, 10, 57):
+        permutation = image_derangement(images, np.random.default_rng(images))
+        assert sorted(permutation.tolist()) == list(range(images))
+        assert not np.any(permutation == np.arange(images))
+    assert image_derangement(1, np.random.default_rng(0)) is None
+    single = compare_pair_layer(np.ones((4, 2), np.float32), np.ones((4, 2), np.float32), 4, ["cca"],
+                                shuffle_rng=np.random.default_rng(0))
+    assert single.values["cca"] is None and "one image" in single.note
+
+
+def _resnet18(seed: int) -> Classifier:
+    model = Classifier("resnet18", None)
+    keras_like_init_(model, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def test_two_nets_one_the_other_plus_noise():
+    """A network and a noisy copy are similar; on shuffled images their mean CCA falls to (or, at the stem, below)
+    the level of two unrelated networks on the same images (the random level). Mean CKA keeps some similarity under shuffling in
+    the middle stages (positional structure such as zero-padding borders is shared by all images), so only its
+    stem value is checked."""
+    base, unrelated = _resnet18(0), _resnet18(5)
+    noisy = Classifier("resnet18", None)
+    noisy.load_state_dict(base.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in noisy.parameters():
+            if parameter.ndim > 1:
+                parameter.add_(0.2 * parameter.std() * torch.randn(parameter.shape, generator=generator))
+    images = np.random.default_rng(0).integers(0, 256, size=(120, 32, 32, 3), dtype=np.uint8)
+    order = np.arange(len(images))
+    shapes = stage_shapes(base, IMAGENET, images[0])
+    plans = plan_layers({layer: shape[1:] for layer, shape in shapes.items()}, len(order), positions_per_layer=2000)
+    x, y, z = (extract_stage_activations(model, IMAGENET, images, order, plans, batch_size=40)
+               for model in (base, noisy.eval(), unrelated))
+    for layer in ("stem", "stage1", "stage2", "stage3"):
+        positions = plans[layer].positions
+
+        def measure(first, second, shuffle=None):
+            return compare_pair_layer(first[layer], second[layer], positions, ["cca", "cka"], channel_sample=32,
+                                      channel_repeats=2, rng_channels=np.random.default_rng(0), shuffle_rng=shuffle).values
+
+        real, shuffled, random_level = measure(x, y), measure(x, y, np.random.default_rng(1)), measure(x, z)
+        assert real["cca"] > 0.7 and real["cka"] > 0.9, layer
+        assert shuffled["cca"] < real["cca"] - 0.3, layer
+        assert shuffled["cca"] < random_level["cca"] + 0.05, layer  # at or below two unrelated networks
+        if layer != "stem":  # where both see the same images, unrelated stems still share input-driven similarity
+            assert shuffled["cca"] == pytest.approx(random_level["cca"], abs=0.1), layer
+        if layer == "stem":
+            assert shuffled["cka"] < 0.1
+
+
+def test_channel_draws_share_indices_when_channel_counts_match():
+    rng = np.random.default_rng(0)
+    draws = channel_draws(512, 512, 64, 5, rng)
+    assert len(draws) == 5
+    for a, b in draws:
+        assert a is b and len(a) == 64 and len(set(a.tolist())) == 64
+    assert not np.array_equal(draws[0][0], draws[1][0])
+    different = channel_draws(256, 512, 64, 2, np.random.default_rng(0))
+    assert all(len(a) == 64 and len(b) == 64 and a.max() < 256 for a, b in different)
+    assert channel_draws(512, 512, 0, 5, rng) == [(None, None)]  # 0 = all channels
+    assert channel_draws(64, 64, 64, 5, rng) == [(None, None)]  # nothing to sample
+
+
+def test_channel_sampling_averages_over_draws():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2000, 40)).astype(np.float32)
+    y = (x + rng.normal(size=x.shape)).astype(np.float32)
+    result = compare_pair_layer(x, y, 1, ["cca"], channel_sample=8, channel_repeats=3,
+                                rng_channels=np.random.default_rng(7))
+    from medtransfer.analysis.similarity import compute_similarity
+
+    expected = np.mean([compute_similarity(x[:, a], y[:, b], ["cca"]).mean_cca
+                        for a, b in channel_draws(40, 40, 8, 3, np.random.default_rng(7))])
+    assert result.values["cca"] == pytest.approx(expected, rel=1e-9)
+    assert (result.c_a, result.c_b, result.channels_a, result.draws) == (8, 8, 40, 3)
+
+
+def test_streaming_in_small_chunks_gives_the_same_values(monkeypatch):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3000, 12)).astype(np.float32) + 5.0
+    y = (x[:, :10] * 2.0 + rng.normal(size=(3000, 10))).astype(np.float32)
+    whole = compare_pair_layer(x, y, 6, MEASURES, shuffle_rng=np.random.default_rng(0))
+    monkeypatch.setattr(compare, "CHUNK_BYTES", 1000)
+    chunked = compare_pair_layer(x, y, 6, MEASURES, shuffle_rng=np.random.default_rng(0))
+    for measure in MEASURES:
+        assert chunked.values[measure] == pytest.approx(whole.values[measure], rel=1e-8, abs=1e-10)
+
+
+def _row(kind, pair, fold, layer, value, model_b="m", measure="cca"):
+    return {"pair_kind": kind, "pair": pair, "model_a": "a", "model_b": model_b, "fold": fold, "regime": "full",
+            "layer": layer, "measure": measure, "value": value, "reliable": True, "rows_per_channel": 10.0}
+
+
+def test_summary_gives_mean_and_sd_over_folds_with_the_noise_floors():
+    rows = [_row("source_vs_finetuned", "natural", fold, "stem", value) for fold, value in enumerate([0.8, 0.9, 1.0])]
+    rows += [_row("random_vs_random", "random vs random_b", fold, "stem", value) for fold, value in enumerate([0.4, 0.5, 0.6])]
+    rows += [_row("shuffled", "natural", fold, "stem", value) for fold, value in enumerate([0.1, 0.2, math.nan])]
+    summary = {(r["pair_kind"], r["layer"]): r for r in summarise(rows)}
+    main = summary[("source_vs_finetuned", "stem")]
+    assert main["mean"] == pytest.approx(0.9) and main["sd"] == pytest.approx(0.1) and main["count"] == 3
+    assert main["random_vs_random_mean"] == pytest.approx(0.5) and main["random_vs_random_sd"] == pytest.approx(0.1)
+    assert main["shuffled_mean"] == pytest.approx(0.15)  # NaN rows (undefined values) are left out
+
+
+def test_layer_curves_list_each_pair_group_and_noise_floor_in_layer_order():
+    rows = []
+    for layer, offset in (("stage1", 0.0), ("stem", 0.1)):  # given out of order
+        rows += [_row("source_vs_finetuned", "natural", f, layer, 0.7 + offset + 0.1 * f) for f in range(2)]
+        rows += [_row("identity", "natural", f, layer, 1.0) for f in range(2)]
+        rows += [_row("random_vs_random", "random vs random_b", f, layer, 0.3) for f in range(2)]
+        rows += [_row("shuffled", "natural", f, layer, 0.05) for f in range(2)]
+    rows.append(_row("source_vs_finetuned", "natural", 0, "stem", 0.5, measure="cka"))
+    curves = layer_curve_rows(summarise(rows), "cca")
+    assert [c["layer"] for c in curves] == ["stem"] * 3 + ["stage1"] * 3
+    assert [c["series"] for c in curves[:3]] == [
+        "source vs finetuned: natural (full)", "noise floor: random vs random", "noise floor: shuffled images"]
+    assert curves[0]["similarity"] == pytest.approx(0.85) and curves[3]["similarity"] == pytest.approx(0.75)
+    assert curves[1]["similarity"] == pytest.approx(0.3) and curves[2]["similarity"] == pytest.approx(0.05)
+
+
+def _finetuned(source, fold, auc, random_init=False):
+    return StudyModel(f"t.{source}.v{fold}", f"t.{source}", str(fold), "h", "finetuned", source, random_init,
+                      regime="full", fold=fold, seed=0, seed_index=0, init_key=f"source.{source}.v1", test_auc=auc)
+
+
+def test_similarity_vs_gain_is_relative_to_the_random_init_model_of_the_same_fold():
+    models = [_finetuned("natural", 0, 0.9), _finetuned("natural", 1, 0.8), _finetuned("random", 0, 0.6, True),
+              _finetuned("random", 1, 0.5, True)]
+    by_key = {m.key: m for m in models}
+    rows = [_row("source_vs_finetuned", "natural", fold, layer, 0.5 + 0.1 * fold, model_b=f"t.natural.v{fold}", measure=m)
+            for fold in (0, 1) for layer in ("stem", "stage1", "stage2", "stage3", "stage4") for m in ("cca", "cka")]
+    points = similarity_vs_gain(rows, by_key)
+    assert len(points) == 2 * 5
+    first = next(p for p in points if p["fold"] == 0 and p["layer"] == "stem")
+    assert first["relative_gain"] == pytest.approx((0.9 - 0.6) / 0.6) and first["cca"] == pytest.approx(0.5)
+    assert first["random_init_model"] == "t.random.v0" and first["points_layer"] == 2
+    assert math.isnan(first["pearson_cca_layer"])  # fewer than 3 points

@@ -1,0 +1,387 @@
+"""extract and compare end to end on a tiny study in a temporary MLflow store: two self-made "pretrained" sources,
+two random sources, fine-tuned fold models of three sources (one with a second seed), pointer files; then
+activations, tables, figures and the MLflow run; compare without the models; refusals when the registry or the
+data disagree with the pointers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from medtransfer.analysis import pairs as pair_kinds
+from medtransfer.analysis.activations import LAYERS, activations_path, read_manifest
+from medtransfer.analysis.compare import (
+    GAIN_COLUMNS,
+    PREDICTION_COLUMNS,
+    SIMILARITY_COLUMNS,
+    SUMMARY_COLUMNS,
+    run_compare,
+)
+from medtransfer.analysis.extract import run_extract
+from medtransfer.config import load_config
+from medtransfer.data.prepare import load_prepared, prepare_dataset
+from medtransfer.errors import ConfigError, DataError, ModelError
+from medtransfer.models.backbones import Classifier, keras_like_init_
+from medtransfer.models.mlflow_models import load_registered_model, log_packaged_model, register_logged_model
+from medtransfer.models.packaging import ModelSpec
+from medtransfer.models.sources import register_source
+from medtransfer.pointers import FoldModel, ModelPointer, fold_model_alias, pointer_path, write_pointer
+from medtransfer.registry import ALIAS_DEFAULT, ROLE_FINETUNED, Tag, finetuned_model_name, model_uri, source_model_name
+from medtransfer.tracking import ensure_experiment, use_tracking_store
+from medtransfer.train.finetune import PREDICTIONS_ARTIFACT_DIR
+from medtransfer.train.metrics import roc_auc
+from medtransfer.train.reporting import PREDICTIONS_FILE, write_predictions
+
+DATASET = "target"
+PRETRAINED = ("natural", "medical")
+FINETUNED_SOURCES = ("natural", "medical", "random")
+REGIME = "full"
+
+
+def _blob_npz(path: Path, seed: int, per_split=(40, 8, 16)) -> None:
+    """16 px grey images; the class sets the quadrant of a bright blob (MedMNIST layout)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), per_split):
+        labels = np.arange(count) % 2
+        images = rng.normal(90, 25, size=(count, 16, 16))
+        for index, label in enumerate(labels):
+            images[index, 2 + 8 * label : 6 + 8 * label, 3:7] += 110
+        arrays[f"{split}_images"] = np.clip(images, 0, 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels[:, None].astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def _write_backbone(path: Path, seed: int) -> None:
+    from safetensors.torch import save_file
+
+    model = Classifier("resnet18", None)
+    keras_like_init_(model, torch.Generator().manual_seed(seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, str(path))
+
+
+def _probabilities(model: Classifier, preprocessing, images: np.ndarray) -> np.ndarray:
+    model.eval()
+    with torch.inference_mode():
+        logits = model(preprocessing.apply(np.ascontiguousarray(images)))
+    return torch.softmax(logits, dim=1).double().numpy()
+
+
+def _register_finetuned(config, prepared, source: str, fold: int, seed: int, alias: str) -> FoldModel:
+    """A stand-in for a fine-tuned fold model: the source plus seeded noise and a new head, logged like finetune."""
+    loaded = load_registered_model(model_uri(source_model_name(source), alias=ALIAS_DEFAULT))
+    model = loaded.model
+    generator = torch.Generator().manual_seed(1000 * seed + 10 * fold + len(source))
+    model.replace_head(2, generator=generator)
+    with torch.no_grad():
+        for name, parameter in model.backbone.named_parameters():
+            if parameter.ndim > 1:  # perturb weights, more in deeper stages (fine-tuning changes them most)
+                depth = next((stage for stage in range(1, 5) if f"layer{stage}." in name), 0) + 1
+                parameter.add_(0.1 * depth * parameter.std() * torch.randn(parameter.shape, generator=generator))
+    test = prepared.fold(fold)["test"]
+    probabilities = _probabilities(model, loaded.spec.preprocessing, prepared.images[test])
+    name = finetuned_model_name(DATASET, source, REGIME)
+    spec = ModelSpec("resnet18", 2, loaded.spec.preprocessing, classes=prepared.classes)
+    with mlflow.start_run(experiment_id=ensure_experiment(config), run_name=f"ft {source} {fold} {seed}") as run:
+        mlflow.set_tags({"step": "finetune", Tag.DATASET: DATASET, Tag.SOURCE: source, Tag.REGIME: REGIME,
+                         "fold": str(fold)})
+        staging = config.root / "staging" / f"{source}-{fold}-{seed}"
+        write_predictions(staging / PREDICTIONS_FILE, test, prepared.labels[test], probabilities, prepared.classes)
+        mlflow.log_artifact(str(staging / PREDICTIONS_FILE), artifact_path=PREDICTIONS_ARTIFACT_DIR)
+        uri, digest = log_packaged_model(model, spec)
+        mlflow.set_tag(Tag.WEIGHTS_SHA256, digest)
+        version = register_logged_model(uri, name, {Tag.ROLE: ROLE_FINETUNED, Tag.WEIGHTS_SHA256: digest,
+                                                    Tag.SOURCE: source, Tag.REGIME: REGIME})
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version.version))
+    auc = roc_auc(prepared.labels[test], probabilities)["auc"]
+    return FoldModel(fold, seed, str(version.version), run.info.run_id, digest, alias, float(auc))
+
+
+def _params(root: Path) -> Path:
+    import yaml
+
+    params = {
+        "project": {"profile": "test", "seed": 0},
+        "stores": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "test", "optuna_storage": "sqlite:///optuna.db"},
+        "paths": {"raw_data": "data/raw", "prepared_data": "data/prepared"},
+        "datasets": {DATASET: {"format": "medmnist", "path": "data/raw/target.npz", "classes": ["a", "b"],
+                               "split": {"scheme": "stratified_kfold", "folds": 2, "val_fraction": 0.2}}},
+        "sources": {
+            "natural": {"kind": "safetensors", "arch": "resnet18", "path": "weights/natural.safetensors"},
+            "medical": {"kind": "safetensors", "arch": "resnet18", "path": "weights/medical.safetensors"},
+            "random": {"kind": "random", "arch": "resnet18", "seed": 0},
+            "random_b": {"kind": "random", "arch": "resnet18", "seed": 1},
+        },
+        "analysis": {"positions_per_layer": 200, "channel_sample": 16, "channel_repeats": 2, "batch_size": 8,
+                     "measures": ["cca", "svcca", "pwcca", "cka", "cka_debiased"], "seed": 0},
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The tiny study, built once for the module: prepared data, registered sources and fine-tuned models, pointer
+    files. Nothing extracted yet."""
+    root = tmp_path_factory.mktemp("study")
+    with pytest.MonkeyPatch.context() as patch:
+        for variable in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+            patch.delenv(variable, raising=False)
+        _blob_npz(root / "data/raw/target.npz", 0)
+        for index, name in enumerate(PRETRAINED):
+            _write_backbone(root / f"weights/{name}.safetensors", 11 + index)
+        config = load_config(_params(root))
+        prepare_dataset(config, DATASET)
+        prepared = load_prepared(config, DATASET)
+        use_tracking_store(config)
+        registered = {name: register_source(config, name) for name in config.sources}
+        for source in FINETUNED_SOURCES:
+            fits = [_register_finetuned(config, prepared, source, fold, 0, fold_model_alias(fold, 0)) for fold in (0, 1)]
+            if source == "natural":  # a second seed on fold 0: seed-to-seed pairs
+                fits.append(_register_finetuned(config, prepared, source, 0, 1, fold_model_alias(0, 1)))
+            aucs = [fit.test_auc for fit in fits]
+            write_pointer(config, ModelPointer(
+                registered_model=finetuned_model_name(DATASET, source, REGIME), dataset=DATASET, source=source,
+                regime=REGIME, source_model=registered[source].name, source_version=registered[source].version,
+                source_weights_sha256=registered[source].weights_sha256, data_fingerprint=prepared.fingerprint,
+                study=f"{DATASET}.{source}", champion_version=fits[0].version, folds=fits,
+                test_auc_mean=float(np.mean(aucs)), test_auc_sd=float(np.std(aucs)),
+            ))
+        yield config
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with path.open(newline="") as stream:
+        reader = csv.DictReader(stream)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_extract_writes_paired_activations_and_a_manifest(study, capsys):
+    folder = run_extract(study, DATASET)
+    assert folder == study.root / "activations" / DATASET
+    assert "extract target" in capsys.readouterr().out
+    manifest = read_manifest(folder, DATASET)
+    assert sorted(manifest["folds"]) == ["0", "1"]
+    roles = {record["role"] for record in manifest["models"].values()}
+    assert roles == {"source", "random", "finetuned"}
+    assert {"source.natural.v1", "source.medical.v1", "source.random.v1", "source.random_b.v1"} <= set(manifest["models"])
+    prepared = load_prepared(study, DATASET)
+    for fold, info in manifest["folds"].items():
+        test = set(prepared.fold(int(fold))["test"].tolist())
+        assert set(info["order"]) == test and len(info["order"]) == len(test)
+        for layer in LAYERS:
+            layer_info = info["layers"][layer]
+            indices = layer_info["image_indices"]
+            assert indices == info["order"][: layer_info["images"]]  # a prefix of one seeded order
+            expected = min(max(1, round(200 / (layer_info["height"] * layer_info["width"]))), len(test))
+            assert layer_info["images"] == expected
+            for key in info["models"]:
+                array = np.load(activations_path(folder, int(fold), key, layer), mmap_mode="r")
+                assert array.dtype == np.float32
+                assert array.shape == (layer_info["rows"], manifest["models"][key]["channels"][layer])
+    record = manifest["models"]["target.natural.full.v1"]
+    assert record["role"] == "finetuned" and record["fold"] == 0 and record["regime"] == REGIME
+    assert record["weights_sha256"] and record["source"] == "natural" and record["init_key"] == "source.natural.v1"
+    assert (folder / record["predictions"]).is_file()
+    assert set(manifest["conv1"]) == {"natural", "medical", "random", "random_b"}
+    assert np.load(folder / manifest["conv1"]["natural"]["file"]).shape == (64, 3, 7, 7)
+    assert manifest["conv1"]["natural"]["module"] == "backbone.body.conv1"
+
+    # The rows of two models' matrices belong to the same images: recompute one model's rows directly.
+    fold = 1
+    layer_info = manifest["folds"][str(fold)]["layers"]["stage1"]
+    images = prepared.images[np.asarray(layer_info["image_indices"][:2])]
+    for key in ("source.medical.v1", "target.medical.full.v2"):
+        loaded = load_registered_model(f"models:/{manifest['models'][key]['registered_model']}/"
+                                       f"{manifest['models'][key]['version']}")
+        captured = {}
+        handle = loaded.model.stage_modules()["stage1"].register_forward_hook(
+            lambda _m, _i, output: captured.setdefault("out", output.detach().clone()))
+        with torch.inference_mode():
+            loaded.model.eval()(loaded.spec.preprocessing.apply(images))
+        handle.remove()
+        expected = captured["out"].permute(0, 2, 3, 1).reshape(-1, captured["out"].shape[1]).numpy()
+        saved = np.load(activations_path(folder, fold, key, "stage1"))[: len(expected)]
+        np.testing.assert_allclose(saved, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_compare_writes_every_table_figure_and_one_run(study, capsys):
+    if not (study.root / "activations" / DATASET / "manifest.json").is_file():
+        run_extract(study, DATASET)
+    folder = run_compare(study, DATASET)
+    assert folder == study.root / "results" / "analysis" / DATASET
+    assert "compare target" in capsys.readouterr().out
+
+    columns, rows = _read_csv(folder / "similarity.csv")
+    assert columns == SIMILARITY_COLUMNS
+    kinds = {row["pair_kind"] for row in rows}
+    assert kinds == set(pair_kinds.PAIR_KINDS)
+    assert {row["layer"] for row in rows} == set(LAYERS)
+    assert {row["fold"] for row in rows} == {"0", "1"}
+    for row in rows:
+        value = float(row["value"])
+        if row["measure"] == "cka_debiased":
+            assert np.isnan(value) or -0.5 <= value <= 1.0 + 1e-9, row
+        else:
+            assert np.isnan(value) or -1e-9 <= value <= 1.0 + 1e-9, row
+        assert row["reliable"] in ("true", "false")
+        assert float(row["rows_per_channel"]) == pytest.approx(int(row["n"]) / max(int(row["c_a"]), int(row["c_b"])))
+    for row in rows:
+        if row["pair_kind"] == "identity" and row["measure"] in ("cca", "cka", "svcca", "pwcca"):
+            assert float(row["value"]) == pytest.approx(1.0, abs=1e-6), row
+    sampled = [row for row in rows if row["layer"] == "stage4" and row["pair_kind"] == "source_vs_finetuned"]
+    assert all(row["c_a"] == "16" and row["channels_a"] == "512" and row["channel_draws"] == "2" for row in sampled)
+
+    columns, summary = _read_csv(folder / "similarity_summary.csv")
+    assert columns == SUMMARY_COLUMNS
+    natural = [r for r in summary if r["pair_kind"] == "source_vs_finetuned" and r["pair"] == "natural"
+               and r["measure"] == "cka"]
+    assert len(natural) == len(LAYERS) and all(r["count"] == "2" for r in natural)
+    assert all(np.isfinite(float(r["random_vs_random_mean"])) for r in natural)
+    # The real pair stands above the shuffled-image floor in the early layers, where many positions are compared.
+    stem = next(r for r in natural if r["layer"] == "stem")
+    assert float(stem["mean"]) > float(stem["shuffled_mean"]) + 0.1
+
+    columns, predictions = _read_csv(folder / "predictions.csv")
+    assert columns == PREDICTION_COLUMNS
+    assert {row["pair"] for row in predictions} == {"medical vs natural", "medical vs random", "natural vs random"}
+    for row in predictions:
+        assert 0.0 <= float(row["error_agreement"]) <= 1.0 and 0.0 <= float(row["error_agreement_chance"]) <= 1.0
+        assert 0.0 <= float(row["jensen_shannon"]) <= 1.0 and row["jensen_shannon_base"] == "2"
+        assert row["probability_correlation_of"] == "p(class 1)"
+
+    columns, gain = _read_csv(folder / "similarity_vs_gain.csv")
+    assert columns == GAIN_COLUMNS
+    assert {row["source"] for row in gain} == {"natural", "medical"}
+    assert len(gain) == 2 * 2 * len(LAYERS)  # 2 sources x 2 folds x layers
+    assert all(row["points_layer"] == "4" for row in gain)
+
+    pngs = {path.name for path in folder.glob("*.png")}
+    assert {"layers_cca.png", "layers_cka.png", "prediction_agreement.png", "conv1_natural.png", "conv1_medical.png",
+            "similarity_vs_gain.png"} <= pngs
+
+    use_tracking_store(study)
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.step = 'compare'", output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["dataset"] == DATASET
+    assert run.data.tags["model.source.natural.v1"] == "1" and run.data.tags["model.target.random.full.v2"] == "2"
+    assert any(key.startswith("cca_stage4_source_vs_finetuned_natural") for key in run.data.metrics)
+    artifacts = {item.path for item in mlflow.MlflowClient().list_artifacts(run.info.run_id, "analysis")}
+    assert "analysis/similarity.csv" in artifacts and "analysis/layers_cca.png" in artifacts
+
+
+def test_a_registry_that_disagrees_with_a_pointer_is_refused(study):
+    use_tracking_store(study)
+    client = mlflow.MlflowClient()
+    name = finetuned_model_name(DATASET, "natural", REGIME)
+    fold0 = client.get_model_version_by_alias(name, "fold0").version
+    seed1 = client.get_model_version_by_alias(name, "fold0-seed1").version
+    client.set_registered_model_alias(name, "fold0", seed1)  # someone moved the alias after the search
+    try:
+        with pytest.raises(ModelError) as error:
+            run_extract(study, DATASET)
+        message = str(error.value)
+        assert "\n" not in message and "disagrees" in message and "fold0" in message
+    finally:
+        client.set_registered_model_alias(name, "fold0", fold0)
+
+    original = client.get_model_version(name, fold0).tags[Tag.WEIGHTS_SHA256]
+    client.set_model_version_tag(name, fold0, Tag.WEIGHTS_SHA256, "0" * 64)
+    try:
+        with pytest.raises(ModelError, match="disagrees"):
+            run_extract(study, DATASET)
+    finally:
+        client.set_model_version_tag(name, fold0, Tag.WEIGHTS_SHA256, original)
+
+
+def test_prepared_data_of_another_version_is_refused(study):
+    path = pointer_path(study, DATASET, "medical", REGIME)
+    original = path.read_text()
+    record = json.loads(original)
+    record["data_fingerprint"] = "f" * 64
+    path.write_text(json.dumps(record))
+    try:
+        with pytest.raises(DataError) as error:
+            run_extract(study, DATASET)
+        assert "\n" not in str(error.value) and "prepared data" in str(error.value)
+    finally:
+        path.write_text(original)
+
+
+def test_compare_refuses_activations_of_other_model_versions(study):
+    if not (study.root / "activations" / DATASET / "manifest.json").is_file():
+        run_extract(study, DATASET)
+    path = pointer_path(study, DATASET, "medical", REGIME)
+    original = path.read_text()
+    record = json.loads(original)
+    record["source_version"] = "9"  # the search registered a new source version since extract ran
+    path.write_text(json.dumps(record))
+    try:
+        with pytest.raises(DataError) as error:
+            run_compare(study, DATASET)
+        assert "\n" not in str(error.value) and "medtransfer extract --dataset target" in str(error.value)
+    finally:
+        path.write_text(original)
+
+
+def test_user_errors_are_one_line(tmp_path, write_params, monkeypatch):
+    import dataclasses
+
+    for variable in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    config = load_config(write_params({DATASET: {"format": "medmnist", "path": "data/raw/target.npz", "classes": ["a", "b"]}}))
+    with pytest.raises(ModelError, match="no model pointers for dataset 'target'"):
+        run_extract(config, DATASET)
+    with pytest.raises(DataError, match="no activations for dataset 'target'.*medtransfer extract --dataset target"):
+        run_compare(config, DATASET)
+    with pytest.raises(ConfigError, match="unknown dataset"):
+        run_extract(config, "nope")
+
+    def with_analysis(**changes):
+        return dataclasses.replace(config, analysis=dataclasses.replace(config.analysis, **changes))
+
+    with pytest.raises(ConfigError, match="analysis.batch_size"):
+        run_extract(with_analysis(batch_size=0), DATASET)
+    with pytest.raises(ConfigError, match="analysis.channel_repeats"):
+        run_compare(with_analysis(channel_repeats=0), DATASET)
+    with pytest.raises(ConfigError, match="unknown similarity measure 'nope'"):
+        run_compare(with_analysis(measures=["cca", "nope"]), DATASET)
+
+
+def test_compare_runs_without_the_models(study):
+    """Last in this file: it deletes every registered model and the whole artifact store."""
+    if not (study.root / "activations" / DATASET / "manifest.json").is_file():
+        run_extract(study, DATASET)
+    before, _ = None, None
+    if (study.root / "results/analysis" / DATASET / "similarity.csv").is_file():
+        _, before = _read_csv(study.root / "results/analysis" / DATASET / "similarity.csv")
+    use_tracking_store(study)
+    client = mlflow.MlflowClient()
+    for registered in client.search_registered_models():
+        client.delete_registered_model(registered.name)
+    shutil.rmtree(study.root / "mlartifacts")
+    import medtransfer.analysis.extract as extract_module
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("compare loaded a model")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("medtransfer.models.mlflow_models.load_registered_model", no_network)
+        patch.setattr(extract_module, "_extract_model", no_network)
+        folder = run_compare(study, DATASET)
+    _, after = _read_csv(folder / "similarity.csv")
+    _, predictions = _read_csv(folder / "predictions.csv")
+    assert len(predictions) == 6  # 3 pairs x 2 folds, from the predictions saved beside the activations
+    if before is not None:
+        assert [row["value"] for row in after] == [row["value"] for row in before]
