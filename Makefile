@@ -28,10 +28,8 @@ $(INSTALLED): pyproject.toml
 	@touch $@
 
 demo: $(INSTALLED)
-	dvc repro
-	@echo
-	@echo "demo: pipeline state (dvc status):"
-	@dvc status
+	$(BIN)/medtransfer study
+	@echo "demo: open the report at reports/report.md; browse the runs with: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -rs --durations=25 $(PYTEST_ARGS)
@@ -40,4 +38,4 @@ benchmarks: $(INSTALLED)
 	$(BIN)/python benchmarks/similarity.py
 
 clean:
-	rm -rf data/raw/demo data/prepared mlflow.db mlartifacts optuna.db .pytest_cache
+	rm -rf data/raw/demo data/prepared/*/ mlflow.db mlartifacts optuna.db optuna.log results activations reports dvc_plots dvc.lock .dvc/cache .medtransfer-locks .pytest_cache

@@ -298,6 +298,102 @@ def _run_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- extract / compare -------------------------------------------------------------------------------------------
+
+
+def _add_extract(commands) -> None:
+    parser = commands.add_parser(
+        "extract",
+        help="run every model the study names once over held-out images and save sampled stage activations",
+        description="Pull each source and each registered fold model of the dataset's pointers "
+        "(results/models/DATASET.*.json) plus the random sources from the registry, run each once in eval mode "
+        "over its folds' held-out images, capture the five named stages with forward hooks, and write sampled "
+        "spatial positions to activations/DATASET/ (memory-mappable) with a manifest.",
+    )
+    parser.add_argument("--dataset", required=True)
+    parser.set_defaults(handler=_run_extract)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from medtransfer.analysis.extract import run_extract
+
+    run_extract(_config(args), args.dataset)
+    return 0
+
+
+def _add_compare(commands) -> None:
+    parser = commands.add_parser(
+        "compare",
+        help="compare every pair x layer x measure from the saved activations, with noise floors and predictions",
+        description="From activations/DATASET/ only (no network is run): mean CCA, SVCCA, PWCCA and CKA for every "
+        "pair the study defines, on every layer, with identity, random-vs-random and shuffled-image controls; "
+        "prediction similarity of the fine-tuned models; similarity vs gain. Writes results/analysis/DATASET/ "
+        "(CSVs and PNGs) and logs one MLflow run.",
+    )
+    parser.add_argument("--dataset", required=True)
+    parser.set_defaults(handler=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from medtransfer.analysis.compare import run_compare
+
+    run_compare(_config(args), args.dataset)
+    return 0
+
+
+# -- report / study ----------------------------------------------------------------------------------------------
+
+
+def _add_report(commands) -> None:
+    parser = commands.add_parser(
+        "report",
+        help="write reports/report.md (AUC table, similarity with noise floors, predictions, provenance)",
+        description="Build reports/report.md and its figures from the pointer files and the analysis outputs of the "
+        "study's targets, and log them to MLflow. No number in it is typed by hand.",
+    )
+    parser.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from medtransfer.report import run_report
+    from medtransfer.tracking import step_run
+
+    config = _config(args)
+    report = run_report(config)
+    with step_run(config, step="report", run_name="report"):
+        mlflow.log_artifacts(str(report.parent), artifact_path="report")
+    print(f"wrote {report}")
+    return 0
+
+
+def _add_study(commands) -> None:
+    parser = commands.add_parser(
+        "study",
+        help="run the whole study of the active profile through DVC, as one MLflow parent run",
+        description="demo data → prepare → sources (pretraining the demo's own) → searches → extract → compare → "
+        "report, as 'dvc repro' under one MLflow parent run with a child per stage that runs. Stages whose inputs "
+        "did not change are skipped.",
+    )
+    parser.add_argument("--force", action="store_true", help="rerun every stage (dvc repro --force)")
+    parser.set_defaults(handler=_run_study)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from medtransfer.pipeline import run_study
+
+    config = _config(args)
+    outcome = run_study(config, force=args.force)
+    if outcome.ran:
+        print(f"study: ran {len(outcome.ran)} stage(s), {len(outcome.skipped)} up to date; MLflow run {outcome.run_id}")
+    else:
+        print(f"study: every step was up to date ({len(outcome.skipped)} stages); MLflow run {outcome.run_id}")
+    if outcome.report is not None:
+        print(f"report: {outcome.report}")
+    return 0
+
+
 # -- convert-keras -----------------------------------------------------------------------------------------------
 
 
@@ -385,16 +481,20 @@ def _add_similarity(commands) -> None:
 # -- entry -------------------------------------------------------------------------------------------------------
 
 _SUBCOMMANDS: tuple[Callable, ...] = (
+    _add_compare,
     _add_convert_keras,
     _add_demo_data,
     _add_download,
+    _add_extract,
     _add_finetune,
     _add_prepare,
     _add_pretrain,
     _add_profile,
+    _add_report,
     _add_search,
     _add_similarity,
     _add_source,
+    _add_study,
 )
 
 

@@ -1,0 +1,83 @@
+"""`study`: the whole pipeline of the active profile as one MLflow parent run, driven through DVC.
+
+`dvc repro` runs the stages (demo data → prepare → sources → searches → extract → compare → report) and skips
+those whose inputs did not change. Every stage that runs logs a child of the study's run (the stages read the
+parent's id from the environment), the searches keep their trial children below their own parent, and the study
+run records which stages ran and which were up to date, DVC's log, and the report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from medtransfer.config import Config
+from medtransfer.errors import ConfigError, UserError
+
+_RAN = re.compile(r"Running stage '([^']+)'")
+_SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    run_id: str
+    ran: list[str]
+    skipped: list[str]
+    report: Path | None
+
+
+class PipelineFailed(UserError):
+    """A DVC stage failed; its own message is above in the output."""
+
+
+def run_study(config: Config, *, force: bool = False) -> StudyOutcome:
+    import mlflow
+
+    from medtransfer.report import REPORT_FOLDER, REPORT_FILE, code_revision
+    from medtransfer.tracking import STUDY_RUN_ENV, step_run
+
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    if not Path(dvc).exists():
+        raise ConfigError("the 'dvc' command is not installed", fix="install medtransfer's dependencies (make install)")
+    with step_run(config, step="study", run_name=f"study {config.project.profile}",
+                  tags={"profile": config.project.profile}) as run:
+        mlflow.log_params({"profile": config.project.profile, "targets": ",".join(config.study.targets),
+                           "sources": ",".join(config.study.sources), "regimes": ",".join(config.study.regimes)})
+        mlflow.set_tag("code_revision", code_revision(config.root))
+        env = {**os.environ, STUDY_RUN_ENV: run.info.run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+        env.pop("MLFLOW_RUN_ID", None)  # the stages are children of the study, not the study itself
+        command = [dvc, "repro", *(["--force"] if force else [])]
+        output = _stream(command, cwd=config.root, env=env)
+        ran, skipped = _RAN.findall(output.text), _SKIPPED.findall(output.text)
+        mlflow.log_text(output.text, "dvc_repro.log")
+        mlflow.log_metrics({"stages_run": float(len(ran)), "stages_up_to_date": float(len(skipped))})
+        if output.returncode != 0:
+            raise PipelineFailed(f"'dvc repro' failed (exit {output.returncode}) after running {len(ran)} stage(s)",
+                                 fix="read the stage's error above; fix it and run again (finished stages are kept)")
+        report = config.resolve(REPORT_FOLDER) / REPORT_FILE
+        if report.is_file():
+            mlflow.log_artifacts(str(report.parent), artifact_path="report")
+    return StudyOutcome(run.info.run_id, ran, skipped, report if report.is_file() else None)
+
+
+@dataclass(frozen=True)
+class _Output:
+    text: str
+    returncode: int
+
+
+def _stream(command: list[str], *, cwd: Path, env: dict[str, str]) -> _Output:
+    """Run `command`, echoing its output as it comes, and return it."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        lines.append(line)
+    return _Output("".join(lines), process.wait())

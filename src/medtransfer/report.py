@@ -1,0 +1,268 @@
+"""`report`: reports/report.md and its figures — the study's answer, every number read from computed outputs.
+
+Sections: test AUC (×100, mean ± sd over folds) per target × source × regime in the paper's layout; layer-wise
+similarity of each pair group with its noise floors (random-vs-random networks and shuffled images);
+prediction similarity (observed error agreement against its chance level); similarity versus gain; and the
+provenance of every number (data fingerprints, registered model versions, code revision). Nothing is typed by
+hand: the tables come from the pointer files (`results/models/*.json`) and the analysis CSVs
+(`results/analysis/<dataset>/`), the figures are copied from the analysis.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+from medtransfer.atomic_files import atomic_directory
+from medtransfer.config import Config
+from medtransfer.errors import DataError
+from medtransfer.pointers import ModelPointer, pointers_for_dataset
+
+REPORT_FOLDER = "reports"
+REPORT_FILE = "report.md"
+LAYERS = ("stem", "stage1", "stage2", "stage3", "stage4")
+SIMILARITY_GROUPS = (
+    ("source_vs_finetuned", "fine-tuned vs its initialisation"),
+    ("pretrained_vs_pretrained", "sources against each other, before fine-tuning"),
+    ("finetuned_vs_finetuned", "their fine-tuned models, after fine-tuning"),
+    ("pretrained_vs_random", "each source vs a random initialisation"),
+    ("finetuned_vs_random_init", "each fine-tuned model vs the random-init fine-tuned model"),
+    ("fold_to_fold", "fold-to-fold (same source and regime)"),
+    ("random_vs_random", "noise floor: two random initialisations"),
+)
+
+
+def run_report(config: Config) -> Path:
+    """Write reports/report.md (+ figures) for the study's targets; returns the report file."""
+    targets = config.study.targets
+    if not targets:
+        raise DataError("the study names no targets", where=f"{config.source_file}: study.targets")
+    analysis_root = config.resolve("results/analysis")
+    pointers = {target: pointers_for_dataset(config, target) for target in targets}
+    missing = [target for target in targets if not pointers[target]]
+    if missing:
+        raise DataError(
+            f"no registered models for target '{missing[0]}'",
+            where=str(config.resolve("results/models")),
+            fix="run the searches first ('dvc repro' or 'medtransfer search ...')",
+        )
+    for target in targets:
+        if not (analysis_root / target / "similarity_summary.csv").is_file():
+            raise DataError(
+                f"no analysis for target '{target}'",
+                where=str(analysis_root / target),
+                fix=f"run 'medtransfer extract --dataset {target}' and 'medtransfer compare --dataset {target}'",
+            )
+    destination = config.resolve(REPORT_FOLDER)
+    with atomic_directory(destination) as staging:
+        figures = staging / "figures"
+        figures.mkdir()
+        sections = [_header(config), _auc_section(config, pointers)]
+        for target in targets:
+            folder = analysis_root / target
+            sections.append(_similarity_section(target, folder, figures))
+            sections.append(_predictions_section(target, folder, figures))
+            sections.append(_gain_section(target, folder, figures))
+        sections.append(_provenance_section(config, pointers))
+        (staging / REPORT_FILE).write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    return destination / REPORT_FILE
+
+
+# -- sections ------------------------------------------------------------------------------------------------------
+
+
+def _header(config: Config) -> str:
+    profile = config.project.profile
+    return (
+        f"# medtransfer study report — profile `{profile}`\n\n"
+        f"{config.project.description}\n\n"
+        "Every number below is read from the study's outputs (the registry pointers in `results/models/` and the "
+        "analysis tables in `results/analysis/`); rerun `medtransfer report` after the pipeline changes."
+    )
+
+
+def _auc_section(config: Config, pointers: dict[str, list[ModelPointer]]) -> str:
+    columns = [(source, regime) for source in config.study.sources for regime in config.study.regimes]
+    header = "| target | " + " | ".join(_column_name(source, regime) for source, regime in columns) + " |"
+    lines = [
+        "## Test AUC ×100 (mean ± sd over folds)",
+        "",
+        "Each cell: the best configuration of the source's search, refit on every fold and scored once on the "
+        "fold's test part (validation drove early stopping). Layout as the paper's table.",
+        "",
+        header,
+        "|" + "---|" * (len(columns) + 1),
+    ]
+    for target, target_pointers in pointers.items():
+        by_key = {(p.source, p.regime): p for p in target_pointers}
+        cells = []
+        for key in columns:
+            pointer = by_key.get(key)
+            aucs = [fit.test_auc for fit in pointer.folds if fit.test_auc is not None] if pointer else []
+            cells.append(_mean_sd([100 * value for value in aucs], digits=1) if aucs else "–")
+        lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _similarity_section(target: str, folder: Path, figures: Path) -> str:
+    rows = _read_csv(folder / "similarity_summary.csv")
+    lines = [f"## Layer-wise similarity — {target}"]
+    for measure, title in (("cca", "mean CCA"), ("cka", "linear CKA")):
+        selected = [row for row in rows if row["measure"] == measure]
+        if not selected:
+            continue
+        lines += ["", f"### {title} (mean ± sd over folds)", "",
+                  "| pair | regime | " + " | ".join(LAYERS) + " |", "|" + "---|" * (len(LAYERS) + 2)]
+        table = defaultdict(dict)
+        for row in selected:
+            table[(row["pair_kind"], row["pair"], row["regime"])][row["layer"]] = row
+        order = {kind: index for index, (kind, _) in enumerate(SIMILARITY_GROUPS)}
+        for (kind, pair, regime), by_layer in sorted(table.items(), key=lambda item: (order.get(item[0][0], 99), item[0])):
+            if kind not in order:
+                continue
+            label = dict(SIMILARITY_GROUPS)[kind] + (f": {pair}" if pair and kind != "random_vs_random" else "")
+            cells = [_mean_sd([_float(by_layer[layer]["mean"])], sd=_float(by_layer[layer]["sd"]))
+                     if layer in by_layer else "–" for layer in LAYERS]
+            lines.append(f"| {label} | {regime or '–'} | " + " | ".join(cells) + " |")
+        floors = {}
+        for row in selected:
+            if row["pair_kind"] == "shuffled" and row["layer"] not in floors and row["shuffled_mean"] not in ("", "nan"):
+                floors[row["layer"]] = _mean_sd([_float(row["shuffled_mean"])], sd=_float(row["shuffled_sd"]))
+        if floors:
+            lines.append("| noise floor: shuffled images | – | " + " | ".join(floors.get(layer, "–") for layer in LAYERS) + " |")
+        figure = folder / f"layers_{measure}.png"
+        if figure.is_file():
+            name = f"{target}_layers_{measure}.png"
+            shutil.copyfile(figure, figures / name)
+            lines += ["", f"![{title} per layer, {target}](figures/{name})"]
+    return "\n".join(lines)
+
+
+def _predictions_section(target: str, folder: Path, figures: Path) -> str:
+    rows = _read_csv(folder / "predictions.csv")
+    lines = [
+        f"## Prediction similarity — {target}",
+        "",
+        "Error agreement: share of test images both models get right or both get wrong; chance: p₁p₂ + (1−p₁)(1−p₂) "
+        "for independent classifiers with those accuracies; error consistency: Cohen's κ of the two (Geirhos et al. "
+        "2020). Mean ± sd over folds.",
+        "",
+        "| pair | regime | error agreement | chance | error consistency κ | label κ | JSD (bits) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    grouped = defaultdict(list)
+    for row in rows:
+        grouped[(row["pair"], row["regime"])].append(row)
+    for (pair, regime), group in sorted(grouped.items()):
+        def stat(key: str) -> str:
+            return _mean_sd([_float(row[key]) for row in group])
+
+        lines.append(f"| {pair} | {regime} | {stat('error_agreement')} | {stat('error_agreement_chance')} | "
+                     f"{stat('error_consistency')} | {stat('label_kappa')} | {stat('jensen_shannon')} |")
+    if not grouped:
+        lines.append("| (no two fine-tuned sources share a fold and regime) | | | | | | |")
+    figure = folder / "prediction_agreement.png"
+    if figure.is_file():
+        shutil.copyfile(figure, figures / f"{target}_prediction_agreement.png")
+        lines += ["", f"![prediction agreement, {target}](figures/{target}_prediction_agreement.png)"]
+    return "\n".join(lines)
+
+
+def _gain_section(target: str, folder: Path, figures: Path) -> str:
+    rows = _read_csv(folder / "similarity_vs_gain.csv")
+    lines = [
+        f"## Similarity vs gain — {target}",
+        "",
+        "Per layer: mean CCA between each fine-tuned model and its source, against the relative test-AUC gain over the "
+        "random-init model of the same fold and regime; Pearson r over the (source, fold) points of a layer.",
+        "",
+        "| layer | points | r (mean CCA) | r (CKA) |",
+        "|---|---|---|---|",
+    ]
+    seen = set()
+    for row in rows:
+        if row["layer"] in seen:
+            continue
+        seen.add(row["layer"])
+        lines.append(f"| {row['layer']} | {row['points_layer']} | {_fmt(_float(row['pearson_cca_layer']))} | "
+                     f"{_fmt(_float(row['pearson_cka_layer']))} |")
+    if not seen:
+        lines.append("| (needs fine-tuned models from a random initialisation) | | | |")
+    figure = folder / "similarity_vs_gain.png"
+    if figure.is_file():
+        shutil.copyfile(figure, figures / f"{target}_similarity_vs_gain.png")
+        lines += ["", f"![similarity vs gain, {target}](figures/{target}_similarity_vs_gain.png)"]
+    for conv1 in sorted(folder.glob("conv1_*.png")):
+        name = f"{target}_{conv1.name}"
+        shutil.copyfile(conv1, figures / name)
+        lines += ["", f"![first-layer filters: {conv1.stem.removeprefix('conv1_')}](figures/{name})"]
+    return "\n".join(lines)
+
+
+def _provenance_section(config: Config, pointers: dict[str, list[ModelPointer]]) -> str:
+    lines = [
+        "## Provenance",
+        "",
+        f"- code revision: `{code_revision(config.root)}`",
+        f"- params: `{config.source_file.name}` (profile `{config.project.profile}`)",
+        "",
+        "| registered model | fold versions | source version | data fingerprint | study |",
+        "|---|---|---|---|---|",
+    ]
+    for target_pointers in pointers.values():
+        for pointer in target_pointers:
+            versions = ", ".join(f"{fit.alias}=v{fit.version}" for fit in pointer.folds)
+            lines.append(f"| {pointer.registered_model} | {versions} | {pointer.source_model} v{pointer.source_version} | "
+                         f"`{pointer.data_fingerprint[:16]}…` | {pointer.study} |")
+    return "\n".join(lines)
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+
+
+def code_revision(root: Path) -> str:
+    """`git describe`-like revision of the working tree ('<sha>' or '<sha>+changes'), or 'unknown'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}+changes" if dirty else sha
+
+
+def _column_name(source: str, regime: str) -> str:
+    return source if regime == "full" else f"{source} {regime}"
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "–" if not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _mean_sd(values: list[float], sd: float | None = None, digits: int = 2) -> str:
+    finite = [value for value in values if math.isfinite(value)]
+    if not finite:
+        return "–"
+    mean = sum(finite) / len(finite)
+    if sd is None:
+        sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else float("nan")
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if math.isfinite(sd) else f"{mean:.{digits}f}"
