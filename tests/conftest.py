@@ -17,7 +17,7 @@ SHARED_BREASTMNIST = REPO_ROOT.parent / "shared" / "data" / "breastmnist.npz"
 BIN_DIR = Path(sys.executable).parent
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
 
@@ -75,7 +75,7 @@ def write_blob_npz(path, seed, classes=2, per_split=(48, 16, 24)):
     np.savez(path, **arrays)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def blob_npz() -> Callable[..., None]:
     """A learnable 16 px MedMNIST-layout npz: the class sets the quadrant of a bright blob."""
     return write_blob_npz
@@ -122,3 +122,48 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def cli() -> Callable[..., subprocess.CompletedProcess]:
     return run_cli
+
+
+POSTGRES_URL_ENV = "MEDTRANSFER_TEST_POSTGRES_URL"
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Callable[[str], str]:
+    """A factory of fresh, empty PostgreSQL databases on the server $MEDTRANSFER_TEST_POSTGRES_URL names (an admin
+    database URL; `.ci/run` starts a throwaway server with `.ci/postgres.sh`). Returns each database's URL; every
+    database made is dropped at the end of the session. Skips where no server is given."""
+    import uuid
+
+    admin = os.environ.get(POSTGRES_URL_ENV)
+    if not admin:
+        pytest.skip(f"no PostgreSQL server: set {POSTGRES_URL_ENV} (.ci/run starts one with .ci/postgres.sh)")
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    made: list[str] = []
+
+    def execute(statement: str) -> None:
+        try:
+            engine = sqlalchemy.create_engine(admin, poolclass=sqlalchemy.pool.NullPool, isolation_level="AUTOCOMMIT")
+        except ModuleNotFoundError as missing:
+            pytest.skip(f"the PostgreSQL driver is missing ({missing}); install the test extras")
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text(statement))
+        finally:
+            engine.dispose()
+
+    def create(purpose: str) -> str:
+        name = f"mt_{purpose}_{uuid.uuid4().hex[:8]}"
+        execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"{admin.rsplit('/', 1)[0]}/{name}"
+
+    yield create
+    for name in made:
+        execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(autouse=True)
+def _no_store_overrides_from_the_caller(monkeypatch):
+    """A developer's cluster settings must not redirect the tests' stores."""
+    for variable in ("MEDTRANSFER_TRACKING_URI", "MEDTRANSFER_OPTUNA_STORAGE"):
+        monkeypatch.delenv(variable, raising=False)

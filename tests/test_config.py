@@ -42,6 +42,8 @@ def test_valid_params_load_into_typed_objects(write_params):
         (lambda p: p["datasets"]["x"].update(split={"scheme": "stratified_kfold", "val_fraction": 1.5}), "val_fraction"),
         (lambda p: p["datasets"]["x"].update(multilabel={"rule": "column"}), "datasets.x.multilabel.column"),
         (lambda p: p["project"].pop("profile"), "project.profile"),
+        (lambda p: p["stores"].update(optuna_heartbeat_seconds=0), "stores.optuna_heartbeat_seconds"),
+        (lambda p: p["stores"].update(optuna_heartbeat_seconds=10, optuna_grace_seconds=10), "stores.optuna_grace_seconds"),
     ],
 )
 def test_bad_params_give_one_error_naming_the_key(write_params, mutate, key_in_message):
@@ -94,6 +96,17 @@ def test_stores_and_paths_resolve_against_the_params_folder_not_the_cwd(write_pa
     assert config.optuna_storage == f"sqlite:///{tmp_path.resolve()}/optuna.db"
     assert config.prepared_data_dir == tmp_path / "data/prepared"
     assert config.resolve(config.dataset("x").path) == tmp_path / "data/raw/x.npz"
+
+
+def test_environment_overrides_the_stores_for_cluster_workers(write_params, tmp_path, monkeypatch):
+    path = write_params({"x": dict(DATASET)})
+    monkeypatch.setenv("MEDTRANSFER_TRACKING_URI", "http://mlflow.example.org:5000")
+    monkeypatch.setenv("MEDTRANSFER_OPTUNA_STORAGE", "postgresql://worker:secret@db.example.org/optuna")
+    config = load_config(path)
+    assert config.tracking_uri == "http://mlflow.example.org:5000"
+    assert config.optuna_storage == "postgresql://worker:secret@db.example.org/optuna"
+    monkeypatch.setenv("MEDTRANSFER_OPTUNA_STORAGE", "journal:shared/optuna.log")  # relative: against the params folder
+    assert load_config(path).optuna_storage == f"journal:{tmp_path.resolve()}/shared/optuna.log"
 
 
 @pytest.mark.parametrize(

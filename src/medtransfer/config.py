@@ -26,6 +26,8 @@ from medtransfer.errors import ConfigError
 
 PARAMS_FILE_NAME = "params.yaml"
 PARAMS_ENV_VAR = "MEDTRANSFER_PARAMS"
+TRACKING_URI_ENV_VAR = "MEDTRANSFER_TRACKING_URI"
+OPTUNA_STORAGE_ENV_VAR = "MEDTRANSFER_OPTUNA_STORAGE"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -50,6 +52,10 @@ class StoresConfig:
     artifact_root: str = "mlartifacts"
     experiment: str = "medtransfer"
     optuna_storage: str = "sqlite:///optuna.db"
+    # Database storages only: a worker's heartbeat interval, and how long a trial may go without one before a
+    # surviving worker marks it failed and retries it.
+    optuna_heartbeat_seconds: int = 30
+    optuna_grace_seconds: int = 90
 
 
 @dataclass(frozen=True)
@@ -289,7 +295,8 @@ class Config:
 
     @property
     def tracking_uri(self) -> str:
-        return resolve_store_url(self.stores.tracking_uri, self.root)
+        """$MEDTRANSFER_TRACKING_URI when set (cluster workers), else stores.tracking_uri."""
+        return resolve_store_url(os.environ.get(TRACKING_URI_ENV_VAR) or self.stores.tracking_uri, self.root)
 
     @property
     def artifact_root(self) -> str:
@@ -297,7 +304,9 @@ class Config:
 
     @property
     def optuna_storage(self) -> str:
-        return resolve_store_url(self.stores.optuna_storage, self.root)
+        """$MEDTRANSFER_OPTUNA_STORAGE when set (a database URL with its password stays out of params.yaml), else
+        stores.optuna_storage."""
+        return resolve_store_url(os.environ.get(OPTUNA_STORAGE_ENV_VAR) or self.stores.optuna_storage, self.root)
 
 
 _SECTIONS: dict[str, type] = {
@@ -374,6 +383,7 @@ def config_from_mapping(raw: dict[str, Any], *, source_file: Path) -> Config:
             )
     _check_distinct_initialisations(sources, where)
     _check_study_and_search(sections, datasets, sources, where)
+    _check_stores(sections["stores"], where)
     return Config(root=source_file.parent, source_file=source_file, datasets=datasets, sources=sources, **sections)
 
 
@@ -608,11 +618,11 @@ def _check_dataset(dataset: DatasetConfig, key: str, where: str) -> None:
 
 
 def _check_source(source: SourceConfig, key: str, where: str) -> None:
-    from medtransfer.models.backbones import BACKBONES  # the architecture registry is the models' business
+    from medtransfer.models.architectures import ARCHITECTURES  # the names only: no torch import here
 
-    if source.arch not in BACKBONES:
+    if source.arch not in ARCHITECTURES:
         raise ConfigError(
-            f"unknown architecture '{source.arch}'", where=f"{where}: {key}.arch", fix=f"use one of: {', '.join(BACKBONES)}"
+            f"unknown architecture '{source.arch}'", where=f"{where}: {key}.arch", fix=f"use one of: {', '.join(ARCHITECTURES)}"
         )
     if source.kind in ("keras_h5", "safetensors") and not source.path:
         raise ConfigError(f"kind '{source.kind}' needs a 'path' to the weights file", where=f"{where}: {key}.path")
@@ -625,6 +635,19 @@ def _check_source(source: SourceConfig, key: str, where: str) -> None:
     if source.kind == "timm" and source.arch == "keras_resnet50":
         raise ConfigError(
             "timm has no keras_resnet50 weights", where=f"{where}: {key}.kind", fix="use kind keras_h5 with the Keras file"
+        )
+
+
+def _check_stores(stores: StoresConfig, where: str) -> None:
+    if stores.optuna_heartbeat_seconds < 1:
+        raise ConfigError(f"must be at least 1 second, got {stores.optuna_heartbeat_seconds}",
+                          where=f"{where}: stores.optuna_heartbeat_seconds")
+    if stores.optuna_grace_seconds <= stores.optuna_heartbeat_seconds:
+        raise ConfigError(
+            f"must be longer than the heartbeat interval ({stores.optuna_heartbeat_seconds} s), "
+            f"got {stores.optuna_grace_seconds}",
+            where=f"{where}: stores.optuna_grace_seconds",
+            fix="a few heartbeats, e.g. 3 x optuna_heartbeat_seconds",
         )
 
 

@@ -94,6 +94,10 @@ def ensure_experiment(config: Config) -> str:
     existing = client.get_experiment_by_name(config.stores.experiment)
     if existing is not None:
         return existing.experiment_id
+    if mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        # A tracking server decides where artifacts go (proxied through it, or its default root): clients on other
+        # hosts could not reach a folder of this repository anyway.
+        return client.create_experiment(config.stores.experiment)
     artifact_root = config.artifact_root
     location = Path(artifact_root).as_uri() if "://" not in artifact_root else artifact_root
     return client.create_experiment(config.stores.experiment, artifact_location=location)

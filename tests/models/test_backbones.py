@@ -64,3 +64,21 @@ def test_keras_like_init_is_seeded_and_not_zero_in_residual_branches():
 def test_unknown_architecture():
     with pytest.raises(ModelError, match="unknown architecture 'vgg16'"):
         create_backbone("vgg16")
+
+
+def test_the_torch_free_name_list_matches_the_factory():
+    from medtransfer.models.architectures import ARCHITECTURES
+    from medtransfer.models.backbones import BACKBONES
+
+    assert tuple(BACKBONES) == ARCHITECTURES
+
+
+def test_loading_the_config_does_not_import_torch(tmp_path, repo_root):
+    import subprocess
+    import sys
+
+    code = ("import sys; from medtransfer.config import load_config; load_config(sys.argv[1]); "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(repo_root / "profiles/demo.yaml")],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -256,3 +256,25 @@ def test_mlflow_run_search_keeps_the_chosen_experiment(config, repo_root):
     ), "nothing was logged to another experiment"
     launcher = [run for run in runs if "study_parent_run_id" in run.data.tags]
     assert len(launcher) == 1 and launcher[0].info.status == "FINISHED"
+
+
+def test_a_failed_model_upload_fails_the_fit_and_registers_nothing(config, monkeypatch):
+    """The artifact store refuses the model (disk full) in the first final fit: that run ends FAILED, so does the
+    search, no version is registered and no pointer is written."""
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    upload = LocalArtifactRepository.log_artifacts
+
+    def refuse_models(self, local_dir, artifact_path=None):
+        if "models" in Path(self.artifact_dir).parts:  # MLflow 3 keeps logged models under <experiment>/models/
+            raise OSError(28, "No space left on device")
+        return upload(self, local_dir, artifact_path)
+
+    monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", refuse_models)
+    with pytest.raises(OSError, match="No space left"):
+        run_search(config, SearchRequest("target", "random", "full"))
+    fits = _runs(config, "tags.step = 'final_fit'")
+    assert len(fits) == 1 and fits[0].info.status == "FAILED"
+    assert [run.info.status for run in _runs(config, "tags.step = 'search'")] == ["FAILED"]
+    assert not mlflow.MlflowClient().search_model_versions("name = 'target.random.full'")
+    assert not pointer_path(config, "target", "random", "full").exists()

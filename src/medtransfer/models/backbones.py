@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from medtransfer.errors import ModelError
+from medtransfer.models.architectures import KERAS_RESNET50, TIMM_RESNETS
 from medtransfer.models.preprocessing import CAFFE, IMAGENET, Preprocessing
 
 STAGE_NAMES: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3", "stage4")
@@ -57,12 +58,12 @@ def _timm_factory(name: str) -> Callable[[], nn.Module]:
     return lambda: TimmResNet(name)
 
 
-# Adding an architecture means adding an entry here; nothing else changes.
+# Adding an architecture means adding its name to architectures.py and an entry here; nothing else changes.
 BACKBONES: dict[str, Callable[[], nn.Module]] = {
-    "keras_resnet50": _keras_resnet50,
-    **{name: _timm_factory(name) for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
+    KERAS_RESNET50: _keras_resnet50,
+    **{name: _timm_factory(name) for name in TIMM_RESNETS},
 }
-DEFAULT_PREPROCESSING: dict[str, Preprocessing] = {name: IMAGENET for name in BACKBONES} | {"keras_resnet50": CAFFE}
+DEFAULT_PREPROCESSING: dict[str, Preprocessing] = {name: IMAGENET for name in BACKBONES} | {KERAS_RESNET50: CAFFE}
 
 
 def create_backbone(arch: str) -> nn.Module:

@@ -33,7 +33,7 @@ from medtransfer.pointers import FoldModel, ModelPointer, fold_model_alias, writ
 from medtransfer.registry import ALIAS_CHAMPION, ALIAS_DEFAULT, ROLE_FINETUNED, Tag, finetuned_model_name, model_uri, source_model_name
 from medtransfer.search.sampler import TrialSeededTPESampler
 from medtransfer.search.space import settings_with, suggest
-from medtransfer.search.storage import create_storage, supports_heartbeats
+from medtransfer.search.storage import advisory_lock, create_storage, is_postgresql, lock_key, supports_heartbeats
 from medtransfer.train.finetune import FinetuneRequest, run_finetune
 from medtransfer.train.loop import REGIMES
 from medtransfer.train.presets import PRESETS
@@ -113,8 +113,13 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
             settings = PRESETS[request.preset]
         else:
             study = _open_study(config, name, client)
-            _run_trials(config, study, request, trials_target, source_version.version, name)
-            _wait_for_other_workers(study, client)
+            # A worker that dies mid-trial leaves its trial to the survivors: once failed (heartbeat) and re-queued,
+            # it is run in a further round, so the study still ends with the requested number of COMPLETE trials.
+            for _round in range(1 + config.search.max_failed_attempts):
+                _run_trials(config, study, request, trials_target, source_version.version, name)
+                _wait_for_other_workers(study, client)
+                if _complete_count(study) >= trials_target:
+                    break
             complete_trials = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
             complete = len(complete_trials)
             if not complete_trials:
@@ -126,6 +131,7 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
             mlflow.set_tag("best_trial", best_trial)
         # One worker fits and registers; the others wait, then find the registered versions and reuse them.
         with final_fit_lock(config, name):
+            close_orphaned_fits(client, experiment_id, name)
             fits = _final_fits(config, request, settings, best_trial, best_params, name, prepared, source_version)
         aucs = np.array([fit.test_auc for fit in fits if fit.test_auc is not None], dtype=float)
         summary = {
@@ -203,7 +209,9 @@ def _open_study(config: Config, name: str, client):
 
     close_mlflow_run = _mlflow_run_closer(client)
     search = config.search
-    storage = create_storage(config.optuna_storage, on_failed_trial=close_mlflow_run)
+    storage = create_storage(config.optuna_storage, on_failed_trial=close_mlflow_run,
+                             heartbeat_seconds=config.stores.optuna_heartbeat_seconds,
+                             grace_seconds=config.stores.optuna_grace_seconds)
     study = optuna.create_study(
         storage=storage,
         study_name=name,
@@ -320,10 +328,22 @@ def _run_trials(config: Config, study, request: SearchRequest, target: int, sour
     study.optimize(objective, n_trials=cap, callbacks=[stop_when_enough], gc_after_trial=True)
 
 
+def _complete_count(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
 @contextlib.contextmanager
 def final_fit_lock(config: Config, study: str):
-    """An exclusive lock per study on this host (fcntl on a file under the repository), so that parallel workers
-    register the final fits once. Workers on several hosts need a database lock instead (not provided here)."""
+    """An exclusive lock per study, so that parallel workers register the final fits once: a PostgreSQL advisory
+    lock when the Optuna storage is PostgreSQL (workers on several hosts), else an fcntl lock on a file under the
+    repository (workers on one host). Either is released by the operating system or the server when its holder
+    dies, so a killed worker never blocks the others."""
+    if is_postgresql(config.optuna_storage):
+        with advisory_lock(config.optuna_storage, lock_key(f"final-fit:{study}")):
+            yield
+        return
     import fcntl
 
     folder = config.resolve(".medtransfer-locks")
@@ -335,6 +355,28 @@ def final_fit_lock(config: Config, study: str):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def close_orphaned_fits(client, experiment_id: str, study: str) -> int:
+    """Close the final-fit runs of `study` left RUNNING by a worker that died; returns how many.
+
+    Called under the final-fit lock, so no live worker is fitting this study: a RUNNING fit is an orphan. A fit
+    whose model was registered before its worker died is complete (metrics and model precede registration) and
+    ends FINISHED; any other ends FAILED, and its fold is fit again."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.step = '{STEP_FINAL_FIT}' and tags.{Tag.STUDY} = '{study}' and attributes.status = 'RUNNING'",
+        max_results=1000,
+    )
+    for run in runs:
+        registered = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        if registered:
+            client.set_tag(run.info.run_id, "registered_version", registered[0].version)
+            client.set_terminated(run.info.run_id, "FINISHED")
+        else:
+            client.set_tag(run.info.run_id, "failure", "its worker stopped before registering the model")
+            client.set_terminated(run.info.run_id, "FAILED")
+    return len(runs)
 
 
 def _wait_for_other_workers(study, client, poll_seconds: float = 2.0) -> None:

@@ -1,0 +1,179 @@
+"""Scale-out on PostgreSQL: several `medtransfer search` workers (separate processes) on one Optuna RDB study and one
+MLflow store on the same server; heartbeats and retries after a SIGKILL; repeated kills at random points.
+
+Every test needs a PostgreSQL server ($MEDTRANSFER_TEST_POSTGRES_URL, started by .ci/run) and skips without one.
+MLflow talks to PostgreSQL directly here (a `postgresql://` tracking URI, as every worker of a cluster could);
+tests/test_study_server.py runs the whole study through a tracking server on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from medtransfer.config import load_config
+from medtransfer.data.prepare import prepare_dataset
+from medtransfer.models.sources import register_source
+from medtransfer.pointers import pointer_path, read_pointer, verify_pointer
+from medtransfer.search.storage import create_storage
+from medtransfer.search.study import SearchRequest, study_name
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+TRAIN = {"learning_rate": 3e-3, "batch_size": 16, "max_epochs": 3, "patience": 3, "augment": False, "seed": 0}
+SEARCH = {
+    "trials": 2,
+    "space": {"learning_rate": {"type": "float", "low": 1.0e-4, "high": 3.0e-3, "log": True}},
+    "startup_trials": 1,
+    "pruner_startup_trials": 100,  # no pruning: every trial a worker starts should complete
+    "pruner_warmup_epochs": 1,
+}
+FOLDS = 2
+
+
+@pytest.fixture
+def project(tmp_path, write_params, blob_npz, postgres_database, monkeypatch):
+    """A target, a registered random source, Optuna and MLflow both on fresh PostgreSQL databases."""
+    for variable in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    blob_npz(tmp_path / "data/raw/target.npz", 0)
+    stores = {
+        "tracking_uri": postgres_database("mlflow"),
+        "artifact_root": "mlartifacts",
+        "experiment": "scale-test",
+        "optuna_storage": postgres_database("optuna"),
+        "optuna_heartbeat_seconds": 1,
+        "optuna_grace_seconds": 4,
+    }
+    params = write_params(
+        {"target": {"format": "medmnist", "path": "data/raw/target.npz", "classes": ["a", "b"],
+                    "split": {"scheme": "stratified_kfold", "folds": FOLDS, "val_fraction": 0.25}}},
+        sources={"random": {"kind": "random", "arch": "resnet18", "seed": 0}},
+        train=TRAIN, search=SEARCH, stores=stores,
+    )
+    config = load_config(params)
+    prepare_dataset(config, "target")
+    register_source(config, "random")  # also creates MLflow's schema before any worker starts
+    return config
+
+
+def _command(config, trials: int) -> list[str]:
+    return [sys.executable, "-m", "medtransfer", "--params", str(config.source_file), "search",
+            "--dataset", "target", "--source", "random", "--trials", str(trials)]
+
+
+def _env():
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env.update({"PATH": f"{BIN}{os.pathsep}{env['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true"})
+    return env
+
+
+def _start(config, trials: int) -> subprocess.Popen:
+    return subprocess.Popen(_command(config, trials), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _finish(worker: subprocess.Popen, timeout: float = 900) -> str:
+    output, _ = worker.communicate(timeout=timeout)
+    assert worker.returncode == 0, output[-3000:]
+    return output
+
+
+def _kill(worker: subprocess.Popen) -> None:
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.communicate()
+
+
+def _study(config):
+    name = study_name(config, SearchRequest("target", "random", "full"))
+    return optuna.load_study(study_name=name, storage=create_storage(config.optuna_storage))
+
+
+def _wait_for_a_running_trial(config, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            running = [t for t in _study(config).get_trials() if t.state == TrialState.RUNNING
+                       and "mlflow_run_id" in t.user_attrs]
+        except KeyError:  # the study does not exist yet
+            running = []
+        if running:
+            return running[0]
+        time.sleep(0.3)
+    pytest.fail("no trial started")
+
+
+def _assert_consistent(config, trials: int) -> list:
+    """The invariants a study must keep whatever happened to its workers."""
+    study = _study(config)
+    every = study.get_trials()
+    complete = [t for t in every if t.state == TrialState.COMPLETE]
+    assert len(complete) == trials, [(t.number, t.state.name) for t in every]
+    assert len({t.params["learning_rate"] for t in complete}) == trials, "distinct trials"
+    assert not [t for t in every if t.state in (TrialState.RUNNING, TrialState.WAITING)], "no trial left open"
+    client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.stores.experiment)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"], "no MLflow run left RUNNING"
+    assert len([r for r in runs if r.data.tags.get("step") == "search"]) == 1, "one parent run for the study"
+    trial_runs = [r for r in runs if r.data.tags.get("step") == "trial"]
+    numbers = [r.data.tags["trial"] for r in trial_runs]
+    assert len(numbers) == len(set(numbers)), "one MLflow run per Optuna trial, never two"
+    for trial in every:
+        if "mlflow_run_id" in trial.user_attrs:
+            run = client.get_run(trial.user_attrs["mlflow_run_id"])
+            expected = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}[trial.state.name]
+            assert run.info.status == expected, (trial.number, trial.state.name, run.info.status)
+    versions = client.search_model_versions("name = 'target.random.full'")
+    assert len(versions) == FOLDS, "one registered version per fold, never duplicated"
+    path = pointer_path(config, "target", "random", "full")
+    verify_pointer(client, read_pointer(path), str(path))  # the pointer agrees with the registry
+    return every
+
+
+def test_three_workers_on_postgres_complete_exactly_the_requested_trials(project):
+    workers = [_start(project, trials=4) for _ in range(3)]
+    for worker in workers:
+        _finish(worker)
+    every = _assert_consistent(project, trials=4)
+    pids = {t.user_attrs["worker"]["pid"] for t in every if "worker" in t.user_attrs}
+    assert len(pids) >= 2, "the trials were shared between workers"
+
+
+def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_by_a_survivor(project):
+    doomed = _start(project, trials=2)
+    victim = _wait_for_a_running_trial(project)
+    _kill(doomed)
+    _finish(_start(project, trials=2))
+    every = _assert_consistent(project, trials=2)
+    by_number = {t.number: t for t in every}
+    assert by_number[victim.number].state == TrialState.FAIL, "the heartbeat marked the dead worker's trial failed"
+    retries = [t for t in every if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE, "retried once, by the survivor"
+    assert retries[0].params == victim.params
+
+
+def test_killing_the_search_at_random_points_then_rerunning_keeps_everything_consistent(project):
+    """SIGKILL at random moments (in trials, between them, in the final fits), three times, then a clean rerun."""
+    rng = random.Random(20261127)
+    for _ in range(3):
+        worker = _start(project, trials=2)
+        time.sleep(rng.uniform(3.0, 25.0))
+        if worker.poll() is None:
+            _kill(worker)
+        else:
+            worker.communicate()
+    _finish(_start(project, trials=2))
+    _assert_consistent(project, trials=2)

@@ -1,0 +1,207 @@
+"""The whole study against a real MLflow tracking server, checked over its REST API as the UI sees it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _env(extra=None):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env.update({"PATH": f"{BIN}{os.pathsep}{env['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"})
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend(request):
+    """The tracking server's backend store, and Optuna's storage for the study: SQLite, or PostgreSQL (with the
+    server proxying artifacts, as a shared deployment would) where a PostgreSQL server is available."""
+    if request.param == "sqlite":
+        return {"kind": "sqlite", "optuna": "sqlite:///optuna.db"}
+    create = request.getfixturevalue("postgres_database")
+    return {"kind": "postgresql", "store": create("server"), "optuna": create("study_optuna")}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, backend):
+    port = _free_port()
+    store = tmp_path_factory.mktemp("server")
+    if backend["kind"] == "sqlite":
+        storage = ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                   "--default-artifact-root", (store / "artifacts").as_uri()]
+    else:  # clients never touch the artifact folder: they upload through the server (mlflow-artifacts:/)
+        storage = ["--backend-store-uri", backend["store"], "--serve-artifacts",
+                   "--artifacts-destination", str(store / "artifacts")]
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", *storage, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the MLflow server did not start")
+    yield url
+    os.killpg(process.pid, signal.SIGTERM)  # the whole process group: the server and its workers
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def _api(url, path, payload=None):
+    if payload is None:
+        request = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}")
+    else:
+        request = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _tags(run):
+    return {tag["key"]: tag["value"] for tag in run["data"].get("tags", [])}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, repo_root, blob_npz, server, backend):
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", ".dvcignore", "MLproject", "conda.yaml"):
+        shutil.copy(repo_root / name, root / name)
+    shutil.copytree(repo_root / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    blob_npz(root / "data/raw/target.npz", 0)
+    blob_npz(root / "data/raw/pretext.npz", 1, classes=4)
+    tiny = {"learning_rate": 3e-3, "batch_size": 16, "max_epochs": 2, "patience": 2, "augment": False, "seed": 0}
+    params = {
+        "project": {"profile": "tiny", "seed": 0, "description": "a tiny study for the server test"},
+        "stores": {"tracking_uri": server, "experiment": "tiny-study", "optuna_storage": backend["optuna"]},
+        "paths": {"raw_data": "data/raw", "prepared_data": "data/prepared"},
+        "train": tiny,
+        "search": {"trials": 1, "space": {"learning_rate": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}},
+                   "startup_trials": 1, "pruner_startup_trials": 1, "pruner_warmup_epochs": 1},
+        "study": {"targets": ["target"], "sources": ["tiny", "random"], "regimes": ["full"]},
+        "analysis": {"positions_per_layer": 200, "images": None, "channel_sample": 0, "channel_repeats": 5,
+                     "measures": ["cca", "cka"], "batch_size": 32, "seed": 0},
+        "sources": {"tiny": {"kind": "pretrained", "arch": "resnet18", "dataset": "pretext", "seed": 5,
+                             "train": {**tiny, "max_epochs": 1}},
+                    "random": {"kind": "random", "arch": "resnet18", "seed": 0},
+                    "random_b": {"kind": "random", "arch": "resnet18", "seed": 1}},
+        "datasets": {
+            "target": {"format": "medmnist", "path": "data/raw/target.npz", "classes": ["a", "b"],
+                       "split": {"scheme": "stratified_kfold", "folds": 2, "val_fraction": 0.25}},
+            "pretext": {"format": "medmnist", "path": "data/raw/pretext.npz", "classes": ["q0", "q1", "q2", "q3"]},
+        },
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=root, check=True, env=_env())
+    return root
+
+
+@pytest.fixture(scope="module")
+def study(project, server):
+    """The tiny study, run once against the server; the tests below read what it left there."""
+    result = subprocess.run([sys.executable, "-m", "medtransfer", "study"], cwd=project, env=_env(),
+                            capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    experiment = _api(server, "experiments/get-by-name?experiment_name=tiny-study")["experiment"]
+    return result, experiment
+
+
+def test_the_study_runs_every_stage_and_writes_the_report(project, study):
+    result, _ = study
+    for stage in ("prepare@target", "source@tiny", "search@target-tiny-full", "extract@target", "compare@target",
+                  "report"):
+        assert f"Running stage '{stage}'" in result.stdout, stage
+    report = (project / "reports/report.md").read_text()
+    assert "## Test AUC" in report and not re.search(r"\bnan\b", report, re.IGNORECASE), "every number computed"
+
+
+def test_runs_form_a_parent_with_a_child_per_step_and_trials_below_searches(server, study):
+    _, experiment = study
+    runs = _api(server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})["runs"]
+    by_step = {}
+    for run in runs:
+        by_step.setdefault(_tags(run).get("step"), []).append(run)
+    (parent,) = by_step["study"]
+    study_id = parent["info"]["run_id"]
+    assert parent["info"]["status"] == "FINISHED" and parent["info"]["run_name"] == "study tiny"
+    assert {"stages_run", "stages_up_to_date"} <= {metric["key"] for metric in parent["data"]["metrics"]}
+    for step in ("prepare", "pretrain", "source", "extract", "compare", "report"):
+        assert by_step.get(step), f"no {step} run"
+        assert all(_tags(run).get("mlflow.parentRunId") == study_id for run in by_step[step]), step
+    searches = by_step["search"]
+    assert len(searches) == 2 and all(_tags(run)["mlflow.parentRunId"] == study_id for run in searches)
+    assert {_tags(run)["source"] for run in searches} == {"tiny", "random"}
+    assert all(_tags(run)["dataset"] == "target" and _tags(run)["regime"] == "full" for run in searches)
+    search_ids = {run["info"]["run_id"] for run in searches}
+    for step in ("trial", "final_fit"):
+        assert by_step[step] and all(_tags(run)["mlflow.parentRunId"] in search_ids for run in by_step[step])
+    fit = by_step["final_fit"][0]
+    metric_keys = {metric["key"] for metric in fit["data"]["metrics"]}
+    assert {"test_auc", "val_loss", "train_loss", "best_val_loss"} <= metric_keys
+    inputs = fit["inputs"]["dataset_inputs"]
+    assert inputs and inputs[0]["dataset"]["name"] == "target"
+    assert {tag["key"]: tag["value"] for tag in inputs[0]["tags"]}["mlflow.data.context"] == "training"
+
+
+def test_the_winners_are_registered_with_aliases(server, study):
+    for name, source in (("target.tiny.full", "tiny"), ("target.random.full", "random")):
+        model = _api(server, f"registered-models/get?name={urllib.parse.quote(name)}")["registered_model"]
+        aliases = {alias["alias"] for alias in model.get("aliases", [])}
+        assert {"fold0", "fold1", "champion"} <= aliases, name
+        version = _api(server, f"registered-models/alias?name={urllib.parse.quote(name)}&alias=fold0")["model_version"]
+        assert {tag["key"]: tag["value"] for tag in version["tags"]}["source"] == source
+    assert _api(server, "registered-models/get?name=source.tiny")["registered_model"]["aliases"][0]["alias"] == "default"
+
+
+def test_the_experiment_page_lists_the_study(project, server, study):
+    """Headless Chromium renders the MLflow UI's experiment page; skipped where Chromium is not installed."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium is not installed (Debian package 'chromium')")
+    _, experiment = study
+    page = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={project / '.chromium'}",
+         "--virtual-time-budget=15000", "--dump-dom", f"{server}/#/experiments/{experiment['experiment_id']}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert "study tiny" in page.stdout, "the experiment page lists the study run"
+
+
+def test_a_second_study_finds_every_step_up_to_date(project, study):
+    again = subprocess.run([sys.executable, "-m", "medtransfer", "study"], cwd=project, env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "every step was up to date" in again.stdout, again.stdout[-2000:]
+    assert "Running stage" not in again.stdout
