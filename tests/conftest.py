@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,50 @@ def _no_store_overrides_from_the_caller(monkeypatch):
     """A developer's cluster settings must not redirect the tests' stores."""
     for variable in ("MEDTRANSFER_TRACKING_URI", "MEDTRANSFER_OPTUNA_STORAGE"):
         monkeypatch.delenv(variable, raising=False)
+
+
+@contextlib.contextmanager
+def mlflow_server(store_arguments: list[str]) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 (one worker, no job execution) with `store_arguments` (backend store, artifact
+    options); yields its URL once /health answers, and stops its whole process group at the end."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    process = subprocess.Popen(
+        [str(BIN_DIR / "mlflow"), "server", *store_arguments, "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or process.poll() is not None:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail("the MLflow server did not start")
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # the server and its workers
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def start_mlflow_server() -> Callable[[list[str]], contextlib.AbstractContextManager[str]]:
+    return mlflow_server

@@ -6,11 +6,8 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -20,12 +17,6 @@ import yaml
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _env(extra=None):
@@ -46,8 +37,7 @@ def backend(request):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, backend):
-    port = _free_port()
+def server(tmp_path_factory, backend, start_mlflow_server):
     store = tmp_path_factory.mktemp("server")
     if backend["kind"] == "sqlite":
         storage = ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
@@ -55,28 +45,8 @@ def server(tmp_path_factory, backend):
     else:  # clients never touch the artifact folder: they upload through the server (mlflow-artifacts:/)
         storage = ["--backend-store-uri", backend["store"], "--serve-artifacts",
                    "--artifacts-destination", str(store / "artifacts")]
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", *storage, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail("the MLflow server did not start")
-    yield url
-    os.killpg(process.pid, signal.SIGTERM)  # the whole process group: the server and its workers
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+    with start_mlflow_server(storage) as url:
+        yield url
 
 
 def _api(url, path, payload=None):

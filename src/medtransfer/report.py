@@ -134,11 +134,7 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
                 floors[row["layer"]] = _mean_sd([_float(row["shuffled_mean"])], sd=_float(row["shuffled_sd"]))
         if floors:
             lines.append("| noise floor: shuffled images | – | " + " | ".join(floors.get(layer, "–") for layer in LAYERS) + " |")
-        figure = folder / f"layers_{measure}.png"
-        if figure.is_file():
-            name = f"{target}_layers_{measure}.png"
-            shutil.copyfile(figure, figures / name)
-            lines += ["", f"![{title} per layer, {target}](figures/{name})"]
+        lines += _embed_figure(folder / f"layers_{measure}.png", target, figures, f"{title} per layer, {target}")
     return "\n".join(lines)
 
 
@@ -165,10 +161,7 @@ def _predictions_section(target: str, folder: Path, figures: Path) -> str:
                      f"{stat('error_consistency')} | {stat('label_kappa')} | {stat('jensen_shannon')} |")
     if not grouped:
         lines.append("| (no two fine-tuned sources share a fold and regime) | | | | | | |")
-    figure = folder / "prediction_agreement.png"
-    if figure.is_file():
-        shutil.copyfile(figure, figures / f"{target}_prediction_agreement.png")
-        lines += ["", f"![prediction agreement, {target}](figures/{target}_prediction_agreement.png)"]
+    lines += _embed_figure(folder / "prediction_agreement.png", target, figures, f"prediction agreement, {target}")
     return "\n".join(lines)
 
 
@@ -192,15 +185,20 @@ def _gain_section(target: str, folder: Path, figures: Path) -> str:
                      f"{_fmt(_float(row['pearson_cka_layer']))} |")
     if not seen:
         lines.append("| (needs fine-tuned models from a random initialisation) | | | |")
-    figure = folder / "similarity_vs_gain.png"
-    if figure.is_file():
-        shutil.copyfile(figure, figures / f"{target}_similarity_vs_gain.png")
-        lines += ["", f"![similarity vs gain, {target}](figures/{target}_similarity_vs_gain.png)"]
+    lines += _embed_figure(folder / "similarity_vs_gain.png", target, figures, f"similarity vs gain, {target}")
     for conv1 in sorted(folder.glob("conv1_*.png")):
-        name = f"{target}_{conv1.name}"
-        shutil.copyfile(conv1, figures / name)
-        lines += ["", f"![first-layer filters: {conv1.stem.removeprefix('conv1_')}](figures/{name})"]
+        lines += _embed_figure(conv1, target, figures, f"first-layer filters: {conv1.stem.removeprefix('conv1_')}")
     return "\n".join(lines)
+
+
+def _embed_figure(figure: Path, target: str, figures: Path, caption: str) -> list[str]:
+    """Copy an analysis figure into the report's figures/ (prefixed with its target) and return the Markdown lines
+    that show it; nothing when the analysis did not draw it."""
+    if not figure.is_file():
+        return []
+    name = f"{target}_{figure.name}"
+    shutil.copyfile(figure, figures / name)
+    return ["", f"![{caption}](figures/{name})"]
 
 
 def _provenance_section(config: Config, pointers: dict[str, list[ModelPointer]]) -> str:

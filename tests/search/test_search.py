@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -174,43 +172,14 @@ def test_sigkill_mid_trial_then_rerun_gives_exactly_the_requested_trials(config)
     assert len(versions) == 2, "one registered version per fold"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
-def tracking_server(tmp_path):
+def tracking_server(tmp_path, start_mlflow_server):
     """A local MLflow server over SQLite (SQLite files are not safe for concurrent writers; the server is)."""
-    port = _free_port()
     store = tmp_path / "server"
     store.mkdir()
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-         "--default-artifact-root", (store / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env=_cli_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(server.pid, signal.SIGKILL)
-        pytest.fail("the MLflow server did not start")
-    yield url
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
+    with start_mlflow_server(["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                              "--default-artifact-root", (store / "artifacts").as_uri()]) as url:
+        yield url
 
 
 @pytest.mark.slow

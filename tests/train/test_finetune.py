@@ -14,7 +14,6 @@ import pytest
 
 from medtransfer.config import load_config
 from medtransfer.data.prepare import prepare_dataset
-from medtransfer.models.mlflow_models import load_registered_model
 from medtransfer.models.sources import register_source
 from medtransfer.train.finetune import FinetuneRequest, run_finetune
 from medtransfer.train.pretrain import RECIPE_TAG, pretrain_source

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,20 +239,10 @@ def first_conv_weights(model: nn.Module) -> tuple[str, np.ndarray]:
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
-    """`np.save` to a temporary sibling, then rename: readers see the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.lib.format.write_array(stream, np.ascontiguousarray(array), allow_pickle=False)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    """`np.save` atomically: readers see the old file or the complete new one."""
+    from medtransfer.atomic_files import atomic_write
+
+    atomic_write(path, lambda stream: np.lib.format.write_array(stream, np.ascontiguousarray(array), allow_pickle=False))
 
 
 def open_activations(folder: Path, fold: int, key: str, layer: str) -> np.ndarray:

@@ -414,10 +414,10 @@ def _final_fits(config, request, settings, best_trial: str, best_params: dict, n
             alias = fold_model_alias(fold, seed_index)
             version = _registered_fit(client, registered_name, name, best_trial, fold, seed)
             if version is None:
-                run = mlflow.start_run(experiment_id=mlflow.active_run().info.experiment_id, nested=True,
-                                       run_name=f"fit {alias} (trial {best_trial})",
-                                       tags={"step": STEP_FINAL_FIT, Tag.STUDY: name, "trial": best_trial,
-                                             "fold": str(fold), "seed": str(seed)})
+                mlflow.start_run(experiment_id=mlflow.active_run().info.experiment_id, nested=True,
+                                 run_name=f"fit {alias} (trial {best_trial})",
+                                 tags={"step": STEP_FINAL_FIT, Tag.STUDY: name, "trial": best_trial,
+                                       "fold": str(fold), "seed": str(seed)})
                 try:
                     result = run_finetune(
                         config,
