@@ -156,7 +156,7 @@ def test_the_winners_are_registered_with_aliases(server, study):
 
 
 def test_the_experiment_page_lists_the_study(project, server, study):
-    """Headless Chromium renders the MLflow UI's experiment page; skipped where Chromium is not installed."""
+    """Headless Chromium renders the MLflow UI's runs page of the experiment; skipped without Chromium."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Chromium is not installed (Debian package 'chromium')")
@@ -164,7 +164,7 @@ def test_the_experiment_page_lists_the_study(project, server, study):
     page = subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={project / '.chromium'}",
-         "--virtual-time-budget=15000", "--dump-dom", f"{server}/#/experiments/{experiment['experiment_id']}"],
+         "--virtual-time-budget=15000", "--dump-dom", f"{server}/#/experiments/{experiment['experiment_id']}/runs"],
         capture_output=True, text=True, timeout=120,
     )
     assert "study tiny" in page.stdout, "the experiment page lists the study run"

@@ -45,3 +45,42 @@ def test_prepared_dataset_is_logged_as_a_run_input(config, tmp_path):
     tags = {tag.key: tag.value for tag in dataset_input.tags}
     assert tags["data_fingerprint"] == "ab" * 32 and tags["mlflow.data.context"] == "training"
     assert logged.data.tags["data_fingerprint.d"] == "ab" * 32
+
+
+def test_a_dataset_logged_by_another_worker_in_between_is_reused(config, tmp_path, monkeypatch):
+    """The race of two workers logging the same new dataset: the first insert wins, the loser's retry reuses it."""
+    use_tracking_store(config)
+    manifest = {"dataset": "d", "fingerprint": "cd" * 32}
+    log_input = mlflow.log_input
+    calls = []
+
+    def lose_the_race_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException("UNIQUE constraint failed: datasets.experiment_id, name, digest")
+        return log_input(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", lose_the_race_once)
+    with mlflow.start_run(experiment_id=ensure_experiment(config)) as run:
+        log_prepared_dataset(manifest, tmp_path / "data/prepared/d", context="training")
+    assert len(calls) == 2
+    assert [i.dataset.name for i in mlflow.get_run(run.info.run_id).inputs.dataset_inputs] == ["d"]
+
+
+def test_an_experiment_created_by_another_worker_in_between_is_used(config, monkeypatch):
+    use_tracking_store(config)
+    client = mlflow.MlflowClient()
+    theirs = client.create_experiment("test")
+    monkeypatch.setattr(mlflow.MlflowClient, "get_experiment_by_name",
+                        _first_call_returns_none(mlflow.MlflowClient.get_experiment_by_name))
+    assert ensure_experiment(config) == theirs
+
+
+def _first_call_returns_none(method):
+    calls = []
+
+    def patched(self, name):
+        calls.append(name)
+        return None if len(calls) == 1 else method(self, name)
+
+    return patched

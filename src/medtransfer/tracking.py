@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,29 @@ def ensure_experiment(config: Config) -> str:
     if mlflow.get_tracking_uri().startswith(("http://", "https://")):
         # A tracking server decides where artifacts go (proxied through it, or its default root): clients on other
         # hosts could not reach a folder of this repository anyway.
-        return client.create_experiment(config.stores.experiment)
-    artifact_root = config.artifact_root
-    location = Path(artifact_root).as_uri() if "://" not in artifact_root else artifact_root
-    return client.create_experiment(config.stores.experiment, artifact_location=location)
+        location = None
+    else:
+        artifact_root = config.artifact_root
+        location = Path(artifact_root).as_uri() if "://" not in artifact_root else artifact_root
+    try:
+        return client.create_experiment(config.stores.experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Another worker created it between our look-up and our create: use theirs.
+        existing = client.get_experiment_by_name(config.stores.experiment)
+        if existing is None:
+            raise
+        return existing.experiment_id
+
+
+def _retry_once_on_race(log) -> None:
+    """Run `log` again once if it fails. MLflow's SQL store records a dataset by looking it up and then inserting
+    it; two workers logging the same new dataset at once both insert, and the second hits the unique key. On the
+    retry the dataset exists and is reused."""
+    try:
+        log()
+    except Exception:  # noqa: BLE001 - the retry re-raises whatever is not a passing race
+        time.sleep(0.2)
+        log()
 
 
 def log_prepared_dataset(manifest: dict[str, Any], folder: Path, context: str) -> None:
@@ -117,7 +137,9 @@ def log_prepared_dataset(manifest: dict[str, Any], folder: Path, context: str) -
         name=manifest["dataset"],
         digest=manifest["fingerprint"][:_DIGEST_LENGTH],
     )
-    mlflow.log_input(dataset, context=context, tags={DATA_FINGERPRINT_TAG: manifest["fingerprint"]})
+    _retry_once_on_race(
+        lambda: mlflow.log_input(dataset, context=context, tags={DATA_FINGERPRINT_TAG: manifest["fingerprint"]})
+    )
     mlflow.set_tag(f"{DATA_FINGERPRINT_TAG}.{manifest['dataset']}", manifest["fingerprint"])
 
 

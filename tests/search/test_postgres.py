@@ -140,6 +140,11 @@ def _assert_consistent(config, trials: int) -> list:
     assert len(versions) == FOLDS, "one registered version per fold, never duplicated"
     path = pointer_path(config, "target", "random", "full")
     verify_pointer(client, read_pointer(path), str(path))  # the pointer agrees with the registry
+    states = {}
+    for trial in every:
+        states[trial.state.name] = states.get(trial.state.name, 0) + 1
+    print(f"\n  trials {states}; trial runs {len(trial_runs)}, by status "
+          f"{sorted((r.info.status for r in trial_runs))}; registered versions {len(versions)}")  # shown with -s
     return every
 
 
