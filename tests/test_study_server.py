@@ -26,10 +26,15 @@ def _env(extra=None):
     return env
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+# One study per run of the suite (each takes minutes): on PostgreSQL with proxied artifacts, as a shared deployment
+# would run, where a PostgreSQL server is given (CI); on SQLite otherwise. Both paths share every line of our code
+# but the store URLs, and the SQLite server is exercised by the parallel-workers test of tests/search too.
+BACKENDS = ["postgresql"] if os.environ.get("MEDTRANSFER_TEST_POSTGRES_URL") else ["sqlite"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
 def backend(request):
-    """The tracking server's backend store, and Optuna's storage for the study: SQLite, or PostgreSQL (with the
-    server proxying artifacts, as a shared deployment would) where a PostgreSQL server is available."""
+    """The tracking server's backend store, and Optuna's storage for the study."""
     if request.param == "sqlite":
         return {"kind": "sqlite", "optuna": "sqlite:///optuna.db"}
     create = request.getfixturevalue("postgres_database")
