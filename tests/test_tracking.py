@@ -84,3 +84,15 @@ def _first_call_returns_none(method):
         return None if len(calls) == 1 else method(self, name)
 
     return patched
+
+
+def test_under_mlflow_run_the_launchers_run_gets_the_steps_readable_name(config, monkeypatch):
+    from medtransfer.tracking import step_run
+
+    use_tracking_store(config)
+    launcher = mlflow.MlflowClient().create_run(ensure_experiment(config), run_name="judicious-jay-891")
+    monkeypatch.setenv("MLFLOW_RUN_ID", launcher.info.run_id)
+    with step_run(config, step="study", run_name="study demo") as run:
+        assert run.info.run_id == launcher.info.run_id
+    finished = mlflow.get_run(launcher.info.run_id)
+    assert finished.info.run_name == "study demo" and finished.data.tags["step"] == "study"

@@ -48,6 +48,7 @@ def step_run(config: Config, *, step: str, run_name: str, tags: dict[str, str] |
     use_tracking_store(config)
     tags = {"step": step, **(tags or {})}
     active = mlflow.active_run()
+    resumes_launcher = active is None and launched_by_mlflow_run()  # read now: start_run() consumes MLFLOW_RUN_ID
     if active is not None:
         context = mlflow.start_run(experiment_id=active.info.experiment_id, nested=True, run_name=run_name, tags=tags)
     elif launched_by_mlflow_run():
@@ -61,6 +62,8 @@ def step_run(config: Config, *, step: str, run_name: str, tags: dict[str, str] |
         context = mlflow.start_run(experiment_id=ensure_experiment(config), run_name=run_name, tags=tags)
     with context as run:
         mlflow.set_tags(tags)
+        if resumes_launcher:
+            mlflow.MlflowClient().update_run(run.info.run_id, name=run_name)  # the launcher named it at random
         yield run
 
 
