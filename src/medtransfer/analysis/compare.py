@@ -547,21 +547,21 @@ def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], *, p
             })
     for layer in LAYERS:
         here = [p for p in points if p["layer"] == layer]
-        for measure in GAIN_MEASURES:
-            r_all = _pearson([p[measure] for p in here], [p["relative_gain"] for p in here])
-            for p in here:
-                p[f"pearson_{measure}_layer"] = r_all
-        for p in here:
-            p["points_layer"] = len(here)
-        for source, group in itertools.groupby(sorted(here, key=lambda p: p["source"]), key=lambda p: p["source"]):
-            group = list(group)
-            for measure in GAIN_MEASURES:
-                r_source = _pearson([p[measure] for p in group], [p["relative_gain"] for p in group])
-                for p in group:
-                    p[f"pearson_{measure}_layer_source"] = r_source
-            for p in group:
-                p["points_layer_source"] = len(group)
+        _annotate_correlation(here, "layer")
+        for _source, group in itertools.groupby(sorted(here, key=lambda p: p["source"]), key=lambda p: p["source"]):
+            _annotate_correlation(list(group), "layer_source")
     return points
+
+
+def _annotate_correlation(group: list[dict], scope: str) -> None:
+    """Give every point of `group` Pearson's r between each gain measure and the relative gain over the group
+    (`pearson_<measure>_<scope>`) and the group's size (`points_<scope>`)."""
+    for measure in GAIN_MEASURES:
+        r = _pearson([p[measure] for p in group], [p["relative_gain"] for p in group])
+        for p in group:
+            p[f"pearson_{measure}_{scope}"] = r
+    for p in group:
+        p[f"points_{scope}"] = len(group)
 
 
 def _format(value: Any) -> Any:
