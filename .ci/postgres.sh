@@ -6,7 +6,8 @@
 #
 # Installs the Debian package when no PostgreSQL is found and this runs as root. initdb refuses to run as root,
 # so as root the cluster belongs to the 'postgres' user (created by the package) or to a system user made here.
-# Without PostgreSQL the function says so and returns 0: the tests that need it then skip with that reason.
+# Without PostgreSQL the function says so in one line and returns 1 under CI=true (the tests need it there);
+# elsewhere it returns 0 and the tests that need it skip with that reason.
 
 _pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 
@@ -21,6 +22,10 @@ postgres_start() {
     bin=$(_pg_bin)
   fi
   if [[ -z "$bin" ]]; then
+    if [[ "${CI:-}" == "true" ]]; then
+      echo "ci: no PostgreSQL and it could not be installed; CI=true requires it (apt-get install postgresql)" >&2
+      return 1
+    fi
     echo "ci: no PostgreSQL; the PostgreSQL integration tests will skip"
     return 0
   fi

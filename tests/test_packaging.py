@@ -19,7 +19,8 @@ def test_conda_pip_section_matches_pyproject(repo_root):
     conda = yaml.safe_load((repo_root / "conda.yaml").read_text())
     pip_sections = [item["pip"] for item in conda["dependencies"] if isinstance(item, dict) and "pip" in item]
     assert len(pip_sections) == 1
-    from_conda = {_normalise(line) for line in pip_sections[0] if not line.startswith("-")}
+    assert not [line for line in pip_sections[0] if line.startswith("-")], "checkouts share the env: no project in it"
+    from_conda = {_normalise(line) for line in pip_sections[0]}
     assert from_conda == {_normalise(line) for line in pyproject["project"]["dependencies"]}
 
 
@@ -31,10 +32,11 @@ def test_torch_pins_admit_a_working_pair(repo_root):
 def test_every_mlproject_entry_point_calls_an_existing_subcommand(repo_root):
     mlproject = yaml.safe_load((repo_root / "MLproject").read_text())
     subcommands = set(build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001
+    prefix = "PYTHONPATH=src:$PYTHONPATH python -m medtransfer "  # the checkout's own code, whatever the env holds
     for name, entry in mlproject["entry_points"].items():
         command = entry["command"]
-        if command.startswith("python -m medtransfer"):
-            assert command.split()[3] in subcommands, name
+        assert command.startswith(prefix), name
+        assert command[len(prefix):].split()[0] in subcommands, name
         for parameter in entry.get("parameters", {}):
             assert "{" + parameter + "}" in command, f"{name} ignores parameter {parameter}"
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import urllib.parse
@@ -27,9 +29,11 @@ def _env(extra=None):
 
 
 # One study per run of the suite (each takes minutes): on PostgreSQL with proxied artifacts, as a shared deployment
-# would run, where a PostgreSQL server is given (CI); on SQLite otherwise. Both paths share every line of our code
-# but the store URLs, and the SQLite server is exercised by the parallel-workers test of tests/search too.
-BACKENDS = ["postgresql"] if os.environ.get("MEDTRANSFER_TEST_POSTGRES_URL") else ["sqlite"]
+# would run, where a PostgreSQL server is given, and always under CI (where a missing server fails the run); on
+# SQLite otherwise. Both paths share every line of our code but the store URLs, and the SQLite server is exercised
+# by the parallel-workers test of tests/search too.
+ON_POSTGRES = bool(os.environ.get("MEDTRANSFER_TEST_POSTGRES_URL")) or os.environ.get("CI") == "true"
+BACKENDS = ["postgresql"] if ON_POSTGRES else ["sqlite"]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -75,6 +79,7 @@ def project(tmp_path_factory, repo_root, blob_npz, server, backend):
         shutil.copy(repo_root / name, root / name)
     shutil.copytree(repo_root / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     blob_npz(root / "data/raw/target.npz", 0)
+    blob_npz(root / "data/raw/second.npz", 2)  # a second target: the study-level summary pools across targets
     blob_npz(root / "data/raw/pretext.npz", 1, classes=4)
     tiny = {"learning_rate": 3e-3, "batch_size": 16, "max_epochs": 2, "patience": 2, "augment": False, "seed": 0}
     params = {
@@ -84,14 +89,17 @@ def project(tmp_path_factory, repo_root, blob_npz, server, backend):
         "train": tiny,
         "search": {"trials": 1, "space": {"learning_rate": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}},
                    "startup_trials": 1, "pruner_startup_trials": 1, "pruner_warmup_epochs": 1},
-        "study": {"targets": ["target"], "sources": ["tiny", "random"], "regimes": ["full"]},
+        "study": {"targets": ["target", "second"], "sources": ["tiny", "random"], "regimes": ["full"]},
         "analysis": {"positions_per_layer": 200, "images": None, "channel_sample": 0, "channel_repeats": 5,
+                     "bootstrap_resamples": 200,
                      "measures": ["cca", "cka"], "batch_size": 32, "seed": 0},
         "sources": {"tiny": {"kind": "pretrained", "arch": "resnet18", "dataset": "pretext", "seed": 5,
                              "train": {**tiny, "max_epochs": 1}},
                     "random": {"kind": "random", "arch": "resnet18", "seed": 0},
                     "random_b": {"kind": "random", "arch": "resnet18", "seed": 1}},
         "datasets": {
+            "second": {"format": "medmnist", "path": "data/raw/second.npz", "classes": ["a", "b"],
+                       "split": {"scheme": "stratified_kfold", "folds": 2, "val_fraction": 0.25}},
             "target": {"format": "medmnist", "path": "data/raw/target.npz", "classes": ["a", "b"],
                        "split": {"scheme": "stratified_kfold", "folds": 2, "val_fraction": 0.25}},
             "pretext": {"format": "medmnist", "path": "data/raw/pretext.npz", "classes": ["q0", "q1", "q2", "q3"]},
@@ -113,13 +121,45 @@ def study(project, server):
     return result, experiment
 
 
-def test_the_study_runs_every_stage_and_writes_the_report(project, study):
+def _mean_sd_cell(values, digits):
+    mean = statistics.mean(values)
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def test_the_study_runs_every_stage_and_writes_the_report(project, study, markdown_table):
     result, _ = study
     for stage in ("prepare@target", "source@tiny", "search@target-tiny-full", "extract@target", "compare@target",
-                  "report"):
+                  "search@second-random-full", "compare@second", "summary", "report"):
         assert f"Running stage '{stage}'" in result.stdout, stage
     report = (project / "reports/report.md").read_text()
-    assert "## Test AUC" in report and not re.search(r"\bnan\b", report, re.IGNORECASE), "every number computed"
+    assert not re.search(r"\bnan\b", report, re.IGNORECASE)
+    (auc_row,) = [row for row in markdown_table(report, "## Test AUC ×100 (mean ± sd over folds)")
+                  if row["target"] == "target"]
+    for source in ("tiny", "random"):  # each cell is its own pointer's folds, under its own column
+        pointer = json.loads((project / f"results/models/target.{source}.full.json").read_text())
+        aucs = [100 * fold["test_auc"] for fold in pointer["folds"]]
+        assert len(aucs) == 2 and auc_row[source] == _mean_sd_cell(aucs, 1), (source, auc_row)
+        assert auc_row[source].split(" ± ")[0] == f"{100 * pointer['test_auc_mean']:.1f}"
+    # The report opens with the study across both targets: the AUC table with the gain over random init ...
+    assert report.index("## The study across targets") < report.index("## Test AUC ×100")
+    study_rows = {(row["target"], row["source"]): row for row in markdown_table(report, "## The study across targets")}
+    for target in ("target", "second"):
+        means = {source: statistics.mean(fold["test_auc"] for fold in json.loads(
+            (project / f"results/models/{target}.{source}.full.json").read_text())["folds"]) for source in ("tiny", "random")}
+        gain = 100 * (means["tiny"] - means["random"]) / means["random"]
+        assert study_rows[(target, "tiny")]["gain over random init"] == f"{gain:+.1f} %"
+    # ... and the cross-target similarity, each cell the mean of the two targets' fold means.
+    cross = markdown_table(report, "### mean CCA per layer, mean ± sd over the 2 targets")
+    (finetuned,) = [row for row in cross if row["pair"] == "fine-tuned vs its initialisation: tiny"]
+    summaries = [list(csv.DictReader((project / f"results/analysis/{target}/similarity_summary.csv").open()))
+                 for target in ("target", "second")]
+    stem = [float(row["mean"]) for rows in summaries for row in rows if (row["pair_kind"], row["pair"], row["layer"],
+            row["measure"]) == ("source_vs_finetuned", "tiny", "stem", "cca")]
+    assert len(stem) == 2 and finetuned["stem"].startswith(f"{statistics.mean(stem):.2f} ± ")
+    predictions = markdown_table(report, "## Prediction similarity — target")
+    assert [(set(row["pair"].split(" vs ")), row["regime"]) for row in predictions] == [({"random", "tiny"}, "full")]
+    for cell in list(predictions[0].values())[2:]:  # numbers, not dashes
+        assert re.fullmatch(r"-?\d+\.\d+ ± \d+\.\d+", cell), predictions[0]
 
 
 def test_runs_form_a_parent_with_a_child_per_step_and_trials_below_searches(server, study):
@@ -136,9 +176,10 @@ def test_runs_form_a_parent_with_a_child_per_step_and_trials_below_searches(serv
         assert by_step.get(step), f"no {step} run"
         assert all(_tags(run).get("mlflow.parentRunId") == study_id for run in by_step[step]), step
     searches = by_step["search"]
-    assert len(searches) == 2 and all(_tags(run)["mlflow.parentRunId"] == study_id for run in searches)
+    assert len(searches) == 4 and all(_tags(run)["mlflow.parentRunId"] == study_id for run in searches)
     assert {_tags(run)["source"] for run in searches} == {"tiny", "random"}
-    assert all(_tags(run)["dataset"] == "target" and _tags(run)["regime"] == "full" for run in searches)
+    assert {_tags(run)["dataset"] for run in searches} == {"target", "second"}
+    assert all(_tags(run)["regime"] == "full" for run in searches)
     search_ids = {run["info"]["run_id"] for run in searches}
     for step in ("trial", "final_fit"):
         assert by_step[step] and all(_tags(run)["mlflow.parentRunId"] in search_ids for run in by_step[step])
@@ -151,20 +192,28 @@ def test_runs_form_a_parent_with_a_child_per_step_and_trials_below_searches(serv
 
 
 def test_the_winners_are_registered_with_aliases(server, study):
+    _, experiment = study
+    runs = _api(server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000,
+                                        "filter": "tags.step = 'final_fit'"})["runs"]
     for name, source in (("target.tiny.full", "tiny"), ("target.random.full", "random")):
         model = _api(server, f"registered-models/get?name={urllib.parse.quote(name)}")["registered_model"]
         aliases = {alias["alias"] for alias in model.get("aliases", [])}
         assert {"fold0", "fold1", "champion"} <= aliases, name
+        fits = [run for run in runs if _tags(run)["source"] == source and _tags(run)["dataset"] == "target"]
+        lowest = min(fits, key=lambda run: next(metric["value"] for metric in run["data"]["metrics"]
+                                                if metric["key"] == "best_val_loss"))
+        champion = _api(server, f"registered-models/alias?name={urllib.parse.quote(name)}&alias=champion")
+        assert len(fits) == 2 and champion["model_version"]["run_id"] == lowest["info"]["run_id"], name
         version = _api(server, f"registered-models/alias?name={urllib.parse.quote(name)}&alias=fold0")["model_version"]
         assert {tag["key"]: tag["value"] for tag in version["tags"]}["source"] == source
     assert _api(server, "registered-models/get?name=source.tiny")["registered_model"]["aliases"][0]["alias"] == "default"
 
 
-def test_the_experiment_page_lists_the_study(project, server, study):
-    """Headless Chromium renders the MLflow UI's runs page of the experiment; skipped without Chromium."""
+def test_the_experiment_page_lists_the_study(project, server, study, require_tool):
+    """Headless Chromium renders the MLflow UI's runs page of the experiment (required under CI)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("Chromium is not installed (Debian package 'chromium')")
+        require_tool("Chromium is not installed (Debian package 'chromium')")
     _, experiment = study
     page = subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from medtransfer.analysis import pairs as pair_kinds
@@ -32,7 +33,7 @@ from medtransfer.models.backbones import Classifier, keras_like_init_
 from medtransfer.models.mlflow_models import load_registered_model, log_packaged_model, register_logged_model
 from medtransfer.models.packaging import ModelSpec
 from medtransfer.models.sources import register_source
-from medtransfer.pointers import FoldModel, ModelPointer, fold_model_alias, pointer_path, write_pointer
+from medtransfer.pointers import FoldModel, ModelPointer, fold_model_alias, pointer_path, read_pointer, write_pointer
 from medtransfer.registry import ALIAS_DEFAULT, ROLE_FINETUNED, Tag, finetuned_model_name, model_uri, source_model_name
 from medtransfer.tracking import ensure_experiment, use_tracking_store
 from medtransfer.train.finetune import PREDICTIONS_ARTIFACT_DIR
@@ -265,6 +266,39 @@ def test_compare_writes_every_table_figure_and_one_run(study, capsys):
     assert {row["source"] for row in gain} == {"natural", "medical"}
     assert len(gain) == 2 * 2 * len(LAYERS)  # 2 sources x 2 folds x layers
     assert all(row["points_layer"] == "4" for row in gain)
+    pointers = [read_pointer(pointer_path(study, DATASET, source, REGIME)) for source in FINETUNED_SOURCES]
+    aucs = {f"{pointer.registered_model}.v{fit.version}": fit.test_auc for pointer in pointers for fit in pointer.folds}
+    for row in gain:  # the gain from the pointers' AUCs, and r from scipy on the points of the layer
+        auc, reference = aucs[row["model"]], aucs[row["random_init_model"]]
+        assert float(row["relative_gain"]) == pytest.approx((auc - reference) / reference, rel=1e-6)
+    for layer in LAYERS:
+        points = [row for row in gain if row["layer"] == layer]
+        for measure in ("cca", "cka"):
+            expected = scipy.stats.pearsonr([float(r[measure]) for r in points],
+                                            [float(r["relative_gain"]) for r in points]).statistic
+            assert [float(r[f"pearson_{measure}_layer"]) for r in points] == pytest.approx([expected] * 4, abs=1e-6)
+
+    _, intervals = _read_csv(folder / "auc_intervals.csv")
+    assert len(intervals) == len(FINETUNED_SOURCES) * 2  # the primary fit of each source and fold
+    for row in intervals:
+        assert float(row["test_auc"]) == pytest.approx(aucs[row["model"]], abs=1e-6)
+        assert float(row["test_auc_low"]) <= float(row["test_auc"]) <= float(row["test_auc_high"])
+    _, paired = _read_csv(folder / "paired_comparison.csv")
+    assert [(row["source_a"], row["source_b"]) for row in paired] == [
+        ("medical", "natural"), ("medical", "random"), ("natural", "random")]
+    prepared = load_prepared(study, DATASET)
+    correction = np.mean([prepared.fold(k)["test"].size / prepared.fold(k)["train"].size for k in (0, 1)])
+    by_source = {pointer.source: pointer for pointer in pointers}
+    for row in paired:  # the corrected resampled t-test recomputed by hand from the pointers' AUCs
+        first = np.array([fit.test_auc for fit in by_source[row["source_a"]].folds if fit.seed == 0])
+        second = np.array([fit.test_auc for fit in by_source[row["source_b"]].folds if fit.seed == 0])
+        differences = first - second
+        standard_error = np.sqrt((1 / 2 + correction) * differences.var(ddof=1))
+        t = differences.mean() / standard_error
+        assert float(row["correction"]) == pytest.approx(correction)
+        assert float(row["mean_difference"]) == pytest.approx(differences.mean(), abs=1e-6)
+        assert float(row["t"]) == pytest.approx(t, rel=1e-5)
+        assert float(row["p"]) == pytest.approx(2 * scipy.stats.t.sf(abs(t), 1), rel=1e-5)
 
     pngs = {path.name for path in folder.glob("*.png")}
     assert {"layers_cca.png", "layers_cka.png", "prediction_agreement.png", "conv1_natural.png", "conv1_medical.png",
@@ -279,6 +313,55 @@ def test_compare_writes_every_table_figure_and_one_run(study, capsys):
     assert any(key.startswith("cca_stage4_source_vs_finetuned_natural") for key in run.data.metrics)
     artifacts = {item.path for item in mlflow.MlflowClient().list_artifacts(run.info.run_id, "analysis")}
     assert "analysis/similarity.csv" in artifacts and "analysis/layers_cca.png" in artifacts
+
+
+def _textbook_similarity(x: np.ndarray, y: np.ndarray) -> tuple[float, float, int]:
+    """(mean CCA, linear CKA, larger kept channel count) of two activation matrices (n x p, n x q) in float64,
+    straight from the data: the canonical correlations are the singular values of Qxᵀ Qy, Q an orthonormal basis
+    of each side's centred columns (Björck & Golub 1973); CKA is ‖Xᵀ Y‖²_F / (‖Xᵀ X‖_F ‖Yᵀ Y‖_F) on centred data.
+    For the CCA, channels whose variance is below 1e-8 of the side's largest are dropped, the engine's documented
+    rule for dead ReLUs."""
+    x = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
+    y = y.astype(np.float64) - y.astype(np.float64).mean(axis=0)
+    cka = np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+    def basis(a):
+        variance = a.var(axis=0)
+        return np.linalg.qr(a[:, variance >= 1e-8 * variance.max()])[0]
+
+    basis_x, basis_y = basis(x), basis(y)
+    correlations = np.linalg.svd(basis_x.T @ basis_y, compute_uv=False)
+    return float(correlations.mean()), float(cka), max(basis_x.shape[1], basis_y.shape[1])
+
+
+def test_similarity_values_match_a_textbook_implementation_on_the_saved_activations(study):
+    import dataclasses
+
+    if not (study.root / "activations" / DATASET / "manifest.json").is_file():
+        run_extract(study, DATASET)
+    every_channel = dataclasses.replace(study, analysis=dataclasses.replace(study.analysis, channel_sample=0))
+    folder = run_compare(every_channel, DATASET)
+    _, rows = _read_csv(folder / "similarity.csv")
+    activations = study.root / "activations" / DATASET
+    checked = 0
+    for row in rows:
+        if (row["pair_kind"] not in ("source_vs_finetuned", "pretrained_vs_pretrained", "finetuned_vs_finetuned")
+                or row["layer"] not in ("stem", "stage1", "stage2") or row["measure"] not in ("cca", "cka")):
+            continue
+        x = np.load(activations_path(activations, int(row["fold"]), row["model_a"], row["layer"]))
+        y = np.load(activations_path(activations, int(row["fold"]), row["model_b"], row["layer"]))
+        assert int(row["n"]) == len(x) and int(row["channels_a"]) == x.shape[1] and int(row["channels_b"]) == y.shape[1]
+        mean_cca, cka, kept = _textbook_similarity(x, y)
+        # Both are float64 computations of a well-posed quantity (n ≥ 200 rows, ≤ 128 channels, near-dead channels
+        # dropped): they agree to about cond(X)·1e-16; 1e-6 leaves orders of magnitude of room on any machine.
+        if row["measure"] == "cka":
+            assert float(row["value"]) == pytest.approx(cka, abs=1e-6), row
+        elif len(x) > kept + 1:
+            assert float(row["value"]) == pytest.approx(mean_cca, abs=1e-6), row
+            checked += 1
+        else:  # the centred rows span at most n - 1 dimensions: every correlation is 1, so the engine refuses
+            assert np.isnan(float(row["value"])) and mean_cca == pytest.approx(1.0), row
+    assert checked >= 2 * 2 * 3, checked  # CCA values compared: two layers x two folds x at least three pairs
 
 
 def test_a_registry_that_disagrees_with_a_pointer_is_refused(study):
@@ -359,13 +442,38 @@ def test_user_errors_are_one_line(tmp_path, write_params, monkeypatch):
         run_compare(with_analysis(measures=["cca", "nope"]), DATASET)
 
 
+@pytest.mark.parametrize("damage", ["deleted", "garbled"])
+def test_an_unreadable_prediction_artifact_stops_extract_with_one_line(study, cli, damage):
+    from urllib.parse import urlparse
+
+    use_tracking_store(study)
+    pointer = read_pointer(pointer_path(study, DATASET, "medical", REGIME))
+    run_id = pointer.folds[1].run_id
+    artifact_root = Path(urlparse(mlflow.MlflowClient().get_run(run_id).info.artifact_uri).path)
+    artifact = artifact_root / PREDICTIONS_ARTIFACT_DIR / PREDICTIONS_FILE
+    original = artifact.read_bytes()
+    before = (study.root / "activations" / DATASET / "manifest.json")
+    before_bytes = before.read_bytes() if before.is_file() else None
+    if damage == "deleted":
+        artifact.unlink()
+    else:
+        artifact.write_text("index,label,p_a,p_b\n3,1,0.2\n")  # a truncated row
+    try:
+        result = cli("extract", "--dataset", DATASET, cwd=study.root)
+    finally:
+        artifact.write_bytes(original)
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert run_id in line and PREDICTIONS_FILE in line and "Traceback" not in result.stderr, line
+    after = before.read_bytes() if before.is_file() else None
+    assert after == before_bytes, "the previous activations are left as they were"
+
+
 def test_compare_runs_without_the_models(study):
     """Last in this file: it deletes every registered model and the whole artifact store."""
     if not (study.root / "activations" / DATASET / "manifest.json").is_file():
         run_extract(study, DATASET)
-    before, _ = None, None
-    if (study.root / "results/analysis" / DATASET / "similarity.csv").is_file():
-        _, before = _read_csv(study.root / "results/analysis" / DATASET / "similarity.csv")
+    _, before = _read_csv(run_compare(study, DATASET) / "similarity.csv")
     use_tracking_store(study)
     client = mlflow.MlflowClient()
     for registered in client.search_registered_models():
@@ -374,14 +482,14 @@ def test_compare_runs_without_the_models(study):
     import medtransfer.analysis.extract as extract_module
 
     def no_network(*args, **kwargs):
-        raise AssertionError("compare loaded a model")
+        raise AssertionError("compare loaded a model or read the tracking store's artifacts")
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("medtransfer.models.mlflow_models.load_registered_model", no_network)
+        patch.setattr("mlflow.artifacts.download_artifacts", no_network)
         patch.setattr(extract_module, "_extract_model", no_network)
         folder = run_compare(study, DATASET)
     _, after = _read_csv(folder / "similarity.csv")
     _, predictions = _read_csv(folder / "predictions.csv")
     assert len(predictions) == 6  # 3 pairs x 2 folds, from the predictions saved beside the activations
-    if before is not None:
-        assert [row["value"] for row in after] == [row["value"] for row in before]
+    assert [row["value"] for row in after] == [row["value"] for row in before]

@@ -78,15 +78,18 @@ def _train_and_score(images, labels, train, test, epochs=12, seed=0) -> float:
     return float((predicted == targets[torch.from_numpy(test)]).float().mean())
 
 
-def test_target_is_learnable_and_a_shuffled_label_control_is_not(demo_folder):
+def test_target_is_learnable_and_a_control_with_labels_independent_of_the_images_is_not(demo_folder, control_labels):
     torch.set_num_threads(2)
     dataset = read_medmnist_npz(demo_folder / "fundus_vessels.npz", ["no_vessel", "vessel"])
     train = np.flatnonzero(dataset.given_split != 2)
     test = np.flatnonzero(dataset.given_split == 2)
     accuracy = _train_and_score(dataset.images, dataset.labels, train, test)
-    shuffled = dataset.labels.copy()
-    shuffled[train] = np.random.default_rng(0).permutation(shuffled[train])
-    control = _train_and_score(dataset.images, shuffled, train, test)
-    # 150 balanced test images: chance is 0.5 with a standard deviation of about 0.04.
+    control_targets = dataset.labels.copy()
+    control_targets[train] = control_labels(dataset.labels[train], 0)
+    control = _train_and_score(dataset.images, control_targets, train, test)
+    # The control's training labels carry no information about the class (exactly balanced within each class), so
+    # its expected accuracy against the true labels is 0.5; a predictor without class information scores
+    # Binomial(150, 0.5) / 150 on the 150 balanced test images, standard deviation 0.041, and 0.5 ± 0.16 is
+    # four of them (two-sided p < 1e-4).
     assert accuracy >= 0.75, f"the CNN should learn the target (accuracy {accuracy:.3f})"
-    assert abs(control - 0.5) <= 0.12, f"shuffled labels should give chance (accuracy {control:.3f})"
+    assert abs(control - 0.5) <= 0.16, f"labels independent of the images should give chance (accuracy {control:.3f})"

@@ -6,7 +6,6 @@ import hashlib
 import http.server
 import socket
 import threading
-import time
 from functools import partial
 
 import pytest
@@ -80,27 +79,26 @@ def test_present_file_is_verified_not_downloaded_again(tmp_path):
         download_medmnist(medmnist_file("breastmnist"), destination, base_url="http://127.0.0.1:9")
 
 
+# A hard timeout fails a hanging test (pytest-timeout raises in the test); no elapsed-time assertion.
+@pytest.mark.timeout(GUARD_SECONDS, method="signal")
 def test_offline_fails_fast_with_where_to_put_the_file(tmp_path):
     destination = tmp_path / "breastmnist.npz"
-    started = time.monotonic()
     with pytest.raises(DataError) as caught:
         download_medmnist(medmnist_file("breastmnist"), destination, base_url="http://medtransfer-test.invalid", timeout=10)
-    assert time.monotonic() - started < GUARD_SECONDS
     message = caught.value.one_line()
     assert "cannot download http://medtransfer-test.invalid/breastmnist.npz" in message
     assert f"place it at {destination}" in message and "750601b1f35ba3300ea97c75c52ff8f6" in message
     assert not destination.exists()
 
 
+@pytest.mark.timeout(GUARD_SECONDS, method="signal")
 def test_a_server_that_never_answers_times_out(tmp_path):
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(1)  # accepts the connection into its backlog, never answers
     try:
-        started = time.monotonic()
         with pytest.raises(DataError, match="no answer from|cannot download"):
             download_verified(f"http://127.0.0.1:{silent.getsockname()[1]}/x.npz", tmp_path / "x.npz", "0" * 32, timeout=1)
-        assert time.monotonic() - started < GUARD_SECONDS
     finally:
         silent.close()
 

@@ -9,7 +9,9 @@ gamma/beta and conv biases (so a wrong mapping cannot pass by accident), then wr
 - resnet50_weights.h5        weights only, legacy HDF5 (layer groups at the root), if this Keras can write it
 - resnet50_nested_model.h5   the ResNet50 as one layer of a bigger model with a dense head (nested weight paths)
 - tiny.weights.h5            a Keras 3 native weights file (no layer names), to check the converter refuses it
-- reference.npz              per image set: the input (N, H, W, 3) and the five stage outputs (channels-last)
+- reference.npz              per image set: the input (N, H, W, 3) and the five stage outputs (channels-last);
+                             and `preprocess/input` (uint8 RGB images) with `preprocess/output`, what
+                             `keras.applications.resnet50.preprocess_input` makes of them
 - info.json                  keras version, backend, which files were written
 """
 
@@ -58,15 +60,14 @@ def main(out_dir: Path, seed: int) -> None:
 
     model.save(out_dir / "resnet50_model.h5")
     written.append("resnet50_model.h5")
-    try:  # Keras 3 only writes the legacy weights-only layout through its legacy saving module
-        import h5py
-        from keras.src.legacy.saving import legacy_h5_format
+    # Keras 3 writes the legacy weights-only layout only through its legacy saving module. No fallback: the test
+    # extras pin a Keras that has it, and a silently missing file would drop the weights-only check.
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
 
-        with h5py.File(out_dir / "resnet50_weights.h5", "w") as handle:
-            legacy_h5_format.save_weights_to_hdf5_group(handle, model)
-        written.append("resnet50_weights.h5")
-    except (ImportError, AttributeError):
-        pass
+    with h5py.File(out_dir / "resnet50_weights.h5", "w") as handle:
+        legacy_h5_format.save_weights_to_hdf5_group(handle, model)
+    written.append("resnet50_weights.h5")
 
     inputs = keras.Input((None, None, 3))
     features = keras.layers.GlobalAveragePooling2D()(model(inputs))
@@ -87,6 +88,11 @@ def main(out_dir: Path, seed: int) -> None:
         arrays[f"{set_name}/input"] = images
         for name, output in zip(STAGE_OUTPUTS, outputs):
             arrays[f"{set_name}/{name}"] = keras.ops.convert_to_numpy(output)
+    pixels = rng.integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)
+    arrays["preprocess/input"] = pixels
+    arrays["preprocess/output"] = keras.ops.convert_to_numpy(
+        keras.applications.resnet50.preprocess_input(pixels.astype("float32"))
+    )
     np.savez(out_dir / "reference.npz", **arrays)
     info = {"keras_version": keras.__version__, "backend": keras.backend.backend(), "files": written}
     (out_dir / "info.json").write_text(json.dumps(info))

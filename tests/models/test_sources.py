@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -98,10 +97,9 @@ def test_tampered_artifact_is_refused(config, tmp_path):
 
 
 def test_offline_imagenet_fails_fast_with_one_line(config, cli, tmp_path):
-    started = time.monotonic()
+    # A hang fails the test: the subprocess timeout raises TimeoutExpired.
     result = cli("--params", str(config.source_file), "source", "--name", "imagenet",
                  env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-cache")}, timeout=180)
-    assert time.monotonic() - started < 180  # a guard against hanging, not a speed limit
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "cannot load timm's pretrained 'resnet18': offline (HF_HUB_OFFLINE=1) and not cached" in line
@@ -122,7 +120,7 @@ def test_mlflow_run_source_entry_point_twice(tmp_path, repo_root):
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db", MLFLOW_DISABLE_TELEMETRY="true",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
     command = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", "source", "-P", "name=random",
-               "--env-manager", "local"]
+               "--env-manager", "local", "--experiment-name", "test"]
     for _ in range(2):
         result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout + result.stderr

@@ -205,24 +205,22 @@ def test_two_parallel_workers_share_one_study(tmp_path, write_params, blob_npz, 
 
 
 @pytest.mark.slow
-def test_mlflow_run_search_keeps_the_chosen_experiment(config, repo_root):
+def test_mlflow_run_search_logs_under_the_launchers_run_in_the_profiles_experiment(config, repo_root):
     import shutil
 
     for name in ("MLproject", "conda.yaml"):
         shutil.copy(repo_root / name, config.root / name)
     command = [str(BIN / "mlflow"), "run", ".", "-e", "search", "-P", "dataset=target", "-P", "source=random",
-               "-P", "regime=full", "-P", "trials=1", "--env-manager", "local", "--experiment-name", "chosen"]
+               "-P", "regime=full", "-P", "trials=1", "--env-manager", "local",
+               "--experiment-name", config.stores.experiment]  # another experiment is refused (tests/test_mlproject.py)
     result = subprocess.run(command, cwd=config.root, env=_cli_env({"MLFLOW_TRACKING_URI": config.tracking_uri}),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     client = mlflow.MlflowClient()
-    chosen = client.get_experiment_by_name("chosen")
-    runs = client.search_runs([chosen.experiment_id], max_results=100)
+    runs = client.search_runs([client.get_experiment_by_name(config.stores.experiment).experiment_id],
+                              max_results=100)
     steps = {run.data.tags.get("step") for run in runs}
     assert {"search", "trial", "final_fit"} <= steps
-    assert client.get_experiment_by_name(config.stores.experiment) is None or not client.search_runs(
-        [client.get_experiment_by_name(config.stores.experiment).experiment_id], "tags.step = 'trial'"
-    ), "nothing was logged to another experiment"
     launcher = [run for run in runs if "study_parent_run_id" in run.data.tags]
     assert len(launcher) == 1 and launcher[0].info.status == "FINISHED"
 
@@ -247,3 +245,26 @@ def test_a_failed_model_upload_fails_the_fit_and_registers_nothing(config, monke
     assert [run.info.status for run in _runs(config, "tags.step = 'search'")] == ["FAILED"]
     assert not mlflow.MlflowClient().search_model_versions("name = 'target.random.full'")
     assert not pointer_path(config, "target", "random", "full").exists()
+
+
+def test_best_trial_and_champion_are_the_lowest_validation_losses_in_the_runs(config):
+    """Checked against what the MLflow runs recorded, not against the pointer or aliases the same code wrote."""
+    request = SearchRequest("target", "random", "full", trials=2)
+    study = optuna.create_study(storage=create_storage(config.optuna_storage), study_name=study_name(config, request),
+                                direction="minimize")
+    study.enqueue_trial({"learning_rate": 1e-4})
+    study.enqueue_trial({"learning_rate": 3e-3})
+    outcome = run_search(config, request)
+    runs = _runs(config)
+    complete = [run for run in runs if run.data.tags.get("step") == "trial"
+                and run.data.tags.get("optuna_state") == "COMPLETE"]
+    assert len(complete) == 2
+    best = min(complete, key=lambda run: run.data.metrics["objective_val_loss"])
+    fits = [run for run in runs if run.data.tags.get("step") == "final_fit"]
+    assert len(fits) == 2 and {run.data.tags["trial"] for run in fits} == {best.data.tags["trial"]}
+    for run in fits:
+        assert float(run.data.params["learning_rate"]) == pytest.approx(float(best.data.params["search_learning_rate"]))
+    lowest = min(fits, key=lambda run: run.data.metrics["best_val_loss"])
+    champion = mlflow.MlflowClient().get_model_version_by_alias("target.random.full", "champion")
+    assert champion.run_id == lowest.info.run_id
+    assert outcome.parent_run_id == fits[0].data.tags["mlflow.parentRunId"]

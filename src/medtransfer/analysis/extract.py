@@ -64,7 +64,7 @@ from medtransfer.analysis.pairs import (
 )
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.config import Config
-from medtransfer.errors import ConfigError, DataError, ModelError
+from medtransfer.errors import ConfigError, DataError, ModelError, UserError
 
 __all__ = ["activations_folder", "run_extract"]
 
@@ -228,7 +228,7 @@ def _extract_model(
             save_array(activations_path(staging, fold, model.key, layer), array)
         del activations
     predictions_file = None
-    if model.role == ROLE_FINETUNED and model.run_id:
+    if model.role == ROLE_FINETUNED:
         predictions_file = _copy_predictions(model, staging)
     elif model.role != ROLE_FINETUNED and model.source not in conv1:
         module, weights = first_conv_weights(network)
@@ -250,26 +250,33 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _copy_predictions(model: StudyModel, staging: Path) -> str | None:
-    """Copy the run's `predictions/test_predictions.csv` beside the activations (None, with a warning, if absent)."""
+def _copy_predictions(model: StudyModel, staging: Path) -> str:
+    """Copy the run's `predictions/test_predictions.csv` beside the activations, so that `compare` never needs the
+    tracking store. A fine-tuned model without readable predictions stops the step: skipping it would turn a
+    broken store into an analysis that silently lacks its prediction similarity."""
     import mlflow
 
-    from medtransfer.errors import warn
     from medtransfer.train.finetune import PREDICTIONS_ARTIFACT_DIR
-    from medtransfer.train.reporting import PREDICTIONS_FILE
+    from medtransfer.train.reporting import PREDICTIONS_FILE, read_predictions
 
+    artifact = f"{PREDICTIONS_ARTIFACT_DIR}/{PREDICTIONS_FILE}"
+    fix = "rerun the search of this model ('dvc repro') or restore the run's artifacts"
+    if not model.run_id:
+        raise ModelError(f"{model.key} names no MLflow run, so its test predictions cannot be read", fix=fix)
     target = f"{PREDICTIONS_FOLDER}/{model.key}.csv"
     try:
         with tempfile.TemporaryDirectory(prefix="medtransfer-predictions-") as download:
-            local = mlflow.artifacts.download_artifacts(
-                run_id=model.run_id, artifact_path=f"{PREDICTIONS_ARTIFACT_DIR}/{PREDICTIONS_FILE}", dst_path=download
-            )
+            local = mlflow.artifacts.download_artifacts(run_id=model.run_id, artifact_path=artifact, dst_path=download)
+            read_predictions(Path(local))  # a truncated or garbled table stops here too
             (staging / PREDICTIONS_FOLDER).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(local, staging / target)
-    except Exception as error:  # noqa: BLE001 - any store failure means the same thing here
-        warn(f"{model.key}: no test predictions in run {model.run_id} ({type(error).__name__}); "
-             "its prediction similarity is skipped")
-        return None
+    except Exception as error:  # noqa: BLE001 - whatever the store raised, the artifact is unreadable
+        if isinstance(error, UserError):
+            detail = error.what
+        else:
+            detail = str(error).splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ModelError(f"cannot read the test predictions '{artifact}' of run {model.run_id} ({model.key}): {detail}",
+                         fix=fix) from error
     return target
 
 
@@ -295,6 +302,9 @@ def build_manifest(
         folds[str(fold)] = {
             "folder": fold_folder_name(fold),
             "test_images": int(len(order)),
+            # The fold's part sizes: paired statistics over folds need n_test / n_train (Nadeau & Bengio).
+            "train_images": int(prepared.fold(fold)["train"].size),
+            "val_images": int(prepared.fold(fold)["val"].size),
             "order": order.tolist(),
             "layers": {
                 layer: {"images": plan.images, "height": plan.height, "width": plan.width, "rows": plan.rows,

@@ -58,6 +58,10 @@ def build_source(config: Config, name: str) -> BuiltSource:
     if source.kind == "random":
         keras_like_init_(model, torch.Generator().manual_seed(source.seed))
         origin = f"random(seed={source.seed})"
+    elif source.kind == "timm" and source.file:
+        path = _existing_file(config, source, name, key="file")
+        _load_timm_file(model, source, path)
+        origin = f"timm_file:{_file_sha256(path)}"
     elif source.kind == "timm":
         origin = _load_timm_weights(model, source)
     elif source.kind == "keras_h5":
@@ -157,13 +161,13 @@ def ensure_default_alias(client, model_name: str, version: str) -> None:
         client.set_registered_model_alias(model_name, ALIAS_DEFAULT, str(version))
 
 
-def _existing_file(config: Config, source: SourceConfig, name: str) -> Path:
-    path = config.resolve(source.path)
+def _existing_file(config: Config, source: SourceConfig, name: str, key: str = "path") -> Path:
+    path = config.resolve(getattr(source, key))
     if not path.is_file():
         raise ModelError(
             "weights file not found",
             where=str(path),
-            fix=f"place the file there or fix sources.{name}.path in {config.source_file.name}",
+            fix=f"place the file there or fix sources.{name}.{key} in {config.source_file.name}",
         )
     return path
 
@@ -194,12 +198,16 @@ def _load_safetensors_backbone(model: Classifier, path: Path) -> None:
         raise ModelError(f"weights do not fit architecture '{model.arch}': {detail}", where=str(path)) from None
 
 
+def _timm_model_name(source: SourceConfig) -> str:
+    return f"{source.arch}.{source.timm_tag}" if source.timm_tag else source.arch
+
+
 def _load_timm_weights(model: Classifier, source: SourceConfig) -> str:
     """timm's pretrained weights through the Hugging Face hub (or its cache), with a deadline so that a missing
     network fails fast; offline (HF_HUB_OFFLINE=1) without a cached copy it says how to supply a local file."""
     import timm
 
-    name = f"{source.arch}.{source.timm_tag}" if source.timm_tag else source.arch
+    name = _timm_model_name(source)
     outcome: dict = {}
 
     def fetch() -> None:
@@ -213,7 +221,8 @@ def _load_timm_weights(model: Classifier, source: SourceConfig) -> str:
     worker.join(TIMM_DOWNLOAD_TIMEOUT)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     how = (
-        "without a network, download the weights elsewhere, convert them to safetensors and declare "
+        f"without a network, download timm's weights file for '{name}' elsewhere (e.g. its model.safetensors) "
+        "and name it with 'file:' in the source, or convert the weights to safetensors and declare "
         "kind: safetensors with their path (or use the Keras ImageNet HDF5 with kind: keras_h5)"
     )
     if worker.is_alive():
@@ -224,3 +233,18 @@ def _load_timm_weights(model: Classifier, source: SourceConfig) -> str:
         raise ModelError(f"cannot load timm's pretrained '{name}': {state}", fix=how) from None
     model.backbone.body.load_state_dict(outcome["model"].state_dict(), strict=True)
     return f"timm:{outcome['model'].pretrained_cfg.get('hf_hub_id') or name}"
+
+
+def _load_timm_file(model: Classifier, source: SourceConfig, path: Path) -> None:
+    """timm's own loader reads the local file, so its filters (e.g. dropping a classifier of another class count)
+    apply exactly as for hub weights; no network is touched."""
+    import timm
+
+    name = _timm_model_name(source)
+    try:
+        loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                                   num_classes=0, global_pool="")
+        model.backbone.body.load_state_dict(loaded.state_dict(), strict=True)
+    except Exception as error:  # noqa: BLE001 - timm raises anything from pickle errors to shape mismatches
+        detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        raise ModelError(f"timm cannot load these weights into '{name}' ({detail})", where=str(path)) from None

@@ -28,11 +28,28 @@ def write_predictions(path: Path, indices: np.ndarray, labels: np.ndarray, proba
 
 
 def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indices (N,), labels (N,), probabilities (N, K)) from a predictions CSV."""
-    with Path(path).open(newline="") as stream:
-        rows = list(csv.reader(stream))
-    body = np.asarray(rows[1:], dtype=np.float64)
-    return body[:, 0].astype(np.int64), body[:, 1].astype(np.int64), body[:, 2:]
+    """(indices (N,), labels (N,), probabilities (N, K)) from a predictions CSV; a file that is not one (unreadable,
+    truncated, not numbers, probabilities outside [0, 1]) is a DataError naming it."""
+    from medtransfer.errors import DataError
+
+    def refuse(what: str) -> DataError:
+        return DataError(what, where=str(path), fix="rerun the search that fitted this model (or 'medtransfer extract')")
+
+    try:
+        with Path(path).open(newline="", encoding="utf-8") as stream:
+            rows = list(csv.reader(stream))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise refuse(f"cannot read the test predictions ({error.__class__.__name__}: {error})") from error
+    if len(rows) < 2 or len(rows[0]) < 4 or rows[0][:2] != ["index", "label"]:
+        raise refuse("not a predictions table: expected a header 'index,label,p_<class>,...' and at least one row")
+    try:
+        body = np.asarray(rows[1:], dtype=np.float64)
+    except ValueError as error:
+        raise refuse(f"the predictions table has a short row or a value that is not a number ({error})") from error
+    probabilities = body[:, 2:]
+    if body.shape[1] != len(rows[0]) or not np.all((probabilities >= 0) & (probabilities <= 1)):
+        raise refuse("the predictions table has probabilities outside [0, 1] or rows of the wrong width")
+    return body[:, 0].astype(np.int64), body[:, 1].astype(np.int64), probabilities
 
 
 def write_confusion(path: Path, labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> None:
