@@ -49,3 +49,17 @@ def test_similarity_command_bad_inputs(cli, tmp_path):
         assert result.returncode == 2, (left, right)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr
+
+
+def test_an_empty_trials_means_params_yaml_and_a_bad_one_is_one_line(cli):
+    """MLproject entry points always pass their parameters: `search` gets `--trials ''` when the user gave none."""
+    from medtransfer.cli import build_parser
+
+    search = ["search", "--dataset", "d", "--source", "s", "--trials"]
+    assert build_parser().parse_args([*search, ""]).trials is None
+    assert build_parser().parse_args([*search, "3"]).trials == 3
+    for bad, message in (("0", "must be at least 1, got 0"), ("four", "expected a whole number, got 'four'")):
+        result = cli(*search, bad)
+        assert result.returncode == 2
+        (line,) = result.stderr.strip().splitlines()
+        assert "--trials" in line and message in line, line

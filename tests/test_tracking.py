@@ -96,3 +96,41 @@ def test_under_mlflow_run_the_launchers_run_gets_the_steps_readable_name(config,
         assert run.info.run_id == launcher.info.run_id
     finished = mlflow.get_run(launcher.info.run_id)
     assert finished.info.run_name == "study demo" and finished.data.tags["step"] == "study"
+
+
+def _launched(monkeypatch, run, tracking_uri):
+    """The environment `mlflow run` hands an entry point."""
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", run.info.experiment_id)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+
+
+def test_a_launcher_run_in_the_profiles_experiment_and_store_is_accepted(config, monkeypatch):
+    from medtransfer.mlflow_project import check_launched_run
+
+    use_tracking_store(config)
+    _launched(monkeypatch, mlflow.MlflowClient().create_run(ensure_experiment(config)), config.tracking_uri)
+    check_launched_run(config)
+
+
+def test_a_launcher_run_in_another_experiment_is_refused_naming_the_flag(config, monkeypatch):
+    from medtransfer.errors import ConfigError
+    from medtransfer.mlflow_project import check_launched_run
+
+    use_tracking_store(config)
+    client = mlflow.MlflowClient()
+    _launched(monkeypatch, client.create_run(client.get_experiment_by_name("Default").experiment_id),
+              config.tracking_uri)
+    with pytest.raises(ConfigError, match="in experiment 'Default'.*pass --experiment-name test to 'mlflow run'"):
+        check_launched_run(config)
+
+
+def test_a_launcher_run_in_another_store_is_refused_naming_the_variable(config, tmp_path, monkeypatch):
+    from medtransfer.errors import ConfigError
+    from medtransfer.mlflow_project import check_launched_run
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    client = mlflow.MlflowClient(tracking_uri=other)
+    _launched(monkeypatch, client.create_run(client.get_experiment_by_name("Default").experiment_id), other)
+    with pytest.raises(ConfigError, match=f"export MLFLOW_TRACKING_URI={config.tracking_uri} before"):
+        check_launched_run(config)

@@ -100,7 +100,7 @@ def test_mlflow_run_finetune_entry_point(config, repo_root):
     env.update(MLFLOW_TRACKING_URI=config.tracking_uri, MLFLOW_DISABLE_TELEMETRY="true",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
     command = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", "finetune", "-P", "dataset=target",
-               "-P", "source=random", "--env-manager", "local"]
+               "-P", "source=random", "--env-manager", "local", "--experiment-name", config.stores.experiment]
     result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.step = 'finetune'")

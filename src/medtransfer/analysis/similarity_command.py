@@ -67,12 +67,41 @@ def run(args: argparse.Namespace) -> int:
             requested CCA-family measure.
     """
     measures = parse_measures(args.measures)
+    config = _launched_config(args)
     result = compute(Path(args.x), Path(args.y), measures)
     if args.json:
         print(json.dumps(to_json_dict(result, measures)))
     else:
         print(format_table(result, measures))
+    if config is not None:
+        _log_to_mlflow(config, args, measures, result)
     return 0
+
+
+def _launched_config(args: argparse.Namespace):
+    """The params under `mlflow run` (checked before any work), else None: on its own the command is a plain
+    calculator that needs no params.yaml and logs nothing."""
+    from medtransfer.mlflow_project import load_step_config
+    from medtransfer.tracking import launched_by_mlflow_run
+
+    return load_step_config(getattr(args, "params", None)) if launched_by_mlflow_run() else None
+
+
+def _log_to_mlflow(config, args: argparse.Namespace, measures: list[str], result: SimilarityResult) -> None:
+    import mlflow
+
+    from medtransfer.tracking import step_run
+
+    x, y = Path(args.x), Path(args.y)
+    with step_run(config, step="similarity", run_name=f"similarity {x.name} vs {y.name}") as run:
+        params = {"x": args.x, "y": args.y, "measures": args.measures, "n": result.n, "p": result.p, "q": result.q,
+                  "p_kept": result.p_kept, "q_kept": result.q_kept}
+        # The launcher logged x, y and measures as typed (a.npy, not the absolute path it hands the command), and
+        # MLflow refuses to change a logged parameter.
+        logged = mlflow.get_run(run.info.run_id).data.params
+        mlflow.log_params({key: value for key, value in params.items() if key not in logged})
+        values = to_json_dict(result, measures)
+        mlflow.log_metrics({name: values[name] for name in measures if values[name] is not None})
 
 
 def parse_measures(text: str | None) -> list[str]:
