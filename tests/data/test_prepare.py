@@ -33,7 +33,7 @@ def test_prepare_writes_a_complete_memory_mappable_folder(tmp_path, medmnist_npz
     prepared = load_prepared(config, "d")
     assert isinstance(prepared.images, np.memmap)
     assert prepared.fold(0)["test"].size == 12
-    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "no temp folders left behind"
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == [".d.lock"], "no temp folders left"
 
 
 def test_prepare_is_deterministic_byte_for_byte(tmp_path, medmnist_npz, write_params):

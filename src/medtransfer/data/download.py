@@ -20,6 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from medtransfer.atomic_files import current_umask
 from medtransfer.errors import DataError
 
 MEDMNIST_RECORD_URL = "https://zenodo.org/records/10519652/files"
@@ -120,6 +121,7 @@ def download_verified(url: str, destination: Path, md5: str, *, timeout: float =
     digest = hashlib.md5()  # noqa: S324 - MedMNIST publishes MD5 checksums; this is integrity, not security
     handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp's file is owner-only; a download is an ordinary file
         with os.fdopen(handle, "wb") as stream, response:
             while True:
                 try:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from medtransfer import __version__
-from medtransfer.atomic_files import atomic_directory
+from medtransfer.atomic_files import atomic_directory, restore_interrupted
 from medtransfer.config import Config
 from medtransfer.data.dataset import SPLIT_CODES, ImageDataset, content_fingerprint
 from medtransfer.data.readers import read_dataset
@@ -127,6 +127,8 @@ def load_prepared(config: Config, name: str) -> PreparedDataset:
     config.dataset(name)
     folder = config.prepared_data_dir / name
     manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        restore_interrupted(folder)  # a prepare killed while replacing the folder left the previous one aside
     if not manifest_path.is_file():
         raise DataError(
             f"prepared data for '{name}' not found",
