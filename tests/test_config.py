@@ -44,6 +44,16 @@ def test_valid_params_load_into_typed_objects(write_params):
         (lambda p: p["project"].pop("profile"), "project.profile"),
         (lambda p: p["stores"].update(optuna_heartbeat_seconds=0), "stores.optuna_heartbeat_seconds"),
         (lambda p: p["stores"].update(optuna_heartbeat_seconds=10, optuna_grace_seconds=10), "stores.optuna_grace_seconds"),
+        # Values the types let through but training cannot use: refused at load, not after the data is read.
+        (lambda p: p.update(train={"batch_size": 0}), "train.batch_size"),
+        (lambda p: p.update(train={"batch_size": -8}), "train.batch_size"),
+        (lambda p: p.update(train={"learning_rate": -1e-3}), "train.learning_rate"),
+        (lambda p: p.update(train={"max_epochs": 0}), "train.max_epochs"),
+        (lambda p: p.update(train={"momentum": 1.5}), "train.momentum"),
+        (lambda p: p.update(sources={"s": {"kind": "pretrained", "arch": "resnet18", "dataset": "x",
+                                           "train": {"head_learning_rate": 0}}}), "sources.s.train.head_learning_rate"),
+        (lambda p: p.update(study={"targets": ["x"]}, search={"search_fold": 7}), "search.search_fold"),
+        (lambda p: p.update(study={"targets": ["x"]}, search={"folds": [0, 1]}), "search.folds"),
     ],
 )
 def test_bad_params_give_one_error_naming_the_key(write_params, mutate, key_in_message):

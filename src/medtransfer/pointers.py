@@ -82,9 +82,29 @@ def read_pointer(path: Path) -> ModelPointer:
         if raw.pop("format", None) != POINTER_FORMAT:
             raise ValueError("unknown format")
         raw["folds"] = [FoldModel(**entry) for entry in raw["folds"]]
-        return ModelPointer(**raw)
+        pointer = ModelPointer(**raw)
     except (ValueError, TypeError, KeyError) as error:
         raise ModelError(f"malformed model pointer ({error})", where=where, fix="run the search again to rewrite it") from None
+    problem = _content_problem(pointer)
+    if problem:
+        raise ModelError(f"malformed model pointer ({problem})", where=where, fix="run the search again to rewrite it")
+    return pointer
+
+
+def _content_problem(pointer: ModelPointer) -> str | None:
+    """What the JSON types let through but later steps would misreport: no fits at all (an empty AUC cell), or an
+    AUC that is not a number (a traceback in the report's arithmetic)."""
+    if not isinstance(pointer.folds, list) or not pointer.folds:
+        return "'folds' names no registered fit"
+    for fit in pointer.folds:
+        if isinstance(fit.fold, bool) or not isinstance(fit.fold, int) or fit.fold < 0:
+            return f"fold {fit.fold!r} is not a fold number"
+        if not isinstance(fit.version, (str, int)) or not str(fit.version).isdigit():
+            return f"fold {fit.fold} names version {fit.version!r}, not a registry version number"
+        auc = fit.test_auc
+        if auc is not None and (isinstance(auc, bool) or not isinstance(auc, (int, float)) or not 0 <= auc <= 1):
+            return f"fold {fit.fold} has test_auc {auc!r}, not a number between 0 and 1"
+    return None
 
 
 def pointers_for_dataset(config: Config, dataset: str) -> list[ModelPointer]:

@@ -37,7 +37,10 @@ def active_profile(root: Path) -> str | None:
     params = root / PARAMS_FILE_NAME
     if not params.is_file():
         return None
-    text = params.read_text(encoding="utf-8")
+    try:
+        text = params.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("not a UTF-8 text file", where=str(params), fix="save it as UTF-8 YAML, or 'medtransfer profile use NAME'") from None
     first_line = text.splitlines()[0] if text else ""
     if not first_line.startswith(HEADER_PREFIX):
         return None
@@ -55,8 +58,13 @@ def activate_profile(root: Path, name: str) -> Path:
         known = ", ".join(available_profiles(root)) or "none"
         raise ConfigError(f"unknown profile '{name}'", where=str(root / PROFILES_DIR_NAME), fix=f"choose one of: {known}")
     target = root / PARAMS_FILE_NAME
-    # Validate as if it already were params.yaml, so relative paths resolve as they will once active.
-    config_from_mapping(read_yaml_mapping(profile), source_file=target)
+    # Validate as if it already were params.yaml, so relative paths resolve as they will once active; but the
+    # fault is in the profile, so the message names the profile.
+    try:
+        config_from_mapping(read_yaml_mapping(profile), source_file=target)
+    except ConfigError as error:
+        where = str(profile) + error.where[len(str(target)):] if (error.where or "").startswith(str(target)) else error.where
+        raise ConfigError(error.what, where=where, fix=error.fix) from None
     atomic_write_text(target, render_active_params(name, profile.read_text(encoding="utf-8")))
     return target
 

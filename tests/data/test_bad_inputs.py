@@ -104,6 +104,36 @@ def scenario_fold_column_short(tmp, medmnist_npz):
     return {**CSV, "split": {"scheme": "predefined_folds", "folds": 5}}, "the fold column has 3 folds, but split.folds asks for 5"
 
 
+def scenario_npz_header_claims_1e13_elements(tmp, medmnist_npz):
+    import io
+    import zipfile
+
+    intact = medmnist_npz(tmp / "intact.npz")
+    (tmp / "raw").mkdir()
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (10**13,)})
+    with zipfile.ZipFile(intact) as source, zipfile.ZipFile(tmp / "raw/d.npz", "w") as archive:
+        for name in source.namelist():
+            forged = header.getvalue() + b"\x00" * 64
+            archive.writestr(name, forged if name == "train_images.npy" else source.read(name))
+    return NPZ, "member train_images claims shape (10000000000000,) of uint8"
+
+
+def scenario_png_header_claims_30000_square(tmp, medmnist_npz):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    _folder(tmp / "raw/f")
+    side = 30000  # 9e8 pixels, a few hundred bytes on disk
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(b"\x00" * (1 + side // 8) * 10)) + chunk(b"IEND", b"")
+    (tmp / "raw/f/no/bomb.png").write_bytes(png)
+    return FOLDER, "Image size (900000000 pixels) exceeds limit"
+
+
 SCENARIOS = [value for name, value in sorted(globals().items()) if name.startswith("scenario_")]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,11 +33,16 @@ def load_image(path: Path, size: int, channels: int, resize: str = "nearest") ->
     resample = Image.Resampling.NEAREST if resize == "nearest" else Image.Resampling.BILINEAR
     try:
         with Image.open(path) as picture:
+            if Image.MAX_IMAGE_PIXELS and picture.width * picture.height > Image.MAX_IMAGE_PIXELS:
+                # Decoding a header's claim of, say, 30000 x 30000 pixels first allocates all of them.
+                raise DataError(f"image claims {picture.width} x {picture.height} pixels, more than the "
+                                f"{Image.MAX_IMAGE_PIXELS:,} read safely (a decompression bomb, or a whole-slide image)",
+                                where=str(path), fix="downsample it beforehand, or exclude it with 'exclude' in params.yaml")
             picture.load()
             picture = _to_mode(picture, channels)
             picture = picture.resize((size, size), resample=resample)
             array = np.asarray(picture, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(
             f"unreadable image ({type(error).__name__}: {error})".replace(str(path), "file"),
             where=str(path),
@@ -97,7 +103,7 @@ def read_image_folder(config: DatasetConfig, folder: Path) -> ImageDataset:
         raise DataError("no class subfolders", where=where, fix="put each class's images in a subfolder named by its label")
     for class_folder in class_folders:
         label = resolver.index(class_folder.name, f"folder {class_folder.name}/")
-        for file in sorted(p for p in class_folder.rglob("*") if p.is_file()):
+        for file in _files_below(class_folder, folder, config.exclude):
             relative = file.relative_to(folder).as_posix()
             if _excluded(relative, config.exclude):
                 continue
@@ -116,6 +122,21 @@ def read_image_folder(config: DatasetConfig, folder: Path) -> ImageDataset:
         groups = _group_codes([_group_of(name, config.group_pattern, where) for name in relative_paths])
     images = load_images(paths, config.image_size, config.channels, config.resize)
     return ImageDataset(images, np.asarray(labels, dtype=np.int64), tuple(config.classes), groups=groups, origin=where)
+
+
+def _files_below(folder: Path, root: Path, exclude: Sequence[str]) -> list[Path]:
+    """Every file below `folder` (excluded subfolders pruned), sorted. `Path.rglob` passes over a folder it may
+    not read without a word, which would drop its images silently (or a whole class); here that is an error."""
+    def refuse(error: OSError) -> None:
+        raise DataError(f"cannot read folder {error.filename} ({(error.strerror or str(error)).lower()})",
+                        where=str(root), fix="make it readable (chmod -R u+rX), or list it under 'exclude' in params.yaml")
+
+    files = []
+    for parent, folders, names in os.walk(folder, onerror=refuse):
+        here = Path(parent)
+        folders[:] = sorted(name for name in folders if not _excluded((here / name).relative_to(root).as_posix(), exclude))
+        files.extend(here / name for name in names if (here / name).is_file())
+    return sorted(files)
 
 
 def read_csv_manifest(config: DatasetConfig, manifest: Path) -> ImageDataset:

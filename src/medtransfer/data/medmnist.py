@@ -7,6 +7,7 @@ ChestMNIST, which need an explicit rule to become one label).
 
 from __future__ import annotations
 
+import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -74,6 +75,12 @@ def _load_npz_arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array a MedMNIST file must have, fully read (so a truncated member fails here, not later)."""
     where = str(path)
     required = [f"{split}_{kind}" for split in MEDMNIST_SPLITS for kind in ("images", "labels")]
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:  # is_zipfile would call an unreadable file corrupt
+        raise DataError(f"cannot read it ({(error.strerror or str(error)).lower()})", where=where,
+                        fix="make it readable by the user running medtransfer") from None
     if not zipfile.is_zipfile(path):  # else np.load would try to unpickle it
         raise _corrupt(where)
     try:
@@ -85,6 +92,7 @@ def _load_npz_arrays(path: Path) -> dict[str, np.ndarray]:
                     where=where,
                     fix="a MedMNIST file holds train/val/test _images and _labels; download it again",
                 )
+            _check_claimed_sizes(archive.zip, required, where)
             return {key: np.asarray(archive[key]) for key in required}
     except DataError:
         raise
@@ -98,6 +106,28 @@ def _load_npz_arrays(path: Path) -> dict[str, np.ndarray]:
         raise _corrupt(where) from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError):
         raise _corrupt(where) from None
+
+
+def _check_claimed_sizes(archive: zipfile.ZipFile, keys: list[str], where: str) -> None:
+    """NumPy allocates what a member's .npy header claims before reading a byte of it: a header claiming 10¹³
+    elements would end in a MemoryError (or the OOM killer). The claim must fit the member's own size and the
+    machine's memory."""
+    total = 0
+    for key in keys:
+        info = archive.getinfo(f"{key}.npy")
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(member)
+        claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if claimed > info.file_size:
+            raise DataError(f"member {key} claims shape {shape} of {dtype} ({claimed:,} bytes) but holds "
+                            f"{info.file_size:,} bytes", where=where, fix="download it again or replace it with an intact copy")
+        total += claimed
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if total > memory:
+        raise DataError(f"its arrays need {total / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.1f} GiB "
+                        "of memory", where=where, fix="prepare it on a machine with more memory")
 
 
 def _corrupt(where: str) -> DataError:
