@@ -82,6 +82,46 @@ def blob_npz() -> Callable[..., None]:
     return write_blob_npz
 
 
+def labels_independent_of_the_images(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Binary control labels drawn independently of the images: within each true class exactly half the images get
+    each label (an odd class leaves one image to chance), so the control labels carry no information about the
+    class. A random permutation of the true labels would keep a share of them, and a network learns that share."""
+    rng = np.random.default_rng(seed)
+    control = np.empty_like(labels)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        control[members] = (np.arange(members.size) + rng.integers(2)) % 2
+    return control
+
+
+@pytest.fixture(scope="session")
+def control_labels() -> Callable[[np.ndarray, int], np.ndarray]:
+    return labels_independent_of_the_images
+
+
+def read_markdown_table(text: str, heading: str) -> list[dict[str, str]]:
+    """The first Markdown table after the line `heading` (a '#' heading, matched exactly), as one dict per row
+    keyed by the header cells. Fails when there is no such heading or no table below it."""
+    lines = text.splitlines()
+    assert heading in lines, f"no heading {heading!r} in the report"
+    start = lines.index(heading) + 1
+    while start < len(lines) and not lines[start].startswith("|"):
+        assert not lines[start].startswith("#"), f"no table below {heading!r}"
+        start += 1
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    assert len(table) >= 2 and set("".join(table[1])) <= set("-:"), f"no table below {heading!r}"
+    return [dict(zip(table[0], row)) for row in table[2:]]
+
+
+@pytest.fixture(scope="session")
+def markdown_table() -> Callable[[str, str], list[dict[str, str]]]:
+    return read_markdown_table
+
+
 def demo_params(datasets: dict, **sections) -> dict:
     params = {
         "project": {"profile": "test", "seed": 0},
@@ -125,7 +165,88 @@ def cli() -> Callable[..., subprocess.CompletedProcess]:
     return run_cli
 
 
+_NO_FILE_OVERRIDES = "-dac_override,-dac_read_search"
+
+
+@pytest.fixture
+def cli_without_root_file_access() -> Callable[..., subprocess.CompletedProcess]:
+    """`run_cli` in a process that file permissions bind: tests often run as root, which reads and writes past any
+    mode bits, so a chmod-000 fault would never show. Drops the capabilities that bypass them (the files stay
+    owned by the same user, so tmp_path stays reachable)."""
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        require_or_skip("setpriv (util-linux) is missing; permission faults not checked")
+
+    def run(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"}
+        prefix = [setpriv, f"--inh-caps={_NO_FILE_OVERRIDES}", f"--bounding-set={_NO_FILE_OVERRIDES}"]
+        return subprocess.run([*prefix, sys.executable, "-m", "medtransfer", *args], cwd=cwd, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
 POSTGRES_URL_ENV = "MEDTRANSFER_TEST_POSTGRES_URL"
+
+
+def require_or_skip(reason: str) -> None:
+    """Skip for a missing optional tool on a developer's machine; fail under CI (CI=true), where `.ci/run`
+    installs every tool, so that a test that did not run never passes as green."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"required under CI=true: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def require_tool() -> Callable[[str], None]:
+    """`require_or_skip` for tests and fixtures in other folders (conftest modules are not importable by name)."""
+    return require_or_skip
+
+
+KERAS_REFERENCE_SCRIPT = REPO_ROOT / "tests" / "models" / "keras_reference.py"
+
+
+@pytest.fixture(scope="session")
+def keras_references(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """Real Keras ResNet50 files for a seed: a folder with the .h5 files, reference.npz and info.json written by
+    tests/models/keras_reference.py, made once per seed and session.
+
+    Keras runs on its torch backend (no TensorFlow) in its own process, so its backend choice, its import cost and
+    its global state never reach the other tests."""
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("keras") is None:
+        require_or_skip("keras is not installed; install the test extras (parity with real Keras not checked)")
+    made: dict[int, Path] = {}
+
+    def make(seed: int) -> Path:
+        if seed in made:
+            return made[seed]
+        out_dir = tmp_path_factory.mktemp(f"keras_reference_seed{seed}")
+        env = {
+            **os.environ,
+            "KERAS_BACKEND": "torch",
+            "KERAS_HOME": str(out_dir / "keras_home"),  # keras writes a config file there on import
+            "CUDA_VISIBLE_DEVICES": "",
+        }
+        result = subprocess.run([sys.executable, str(KERAS_REFERENCE_SCRIPT), str(out_dir), str(seed)],
+                                env=env, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            pytest.fail(f"keras_reference.py failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+        assert json.loads((out_dir / "info.json").read_text())["backend"] == "torch"
+        made[seed] = out_dir
+        return out_dir
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def keras_reference(keras_references: Callable[[int], Path]) -> Path:
+    """The seed-0 folder of `keras_references`."""
+    return keras_references(0)
 
 
 @pytest.fixture(scope="session")
@@ -137,15 +258,15 @@ def postgres_database() -> Callable[[str], str]:
 
     admin = os.environ.get(POSTGRES_URL_ENV)
     if not admin:
-        pytest.skip(f"no PostgreSQL server: set {POSTGRES_URL_ENV} (.ci/run starts one with .ci/postgres.sh)")
-    sqlalchemy = pytest.importorskip("sqlalchemy")
+        require_or_skip(f"no PostgreSQL server: set {POSTGRES_URL_ENV} (.ci/run starts one with .ci/postgres.sh)")
+    import sqlalchemy
     made: list[str] = []
 
     def execute(statement: str) -> None:
         try:
             engine = sqlalchemy.create_engine(admin, poolclass=sqlalchemy.pool.NullPool, isolation_level="AUTOCOMMIT")
         except ModuleNotFoundError as missing:
-            pytest.skip(f"the PostgreSQL driver is missing ({missing}); install the test extras")
+            require_or_skip(f"the PostgreSQL driver is missing ({missing}); install the test extras")
         try:
             with engine.connect() as connection:
                 connection.execute(sqlalchemy.text(statement))

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
+import sqlite3
 import statistics
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import yaml
 
 from medtransfer.config import load_config
-from medtransfer.errors import DataError
+from medtransfer.errors import DataError, ModelError
 from medtransfer.pointers import FoldModel, ModelPointer, write_pointer
+from medtransfer.registry import Tag
+from medtransfer.analysis.study_summary import write_summary
 from medtransfer.report import run_report
 
 AUCS = {("natural", "full"): [0.91, 0.85, 0.88], ("medical", "full"): [0.80, 0.84, 0.79], ("random", "full"): [0.6, 0.7, 0.65]}
@@ -27,8 +35,8 @@ def _write_csv(path, rows):
 def study(tmp_path, write_params):
     params = write_params(
         {"target": {"format": "medmnist", "path": "t.npz", "classes": ["a", "b"]}},
-        sources={"natural": {"kind": "random", "arch": "resnet18", "seed": 1},
-                 "medical": {"kind": "random", "arch": "resnet18", "seed": 2},
+        sources={"natural": {"kind": "safetensors", "arch": "resnet18", "path": "natural.safetensors"},
+                 "medical": {"kind": "safetensors", "arch": "resnet18", "path": "medical.safetensors"},
                  "random": {"kind": "random", "arch": "resnet18", "seed": 3}},
         study={"targets": ["target"], "sources": ["natural", "medical", "random"], "regimes": ["full"]},
     )
@@ -60,22 +68,55 @@ def study(tmp_path, write_params):
          "random_init_model": "r", "cca": 0.5, "cka": 0.6, "test_auc": 0.9, "random_init_test_auc": 0.6,
          "relative_gain": 0.5, "pearson_cca_layer": -0.42, "pearson_cka_layer": 0.13, "points_layer": 6,
          "pearson_cca_layer_source": "", "pearson_cka_layer_source": "", "points_layer_source": 3}])
+    _write_csv(folder / "auc_intervals.csv", [
+        {"source": source, "regime": regime, "fold": k, "model": f"target.{source}.{regime}.v{k + 1}", "images": 50,
+         "test_auc": auc, "test_auc_low": auc - 0.05, "test_auc_high": min(auc + 0.04, 1.0), "resamples": 1000,
+         "level": 0.95} for (source, regime), aucs in AUCS.items() for k, auc in enumerate(aucs)])
+    _write_csv(folder / "paired_comparison.csv", [
+        {"regime": "full", "source_a": "medical", "source_b": "natural", "folds": 3, "auc_a": 0.81, "auc_b": 0.88,
+         "differences": "-0.11 -0.01 -0.09", "mean_difference": -0.07, "low": -0.2133, "high": 0.0733, "t": -1.9,
+         "p": 0.1978, "correction": 0.25, "level": 0.95}])
     (folder / "layers_cca.png").write_bytes(b"\x89PNG fake")
+    write_summary(config)  # the study-level tables the report opens with
     return config
 
 
-def test_report_tables_come_from_the_outputs(study):
-    report = run_report(study)
+class _RegistryAsThePointersSay:
+    """An MLflow client answering as the registry `study` describes: the tables are under test here, not MLflow."""
+
+    def get_model_version(self, name, version):
+        return SimpleNamespace(version=str(version), tags={Tag.WEIGHTS_SHA256: ("1" if name.startswith("source.") else "0") * 64})
+
+    def get_model_version_by_alias(self, name, alias):
+        return SimpleNamespace(version=str(int(alias.removeprefix("fold")) + 1))
+
+
+def test_report_tables_come_from_the_outputs(study, markdown_table):
+    report = run_report(study, client=_RegistryAsThePointersSay())
     text = report.read_text()
-    for (source, _), aucs in AUCS.items():
+    (auc_row,) = markdown_table(text, "## Test AUC ×100 (mean ± sd over folds)")
+    assert auc_row["target"] == "target"
+    for (source, _), aucs in AUCS.items():  # each cell under its own source's column: swapped columns fail
         scaled = [100 * a for a in aucs]
-        assert f"{statistics.mean(scaled):.1f} ± {statistics.stdev(scaled):.1f}" in text, source
+        assert auc_row[source] == f"{statistics.mean(scaled):.1f} ± {statistics.stdev(scaled):.1f}", source
     assert "| fine-tuned vs its initialisation: natural | full | 0.90 ± 0.01 | 0.80 ± 0.01 |" in text
     assert "| noise floor: shuffled images | – | 0.30 ± 0.03 |" in text
     agreements = [0.82, 0.86, 0.84]
     assert f"{statistics.mean(agreements):.2f} ± {statistics.stdev(agreements):.2f} | 0.74" in text
     assert "| stage4 | 6 | -0.42 | 0.13 |" in text
     assert "| target.natural.full | fold0=v1, fold1=v2, fold2=v3 | source.natural v4 |" in text
+    (natural_intervals,) = [row for row in markdown_table(text, "## Do the sources differ beyond fold noise? — target")
+                            if row["source"] == "natural"]
+    assert natural_intervals["fold 0"] == "91.0 (86.0–95.0)" and natural_intervals["fold 2"] == "88.0 (83.0–92.0)"
+    paired = text.split("Paired differences of test AUC")[1]
+    assert "| full | medical − natural | 3 | -11.0, -1.0, -9.0 | -7.0 | -21.3 to +7.3 | 0.198 |" in paired
+    study_rows = {row["source"]: row for row in markdown_table(text, "## The study across targets")}
+    random_mean = statistics.mean(AUCS[("random", "full")])
+    natural_gain = 100 * (statistics.mean(AUCS[("natural", "full")]) - random_mean) / random_mean
+    assert study_rows["natural"]["gain over random init"] == f"{natural_gain:+.1f} %"
+    assert "needs more than one target; this study has one (target)" in text
+    (across,) = markdown_table(text, "## Across targets: Wilcoxon signed-rank test on the per-target mean differences")
+    assert across["targets"] == "1" and across["p"].startswith("none: 1 target(s)"), across
     assert (report.parent / "figures/target_layers_cca.png").is_file()
     assert "figures/target_layers_cca.png" in text
 
@@ -83,6 +124,116 @@ def test_report_tables_come_from_the_outputs(study):
 def test_report_refuses_without_analysis(study, tmp_path):
     import shutil
 
+    (tmp_path / "results/analysis/target/predictions.csv").unlink()  # not to be worded as "nothing to compare"
+    with pytest.raises(DataError, match="the analysis of target 'target' lacks predictions.csv"):
+        run_report(study, client=_RegistryAsThePointersSay())
     shutil.rmtree(tmp_path / "results/analysis")
     with pytest.raises(DataError, match="no analysis for target 'target'"):
-        run_report(study)
+        run_report(study, client=_RegistryAsThePointersSay())
+
+
+# -- faults: the report trusts neither its pointers nor the tracking store, and rewrites nothing before both pass --
+
+OLD_REPORT = "the previous report, to be kept\n"
+
+
+def _keep_a_previous_report(config):
+    (config.root / "reports").mkdir()
+    (config.root / "reports/report.md").write_text(OLD_REPORT)
+
+
+def _assert_one_line_exit_2_and_report_kept(result, config, expected):
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert expected in lines[0], lines[0]
+    assert (config.root / "reports/report.md").read_text() == OLD_REPORT
+    assert sorted(path.name for path in (config.root / "reports").iterdir()) == ["report.md"]
+
+
+def test_report_refuses_pointers_the_registry_does_not_hold(study, cli):
+    # The registry of the study folder is empty: every version the pointers name (here v99) is unknown to it.
+    path = study.root / "results/models/target.medical.full.json"
+    pointer = json.loads(path.read_text())
+    pointer["folds"][1]["version"] = "99"
+    path.write_text(json.dumps(pointer))
+    _keep_a_previous_report(study)
+    result = cli("--params", str(study.source_file), "report", timeout=120)
+    _assert_one_line_exit_2_and_report_kept(
+        result, study, "the registry disagrees with the model pointer: target.medical.full version 1 does not exist")
+    assert str(path) in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda pointer: pointer.update(folds=[]), "'folds' names no registered fit"),
+        (lambda pointer: pointer["folds"][0].update(test_auc="high"), "fold 0 has test_auc 'high', not a number"),
+        (lambda pointer: pointer["folds"][0].update(test_auc=7.5), "fold 0 has test_auc 7.5, not a number"),
+        (lambda pointer: pointer["folds"][0].update(version="latest"), "names version 'latest', not a registry version"),
+    ],
+)
+def test_report_refuses_malformed_pointer_content(study, change, expected):
+    path = study.root / "results/models/target.natural.full.json"
+    pointer = json.loads(path.read_text())
+    change(pointer)
+    path.write_text(json.dumps(pointer))
+    with pytest.raises(ModelError) as caught:
+        run_report(study, client=_RegistryAsThePointersSay())
+    assert expected in caught.value.one_line() and str(path) in caught.value.one_line()
+    assert not (study.root / "reports").exists()
+
+
+def _store_is_a_folder(store):
+    store.mkdir()
+
+
+def _store_is_random_bytes(store):
+    store.write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def _store_is_truncated(store):
+    with contextlib.closing(sqlite3.connect(store)) as database:
+        database.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)")
+        database.execute("CREATE INDEX runs_name ON runs (name)")
+        database.executemany("INSERT INTO runs (name) VALUES (?)", [(f"run {index}" * 8,) for index in range(4000)])
+        database.commit()
+    with store.open("r+b") as stream:
+        stream.truncate(store.stat().st_size // 2)
+
+
+@pytest.mark.parametrize(
+    ("break_store", "expected"),
+    [
+        (_store_is_a_folder, "mlflow.db is not a regular file"),
+        (_store_is_random_bytes, "mlflow.db is not an SQLite database"),
+        (_store_is_truncated, "mlflow.db is damaged (database disk image is malformed)"),
+    ],
+    ids=["folder", "random_bytes", "truncated"],
+)
+def test_report_refuses_a_broken_tracking_store_in_seconds(study, cli, break_store, expected):
+    break_store(study.root / "mlflow.db")
+    _keep_a_previous_report(study)
+    # MLflow itself retried for about 50 s before its traceback; the timeout makes "in seconds" part of the test.
+    result = cli("--params", str(study.source_file), "report", timeout=45)
+    _assert_one_line_exit_2_and_report_kept(result, study, expected)
+    assert "stores.tracking_uri" in result.stderr
+
+
+def test_report_refuses_a_store_in_a_missing_folder(study, cli):
+    params = yaml.safe_load(study.source_file.read_text())
+    params["stores"]["tracking_uri"] = "sqlite:///no/such/folder/mlflow.db"
+    study.source_file.write_text(yaml.safe_dump(params))
+    _keep_a_previous_report(study)
+    result = cli("--params", str(study.source_file), "report", timeout=45)
+    _assert_one_line_exit_2_and_report_kept(result, study, f"the tracking store's folder {study.root}/no/such/folder does not exist")
+    assert not (study.root / "no").exists(), "no empty database made elsewhere"
+
+
+def test_report_refuses_an_unreadable_store(study, cli_without_root_file_access):
+    store = study.root / "mlflow.db"
+    store.write_bytes(b"SQLite format 3\x00" + bytes(4080))
+    store.chmod(0)
+    _keep_a_previous_report(study)
+    result = cli_without_root_file_access("--params", str(study.source_file), "report", timeout=45)
+    _assert_one_line_exit_2_and_report_kept(result, study, f"cannot read the tracking store {store} (Permission denied)")

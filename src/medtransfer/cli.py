@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medtransfer import __version__
-from medtransfer.errors import UserError
+from medtransfer.errors import UserError, as_user_error
 
 
 class _OneLineArgumentParser(argparse.ArgumentParser):
@@ -23,9 +23,9 @@ class _OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def _config(args: argparse.Namespace):
-    from medtransfer.config import load_config
+    from medtransfer.mlflow_project import load_step_config
 
-    return load_config(args.params)
+    return load_step_config(args.params)
 
 
 # -- prepare -----------------------------------------------------------------------------------------------------
@@ -264,6 +264,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _add_search(commands) -> None:
+    from medtransfer.mlflow_project import optional_count
+
     parser = commands.add_parser(
         "search",
         help="Optuna search for one (dataset, source, regime); registers the best configuration fit on every fold",
@@ -275,7 +277,8 @@ def _add_search(commands) -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--source", required=True)
     parser.add_argument("--regime", default="full", choices=["full", "freeze", "linear"])
-    parser.add_argument("--trials", type=int, help="COMPLETE trials wanted (default: search.trials in params.yaml)")
+    parser.add_argument("--trials", type=optional_count,
+                        help="COMPLETE trials wanted (default, or when empty: search.trials in params.yaml)")
     parser.add_argument("--preset", choices=["paper"], help="no search: fit this fixed protocol on every fold")
     parser.set_defaults(handler=_run_search)
 
@@ -284,10 +287,6 @@ def _run_search(args: argparse.Namespace) -> int:
     from medtransfer.search.study import SearchRequest, run_search
 
     config = _config(args)
-    if args.trials is not None and args.trials < 1:
-        from medtransfer.errors import InputError
-
-        raise InputError(f"--trials must be at least 1, got {args.trials}")
     outcome = run_search(config, SearchRequest(args.dataset, args.source, args.regime, args.trials, args.preset))
     pointer = outcome.pointer
     versions = ", ".join(f"{fit.alias}=v{fit.version}" for fit in pointer.folds)
@@ -338,6 +337,24 @@ def _run_compare(args: argparse.Namespace) -> int:
     from medtransfer.analysis.compare import run_compare
 
     run_compare(_config(args), args.dataset)
+    return 0
+
+
+def _add_summary(commands) -> None:
+    parser = commands.add_parser(
+        "summary",
+        help="pool every target's analysis: similarity vs gain per source, cross-target means, the AUC table",
+        description="Writes results/summary/ from every target's compare tables and model pointers (the authors' "
+        "similarity-vs-gain correlation pooled over targets and folds, cross-target similarity means with the "
+        "random-vs-random floor, test AUC with the relative gain over random init) and logs it to MLflow.",
+    )
+    parser.set_defaults(handler=_run_summary)
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    from medtransfer.analysis.study_summary import run_summary
+
+    print(f"wrote {run_summary(_config(args))}")
     return 0
 
 
@@ -478,6 +495,23 @@ def _add_similarity(commands) -> None:
     parser.set_defaults(handler=similarity_command.run)
 
 
+# -- relocate ----------------------------------------------------------------------------------------------------
+
+
+def _add_relocate(commands) -> None:
+    from medtransfer import relocate
+
+    parser = commands.add_parser(
+        "relocate",
+        help="after copying or moving a study folder: point its MLflow SQLite store at the folder's own artifacts",
+        description="Rewrite the absolute paths the MLflow SQLite store records (artifact locations of experiments, "
+        "runs, logged and registered models) from the folder the study was copied or moved from to the folder "
+        "holding params.yaml. The store is copied, rewritten and renamed into place.",
+    )
+    relocate.add_arguments(parser)
+    parser.set_defaults(handler=relocate.run)
+
+
 # -- entry -------------------------------------------------------------------------------------------------------
 
 _SUBCOMMANDS: tuple[Callable, ...] = (
@@ -490,11 +524,13 @@ _SUBCOMMANDS: tuple[Callable, ...] = (
     _add_prepare,
     _add_pretrain,
     _add_profile,
+    _add_relocate,
     _add_report,
     _add_search,
     _add_similarity,
     _add_source,
     _add_study,
+    _add_summary,
 )
 
 
@@ -519,11 +555,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # MLflow logs store migrations at INFO on stderr; keep stderr for our own one-line messages.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except UserError as error:
+    except (UserError, OSError) as caught:
+        error = as_user_error(caught)  # an OSError that is not the environment's fault is re-raised as it was
         print(f"medtransfer {args.command}: error: {error.one_line()}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:

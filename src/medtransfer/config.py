@@ -216,6 +216,8 @@ class AnalysisConfig:
     measures: list[str] = field(default_factory=lambda: ["cca", "svcca", "pwcca", "cka", "cka_debiased"])
     batch_size: int = 64
     seed: int = 0
+    #: Resamples of each fold's test images for the bootstrap interval of its test AUC (`compare`).
+    bootstrap_resamples: int = 1000
 
 
 @dataclass(frozen=True)
@@ -223,10 +225,11 @@ class SourceConfig:
     """A named pretraining starting point, registered as `source.<name>` by `medtransfer source`.
 
     kind:          `random` (Keras-like initialisation from `seed`), `timm` (timm's pretrained ImageNet weights
-                   for `arch`, optionally a `timm_tag` such as `a1_in1k`; needs the Hugging Face hub or its
-                   cache), `keras_h5` (a Keras ResNet50 HDF5 file at `path`, e.g. RadImageNet's; arch must be
-                   keras_resnet50), `safetensors` (a backbone state dict at `path`) or `pretrained` (our own
-                   supervised pretraining on `dataset`, from a Keras-like initialisation drawn from `seed`,
+                   for `arch`, optionally a `timm_tag` such as `a1_in1k`; from the Hugging Face hub or its
+                   cache, or offline from a local weights `file` timm reads, such as the hub's
+                   `model.safetensors`), `keras_h5` (a Keras ResNet50 HDF5 file at `path`, e.g. RadImageNet's;
+                   arch must be keras_resnet50), `safetensors` (a backbone state dict at `path`) or `pretrained`
+                   (our own supervised pretraining on `dataset`, from a Keras-like initialisation drawn from `seed`,
                    with the `train` settings given here, else the top-level ones).
     preprocessing: `imagenet` or `caffe`; defaults to the architecture's (caffe for keras_resnet50).
     """
@@ -236,6 +239,7 @@ class SourceConfig:
     seed: int = 0
     path: str | None = None
     timm_tag: str | None = None
+    file: str | None = None
     dataset: str | None = None
     train: TrainConfig | None = None
     preprocessing: Literal["imagenet", "caffe"] | None = None
@@ -382,6 +386,10 @@ def config_from_mapping(raw: dict[str, Any], *, source_file: Path) -> Config:
                 where=f"{where}: sources.{name}.dataset",
             )
     _check_distinct_initialisations(sources, where)
+    _check_train(sections["train"], "train", where)
+    for name, source in sources.items():
+        if source.train is not None:
+            _check_train(source.train, f"sources.{name}.train", where)
     _check_study_and_search(sections, datasets, sources, where)
     _check_stores(sections["stores"], where)
     return Config(root=source_file.parent, source_file=source_file, datasets=datasets, sources=sources, **sections)
@@ -417,6 +425,9 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         raise ConfigError(f"not valid YAML{line}: {problem}", where=str(path), fix="fix the YAML syntax") from None
     except UnicodeDecodeError:
         raise ConfigError("not a UTF-8 text file", where=str(path), fix="save it as UTF-8 YAML") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read it ({(error.strerror or str(error)).lower()})", where=str(path),
+                          fix="make it readable by the user running medtransfer") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -632,6 +643,13 @@ def _check_source(source: SourceConfig, key: str, where: str) -> None:
         )
     if source.kind == "pretrained" and not source.dataset:
         raise ConfigError("kind 'pretrained' needs a 'dataset' to pretrain on", where=f"{where}: {key}.dataset")
+    # Each kind reads its weights from one key; a key the kind ignores would silently load other weights.
+    if source.kind == "timm" and source.path:
+        raise ConfigError("kind 'timm' reads a local weights file from 'file', not 'path'",
+                          where=f"{where}: {key}.path", fix="rename the key to 'file'")
+    if source.kind != "timm" and source.file:
+        raise ConfigError(f"'file' is for kind timm only; kind '{source.kind}' ignores it",
+                          where=f"{where}: {key}.file", fix="remove it (weights files of other kinds go in 'path')")
     if source.kind == "timm" and source.arch == "keras_resnet50":
         raise ConfigError(
             "timm has no keras_resnet50 weights", where=f"{where}: {key}.kind", fix="use kind keras_h5 with the Keras file"
@@ -687,6 +705,37 @@ def _check_study_and_search(sections: dict[str, Any], datasets: dict, sources: d
         raise ConfigError("trials must be at least 1", where=f"{where}: search.trials")
     if not search.seeds:
         raise ConfigError("at least one seed is needed for the final fits", where=f"{where}: search.seeds")
+    _check_search_folds(search, [datasets[name] for name in study.targets], where)
+
+
+def _check_train(train: TrainConfig, key: str, where: str) -> None:
+    """Values the types let through but training cannot use: found here, not after the data is loaded."""
+    for name in ("batch_size", "max_epochs", "head_max_epochs"):
+        if getattr(train, name) < 1:
+            raise ConfigError(f"must be at least 1, got {getattr(train, name)}", where=f"{where}: {key}.{name}")
+    for name in ("patience", "head_patience"):
+        if getattr(train, name) < 0:
+            raise ConfigError(f"must be 0 or more, got {getattr(train, name)}", where=f"{where}: {key}.{name}")
+    for name in ("learning_rate", "head_learning_rate"):
+        if not 0 < getattr(train, name) < float("inf"):
+            raise ConfigError(f"must be a positive number, got {getattr(train, name)}", where=f"{where}: {key}.{name}",
+                              fix="typical values are 1e-5 to 1e-2")
+    if not 0 <= train.weight_decay < float("inf") or not 0 <= train.momentum < 1:
+        bad = "weight_decay" if not 0 <= train.weight_decay < float("inf") else "momentum"
+        raise ConfigError(f"out of range, got {getattr(train, bad)}", where=f"{where}: {key}.{bad}",
+                          fix="weight_decay >= 0, 0 <= momentum < 1")
+
+
+def _check_search_folds(search: SearchConfig, targets: list[DatasetConfig], where: str) -> None:
+    """Every fold the search tunes on or fits must exist in every target (a `given` split has one fold)."""
+    if not targets:
+        return
+    fewest = min(1 if dataset.split.scheme == "given" else dataset.split.folds for dataset in targets)
+    for key, folds in (("search_fold", [search.search_fold]), ("folds", search.folds or [])):
+        for fold in folds:
+            if not 0 <= fold < fewest:
+                raise ConfigError(f"fold {fold} does not exist: the study's targets have folds 0..{fewest - 1}",
+                                  where=f"{where}: search.{key}", fix=f"use a fold from 0 to {fewest - 1}")
 
 
 def _check_distinct_initialisations(sources: dict[str, SourceConfig], where: str) -> None:

@@ -1,6 +1,6 @@
 """`study`: the whole pipeline of the active profile as one MLflow parent run, driven through DVC.
 
-`dvc repro` runs the stages (demo data → prepare → sources → searches → extract → compare → report) and skips
+`dvc repro` runs the stages (demo data → prepare → sources → searches → extract → compare → summary → report) and skips
 those whose inputs did not change. Every stage that runs logs a child of the study's run (the stages read the
 parent's id from the environment), the searches keep their trial children below their own parent, and the study
 run records which stages ran and which were up to date, DVC's log, and the report.

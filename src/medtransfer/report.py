@@ -17,10 +17,14 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
+from medtransfer.analysis.source_comparison import AUC_INTERVAL_FILE, PAIRED_FILE
 from medtransfer.atomic_files import atomic_directory
+from medtransfer.analysis.study_summary import SUMMARY_FOLDER
+from medtransfer.report_statistics import across_targets_section, paired_section
+from medtransfer.report_summary import study_section
 from medtransfer.config import Config
 from medtransfer.errors import DataError
-from medtransfer.pointers import ModelPointer, pointers_for_dataset
+from medtransfer.pointers import ModelPointer, pointer_path, pointers_for_dataset, verify_pointer
 
 REPORT_FOLDER = "reports"
 REPORT_FILE = "report.md"
@@ -36,8 +40,11 @@ SIMILARITY_GROUPS = (
 )
 
 
-def run_report(config: Config) -> Path:
-    """Write reports/report.md (+ figures) for the study's targets; returns the report file."""
+def run_report(config: Config, client=None) -> Path:
+    """Write reports/report.md (+ figures) for the study's targets; returns the report file.
+
+    Every pointer is checked against the registry (`client`, default: the configured tracking store's) before
+    anything is written, as `extract` does: a report must not name versions the registry does not hold."""
     targets = config.study.targets
     if not targets:
         raise DataError("the study names no targets", where=f"{config.source_file}: study.targets")
@@ -50,10 +57,16 @@ def run_report(config: Config) -> Path:
             where=str(config.resolve("results/models")),
             fix="run the searches first ('dvc repro' or 'medtransfer search ...')",
         )
+    _verify_pointers(config, pointers, client)
     for target in targets:
-        if not (analysis_root / target / "similarity_summary.csv").is_file():
+        # Each table must be there: a missing one would read as an empty section ("nothing to compare").
+        tables = ("similarity_summary.csv", "predictions.csv", "similarity_vs_gain.csv", AUC_INTERVAL_FILE, PAIRED_FILE)
+        absent = [name for name in tables if not (analysis_root / target / name).is_file()]
+        if absent:
+            what = f"no analysis for target '{target}'" if len(absent) == len(tables) else \
+                f"the analysis of target '{target}' lacks {', '.join(absent)}"
             raise DataError(
-                f"no analysis for target '{target}'",
+                what,
                 where=str(analysis_root / target),
                 fix=f"run 'medtransfer extract --dataset {target}' and 'medtransfer compare --dataset {target}'",
             )
@@ -61,15 +74,31 @@ def run_report(config: Config) -> Path:
     with atomic_directory(destination) as staging:
         figures = staging / "figures"
         figures.mkdir()
-        sections = [_header(config), _auc_section(config, pointers)]
+        sections = [_header(config), study_section(config.resolve(SUMMARY_FOLDER), list(targets), figures),
+                    _auc_section(config, pointers),
+                    across_targets_section({target: analysis_root / target for target in targets})]
         for target in targets:
             folder = analysis_root / target
+            sections.append(paired_section(target, folder))
             sections.append(_similarity_section(target, folder, figures))
             sections.append(_predictions_section(target, folder, figures))
             sections.append(_gain_section(target, folder, figures))
         sections.append(_provenance_section(config, pointers))
         (staging / REPORT_FILE).write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return destination / REPORT_FILE
+
+
+def _verify_pointers(config: Config, pointers: dict[str, list[ModelPointer]], client) -> None:
+    if client is None:
+        import mlflow
+
+        from medtransfer.tracking import use_tracking_store
+
+        use_tracking_store(config)
+        client = mlflow.MlflowClient()
+    for target_pointers in pointers.values():
+        for pointer in target_pointers:
+            verify_pointer(client, pointer, str(pointer_path(config, pointer.dataset, pointer.source, pointer.regime)))
 
 
 # -- sections ------------------------------------------------------------------------------------------------------

@@ -2,14 +2,14 @@
 
 The tracking URI and artifact root come from params.yaml (resolved against the repository root). Under
 `mlflow run`, the launcher has already created the run and exported MLFLOW_RUN_ID / MLFLOW_TRACKING_URI /
-MLFLOW_EXPERIMENT_ID; the step then logs into that run and keeps the launcher's experiment (never switching it).
+MLFLOW_EXPERIMENT_ID; the step then logs into that run, once `mlflow_project.check_launched_run` has made sure
+the launcher put it in the profile's store and experiment.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -71,15 +71,21 @@ def use_tracking_store(config: Config) -> str:
     """Point MLflow at the configured store (or the launcher's) and return the URI in use."""
     import mlflow
 
+    from medtransfer.mlflow_project import check_launched_run
+    from medtransfer.config import TRACKING_URI_ENV_VAR
+    from medtransfer.relocate import check_store_location
+    from medtransfer.store_check import check_sqlite_store
+
     configured = config.tracking_uri
     launcher = os.environ.get("MLFLOW_TRACKING_URI")
     if launched_by_mlflow_run() and launcher:
-        if _normalise(launcher, Path.cwd()) != _normalise(configured, config.root):
-            print(
-                f"medtransfer: warning: mlflow run logs to {launcher}, params.yaml names {configured}; "
-                "using the launcher's store (set MLFLOW_TRACKING_URI to align them)",
-                file=sys.stderr,
-            )
+        check_sqlite_store(launcher, "$MLFLOW_TRACKING_URI")
+    else:
+        from_env = bool(os.environ.get(TRACKING_URI_ENV_VAR))
+        check_sqlite_store(configured, f"${TRACKING_URI_ENV_VAR}" if from_env else f"{config.source_file}: stores.tracking_uri")
+    check_store_location(config)  # a copied study must not log into, or load from, the original's artifacts
+    if launched_by_mlflow_run() and launcher:
+        check_launched_run(config)  # the CLI checked already; library callers under a launcher are checked here
         mlflow.set_tracking_uri(launcher)
         return launcher
     mlflow.set_tracking_uri(configured)
@@ -145,8 +151,3 @@ def log_prepared_dataset(manifest: dict[str, Any], folder: Path, context: str) -
     )
     mlflow.set_tag(f"{DATA_FINGERPRINT_TAG}.{manifest['dataset']}", manifest["fingerprint"])
 
-
-def _normalise(uri: str, base: Path) -> str:
-    from medtransfer.config import resolve_store_url
-
-    return resolve_store_url(uri, base)

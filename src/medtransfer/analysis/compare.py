@@ -41,7 +41,6 @@ import io
 import itertools
 import math
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,6 +69,15 @@ from medtransfer.analysis.predictions import prediction_similarity
 from medtransfer.analysis.similarity import ALL_MEASURES, SimilarityAccumulator
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.config import AnalysisConfig, Config
+from medtransfer.analysis.source_comparison import (
+    AUC_INTERVAL_COLUMNS,
+    AUC_INTERVAL_FILE,
+    PAIRED_COLUMNS,
+    PAIRED_FILE,
+    auc_interval_rows,
+    correction_term,
+    paired_rows,
+)
 from medtransfer.errors import ConfigError, DataError, warn
 
 __all__ = [
@@ -292,17 +300,22 @@ def run_compare(config: Config, dataset: str) -> Path:
     summary_rows = summarise(similarity_rows)
     predictions = _prediction_rows(folder, manifest, models)
     gain_rows = similarity_vs_gain(similarity_rows, by_key, predictions_loader=lambda m: _load_predictions(folder, manifest, m))
+    auc_rows = auc_interval_rows(models, lambda m: _load_predictions(folder, manifest, m),
+                                 config.analysis.bootstrap_resamples, config.analysis.seed)
+    paired = paired_rows(auc_rows, correction_term(manifest["folds"]))
     target = results_folder(config, dataset)
     with atomic_directory(target) as staging:
         _write_csv(staging / SIMILARITY_FILE, SIMILARITY_COLUMNS, similarity_rows)
         _write_csv(staging / SUMMARY_FILE, SUMMARY_COLUMNS, summary_rows)
         _write_csv(staging / PREDICTIONS_FILE, PREDICTION_COLUMNS, predictions)
         _write_csv(staging / GAIN_FILE, GAIN_COLUMNS, gain_rows)
+        _write_csv(staging / AUC_INTERVAL_FILE, AUC_INTERVAL_COLUMNS, auc_rows)
+        _write_csv(staging / PAIRED_FILE, PAIRED_COLUMNS, paired)
         _write_figures(staging, folder, manifest, dataset, measures, summary_rows, predictions, gain_rows)
     with atomic_directory(curves_folder(config, dataset)) as staging:
         for measure in measures:
             _write_csv(staging / f"{measure}.csv", CURVE_COLUMNS, layer_curve_rows(summary_rows, measure))
-    _log_compare_run(config, dataset, manifest, target, measures, summary_rows, predictions)
+    _log_compare_run(config, dataset, manifest, target, measures, summary_rows, predictions, paired)
     print(format_summary(dataset, summary_rows, measures, len(pairs), time.perf_counter() - started, target))
     return target
 
@@ -317,6 +330,9 @@ def _measures(config: Config) -> list[str]:
     if analysis.channel_repeats < 1:
         raise ConfigError(f"channel_repeats must be at least 1, got {analysis.channel_repeats}",
                           where=f"{where}.channel_repeats")
+    if analysis.bootstrap_resamples < 1:
+        raise ConfigError(f"bootstrap_resamples must be at least 1, got {analysis.bootstrap_resamples}",
+                          where=f"{where}.bootstrap_resamples", fix="1000 is usual for a 95 % interval")
     measures = list(dict.fromkeys(analysis.measures))
     unknown = [m for m in measures if m not in ALL_MEASURES]
     if unknown or not measures:
@@ -433,29 +449,15 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
 
 
 def _load_predictions(folder: Path, manifest: dict[str, Any], model: StudyModel):
-    """(indices, labels, probabilities) of a fine-tuned model's test predictions: the copy `extract` saved, else the
-    run's artifact `predictions/test_predictions.csv` (downloaded by run id); None with a warning if neither."""
+    """(indices, labels, probabilities) of a fine-tuned model's test predictions, from the copy `extract` saved
+    beside the activations (compare never reads the tracking store); a missing copy stops the step."""
     from medtransfer.train.reporting import read_predictions
 
-    record = manifest["models"].get(model.key, {})
-    saved = record.get("predictions")
-    if saved and (folder / saved).is_file():
-        return read_predictions(folder / saved)
-    if not model.run_id:
-        return None
-    try:
-        import mlflow
-
-        from medtransfer.train.finetune import PREDICTIONS_ARTIFACT_DIR
-        from medtransfer.train.reporting import PREDICTIONS_FILE as RUN_PREDICTIONS_FILE
-
-        with tempfile.TemporaryDirectory(prefix="medtransfer-predictions-") as download:
-            local = mlflow.artifacts.download_artifacts(
-                run_id=model.run_id, artifact_path=f"{PREDICTIONS_ARTIFACT_DIR}/{RUN_PREDICTIONS_FILE}", dst_path=download)
-            return read_predictions(Path(local))
-    except Exception as error:  # noqa: BLE001 - any store failure means the same thing here
-        warn(f"{model.key}: test predictions unavailable ({type(error).__name__}); its prediction similarity is skipped")
-        return None
+    saved = manifest["models"].get(model.key, {}).get("predictions")
+    if not saved or not (folder / saved).is_file():
+        raise DataError(f"the activations hold no test predictions of {model.key}", where=str(folder),
+                        fix=f"run 'medtransfer extract --dataset {manifest.get('dataset', '<dataset>')}' again")
+    return read_predictions(folder / saved)
 
 
 def _aligned(first, second, keys: tuple[str, str]):
@@ -483,8 +485,6 @@ def _prediction_rows(folder: Path, manifest: dict[str, Any], models: Sequence[St
     rows = []
     for pair in prediction_pairs(models):
         first, second = load(pair.model_a), load(pair.model_b)
-        if first is None or second is None:
-            continue
         labels, probabilities_a, probabilities_b = _aligned(first, second, (pair.model_a, pair.model_b))
         if len(labels) == 0:
             warn(f"{pair.model_a} and {pair.model_b} share no test images; skipped")
@@ -568,7 +568,9 @@ def _format(value: Any) -> Any:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return "nan" if not math.isfinite(value) else f"{value:.8g}"
+        # The shortest text that reads back as the same float: tables can be recomputed from exactly (a rounded
+        # value moves Pearson's r of a few close points by 1e-5).
+        return "nan" if not math.isfinite(value) else repr(value)
     return "" if value is None else value
 
 
@@ -639,7 +641,7 @@ def summary_metrics(summary: Sequence[dict], predictions: Sequence[dict]) -> dic
 
 
 def _log_compare_run(config: Config, dataset: str, manifest: dict[str, Any], target: Path, measures: list[str],
-                     summary: list[dict], predictions: list[dict]) -> None:
+                     summary: list[dict], predictions: list[dict], paired: list[dict]) -> None:
     import mlflow
 
     from medtransfer.tracking import DATA_FINGERPRINT_TAG, step_run
@@ -657,6 +659,11 @@ def _log_compare_run(config: Config, dataset: str, manifest: dict[str, Any], tar
             "folds": len(manifest["folds"]),
         })
         metrics = summary_metrics(summary, predictions)
+        for row in paired:
+            label = _metric_name("auc_difference", f"{row['source_a']} vs {row['source_b']}", row["regime"])
+            metrics.update({label: row["mean_difference"], f"{label}_low": row["low"], f"{label}_high": row["high"],
+                            f"{label}_p": row["p"]})
+        metrics = {name: value for name, value in metrics.items() if math.isfinite(value)}
         if metrics:
             mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(target), artifact_path="analysis")

@@ -1,0 +1,273 @@
+"""`summary`: the study's answer across targets, from every target's `compare` tables and the model pointers.
+
+Written to `results/summary/` (a DVC output after the per-target compares):
+- `gain_correlation.csv`: per source, regime, layer and measure, Pearson's r between similarity to the source and
+  the relative test-AUC gain, pooled over every target and fold. The gain is the authors' statistic: relative to
+  the random-init model fine-tuned *without* freezing on the same target and fold, whatever the regime. The mean of
+  the per-target r (each target's own points, as `compare` computed it) is kept beside it.
+- `cross_target_similarity.csv`: per pair group, pair, regime, layer and measure, the mean ± sd over targets of
+  each target's mean over folds, next to the random-vs-random floor averaged the same way.
+- `auc_table.csv`: test AUC (mean and sd over folds) per target × source × regime, with the relative gain of the
+  mean over the random-init model of the same regime.
+and, beside the folder, `results/summary_metrics.json`: a few of these numbers for `dvc metrics show` (also logged
+to the summary's run and the study's MLflow parent run).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtransfer.config import Config
+from medtransfer.errors import DataError
+
+SUMMARY_FOLDER = "results/summary"
+GAIN_CORRELATION_FILE = "gain_correlation.csv"
+CROSS_TARGET_FILE = "cross_target_similarity.csv"
+AUC_TABLE_FILE = "auc_table.csv"
+#: Beside the folder, not inside it: DVC refuses a metrics file inside another output.
+METRICS_FILE = "results/summary_metrics.json"
+GAIN_CORRELATION_COLUMNS = ["source", "regime", "layer", "measure", "points", "targets", "pearson_r",
+                            "mean_per_target_r", "baseline"]
+CROSS_TARGET_COLUMNS = ["pair_kind", "pair", "regime", "layer", "measure", "targets", "mean", "sd",
+                        "random_vs_random_mean", "random_vs_random_sd"]
+AUC_TABLE_COLUMNS = ["target", "source", "regime", "folds", "test_auc_mean", "test_auc_sd", "random_init_source",
+                     "relative_gain"]
+#: The regime of the authors' baseline: random init fine-tuned without freezing.
+BASELINE_REGIME = "full"
+GAIN_MEASURES = ("cca", "cka")
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r over the pairs where both are finite; NaN with fewer than 3 points or no spread."""
+    points = np.array([(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)], dtype=np.float64)
+    if len(points) < 3:
+        return math.nan
+    centred = points - points.mean(axis=0)
+    denominator = math.sqrt(float((centred[:, 0] ** 2).sum()) * float((centred[:, 1] ** 2).sum()))
+    return float((centred[:, 0] * centred[:, 1]).sum() / denominator) if denominator > 0 else math.nan
+
+
+def pooled_gain_correlations(gain_tables: dict[str, list[dict[str, str]]]) -> list[dict[str, Any]]:
+    """The authors' statistic from every target's `similarity_vs_gain.csv` rows (see the module docstring)."""
+    baseline: dict[tuple[str, int], float] = {}
+    for target, rows in gain_tables.items():
+        for row in rows:
+            if row["regime"] == BASELINE_REGIME:
+                baseline[(target, int(row["fold"]))] = _float(row["random_init_test_auc"])
+    groups: dict[tuple[str, str, str], list[tuple[str, dict[str, str]]]] = defaultdict(list)
+    for target, rows in gain_tables.items():
+        for row in rows:
+            groups[(row["source"], row["regime"], row["layer"])].append((target, row))
+    result = []
+    for (source, regime, layer), members in sorted(groups.items()):
+        for measure in GAIN_MEASURES:
+            similarity, gain, per_target = [], [], {}
+            for target, row in members:
+                reference = baseline.get((target, int(row["fold"])), math.nan)
+                similarity.append(_float(row[measure]))
+                gain.append((_float(row["test_auc"]) - reference) / reference if reference else math.nan)
+                per_target[target] = _float(row.get(f"pearson_{measure}_layer_source", "nan"))
+            finite_r = [r for r in per_target.values() if math.isfinite(r)]
+            usable = sum(math.isfinite(a) and math.isfinite(b) for a, b in zip(similarity, gain))
+            result.append({
+                "source": source, "regime": regime, "layer": layer, "measure": measure, "points": usable,
+                "targets": len(per_target), "pearson_r": pearson(similarity, gain),
+                "mean_per_target_r": float(np.mean(finite_r)) if finite_r else math.nan,
+                "baseline": f"random init, {BASELINE_REGIME}",
+            })
+    return result
+
+
+def cross_target_similarity(summaries: dict[str, list[dict[str, str]]]) -> list[dict[str, Any]]:
+    """Mean ± sd over targets of each target's fold-mean similarity, with the random-vs-random floor."""
+    groups: dict[tuple[str, str, str, str, str], dict[str, tuple[float, float]]] = defaultdict(dict)
+    for target, rows in summaries.items():
+        for row in rows:
+            key = (row["pair_kind"], row["pair"], row["regime"], row["layer"], row["measure"])
+            groups[key][target] = (_float(row["mean"]), _float(row["random_vs_random_mean"]))
+    result = []
+    for (kind, pair, regime, layer, measure), by_target in sorted(groups.items()):
+        means = [value for value, _ in by_target.values() if math.isfinite(value)]
+        floors = [floor for _, floor in by_target.values() if math.isfinite(floor)]
+        mean, sd = _mean_sd(means)
+        floor_mean, floor_sd = _mean_sd(floors)
+        result.append({"pair_kind": kind, "pair": pair, "regime": regime, "layer": layer, "measure": measure,
+                       "targets": len(means), "mean": mean, "sd": sd,
+                       "random_vs_random_mean": floor_mean, "random_vs_random_sd": floor_sd})
+    return result
+
+
+def auc_table(config: Config, pointers: dict[str, list]) -> list[dict[str, Any]]:
+    """Per target × source × regime: test AUC over folds (primary fits) and the relative gain over random init."""
+    # The first random source by name, as `compare` picks the random-init reference of similarity vs gain.
+    random_sources = sorted(name for name in config.study.sources if config.sources.get(name) is not None
+                            and config.sources[name].kind == "random")
+    rows = []
+    for target, target_pointers in pointers.items():
+        means: dict[tuple[str, str], tuple[float, float, int]] = {}
+        for pointer in target_pointers:
+            aucs = [fit.test_auc for fit in pointer.folds if fit.seed == pointer.folds[0].seed and fit.test_auc is not None]
+            means[(pointer.source, pointer.regime)] = (*_mean_sd(aucs), len(aucs))
+        for (source, regime), (mean, sd, folds) in sorted(means.items()):
+            reference_source = next((name for name in random_sources if (name, regime) in means), "")
+            reference = means.get((reference_source, regime), (math.nan,))[0]
+            gain = (mean - reference) / reference if reference_source and reference else math.nan
+            rows.append({"target": target, "source": source, "regime": regime, "folds": folds, "test_auc_mean": mean,
+                         "test_auc_sd": sd, "random_init_source": reference_source, "relative_gain": gain})
+    return rows
+
+
+def summary_metrics(correlations: Sequence[dict], cross_target: Sequence[dict]) -> dict[str, float]:
+    """The pooled r per source/regime/layer/measure and the cross-target mean of the main pair groups."""
+    metrics = {}
+    for row in correlations:
+        if math.isfinite(row["pearson_r"]):
+            metrics[f"gain_r_{row['measure']}_{row['layer']}_{row['source']}_{row['regime']}"] = row["pearson_r"]
+    for row in cross_target:
+        if row["pair_kind"] in ("source_vs_finetuned", "pretrained_vs_pretrained", "finetuned_vs_finetuned",
+                                "random_vs_random") and math.isfinite(row["mean"]):
+            label = "_".join(part for part in (row["pair_kind"], row["pair"].replace(" vs ", "_vs_"), row["regime"])
+                             if part)
+            metrics[f"cross_target_{row['measure']}_{row['layer']}_{label}"] = row["mean"]
+    return {key.replace(" ", "_"): value for key, value in metrics.items()}
+
+
+def run_summary(config: Config) -> Path:
+    """`medtransfer summary`: write the tables (`write_summary`), then log them to MLflow; returns the folder."""
+    destination, metrics = write_summary(config)
+    _log_summary(config, destination, metrics, len(config.study.targets))
+    return destination
+
+
+def write_summary(config: Config) -> tuple[Path, dict[str, float]]:
+    """Write results/summary/ from every target's analysis tables and pointers; returns it and its metrics."""
+    from medtransfer.atomic_files import atomic_directory, atomic_write_text
+    from medtransfer.pointers import pointers_for_dataset
+
+
+    targets = list(config.study.targets)
+    if not targets:
+        raise DataError("the study names no targets", where=f"{config.source_file}: study.targets")
+    analysis_root = config.resolve("results/analysis")
+    summaries, gains = {}, {}
+    for target in targets:
+        folder = analysis_root / target
+        for name in ("similarity_summary.csv", "similarity_vs_gain.csv"):
+            if not (folder / name).is_file():
+                raise DataError(f"no analysis table {name} for target '{target}'", where=str(folder),
+                                fix=f"run 'medtransfer compare --dataset {target}' (or 'dvc repro')")
+        summaries[target] = read_csv(folder / "similarity_summary.csv")
+        gains[target] = read_csv(folder / "similarity_vs_gain.csv")
+    pointers = {target: pointers_for_dataset(config, target) for target in targets}
+    correlations = pooled_gain_correlations(gains)
+    cross_target = cross_target_similarity(summaries)
+    aucs = auc_table(config, pointers)
+    metrics = summary_metrics(correlations, cross_target)
+    destination = config.resolve(SUMMARY_FOLDER)
+    with atomic_directory(destination) as staging:
+        write_csv(staging / GAIN_CORRELATION_FILE, GAIN_CORRELATION_COLUMNS, correlations)
+        write_csv(staging / CROSS_TARGET_FILE, CROSS_TARGET_COLUMNS, cross_target)
+        write_csv(staging / AUC_TABLE_FILE, AUC_TABLE_COLUMNS, aucs)
+        _write_figures(staging, cross_target)
+    atomic_write_text(config.resolve(METRICS_FILE), json.dumps({"targets": len(targets), **metrics}, indent=2,
+                                                               sort_keys=True) + "\n")
+    return destination, metrics
+
+
+def _write_figures(staging: Path, cross_target: Sequence[dict]) -> None:
+    """One figure per measure: the cross-target mean per layer of each pair group, with the random floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = []
+    for row in cross_target:
+        if row["layer"] not in layers:
+            layers.append(row["layer"])
+    for measure in sorted({row["measure"] for row in cross_target}):
+        series: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
+        for row in cross_target:
+            if row["measure"] == measure and row["pair_kind"] in (
+                    "source_vs_finetuned", "pretrained_vs_pretrained", "finetuned_vs_finetuned", "random_vs_random"):
+                label = row["pair_kind"].replace("_", " ") + (f": {row['pair']}" if row["pair"] else "") + \
+                    (f" ({row['regime']})" if row["regime"] else "")
+                series[label][row["layer"]] = (row["mean"], row["sd"])
+        if not series:
+            continue
+        figure, axis = plt.subplots(figsize=(7, 4.5), dpi=110)
+        positions = np.arange(len(layers))
+        for label, by_layer in sorted(series.items()):
+            means = np.array([by_layer.get(layer, (math.nan, math.nan))[0] for layer in layers])
+            sds = np.nan_to_num(np.array([by_layer.get(layer, (math.nan, math.nan))[1] for layer in layers]))
+            style = {"linestyle": ":", "color": "grey"} if label.startswith("random vs random") else {}
+            axis.errorbar(positions, means, yerr=sds, marker="o", capsize=3, label=label, **style)
+        axis.set(xticks=positions, xticklabels=layers, xlabel="layer", ylabel=f"{measure}, mean over targets",
+                 ylim=(0, 1.05), title=f"{measure} across targets (error bars: sd over targets)")
+        axis.legend(fontsize=7, loc="lower left")
+        figure.tight_layout()
+        figure.savefig(staging / f"cross_target_{measure}.png")
+        plt.close(figure)
+
+
+def _log_summary(config: Config, folder: Path, metrics: dict[str, float], targets: int) -> None:
+    """Log to the summary's own run and, under `medtransfer study`, to the study's parent run too."""
+    import mlflow
+
+    from medtransfer.tracking import step_run, study_run_id
+
+    with step_run(config, step="summary", run_name="summary", tags={"targets": str(targets)}):
+        if metrics:
+            mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(folder), artifact_path="summary")
+    parent = study_run_id()
+    if parent and metrics:
+        client = mlflow.MlflowClient()
+        client.log_batch(parent, metrics=[mlflow.entities.Metric(key, value, 0, 0) for key, value in metrics.items()])
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
+    import io
+
+    from medtransfer.atomic_files import atomic_write_text
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(column)) for column in columns])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if not math.isfinite(value) else repr(value)  # exact: tables are recomputed from
+    return "" if value is None else str(value)
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    finite = [value for value in values if math.isfinite(value)]
+    if not finite:
+        return math.nan, math.nan
+    mean = float(np.mean(finite))
+    return mean, float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
+def _float(text: Any) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan

@@ -1,0 +1,119 @@
+"""The report's opening, study-level section, read from `results/summary/` (see `analysis/study_summary.py`):
+test AUC of every target with the relative gain over random init; with two or more targets, the authors'
+similarity-vs-gain correlation pooled per source and the cross-target similarity means next to the random floor."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+from medtransfer.analysis.study_summary import (
+    AUC_TABLE_FILE,
+    CROSS_TARGET_FILE,
+    GAIN_CORRELATION_FILE,
+    read_csv,
+)
+from medtransfer.errors import DataError
+
+MAIN_GROUPS = (
+    ("source_vs_finetuned", "fine-tuned vs its initialisation"),
+    ("pretrained_vs_pretrained", "sources against each other, before fine-tuning"),
+    ("finetuned_vs_finetuned", "their fine-tuned models, after fine-tuning"),
+    ("random_vs_random", "noise floor: two random initialisations"),
+)
+
+
+def study_section(folder: Path, targets: list[str], figures: Path) -> str:
+    tables = (AUC_TABLE_FILE, GAIN_CORRELATION_FILE, CROSS_TARGET_FILE)
+    absent = [name for name in tables if not (folder / name).is_file()]
+    if absent:
+        raise DataError(f"the study summary lacks {', '.join(absent)}", where=str(folder),
+                        fix="run 'medtransfer summary' (or 'dvc repro')")
+    lines = ["## The study across targets", ""]
+    lines += _auc_table(read_csv(folder / AUC_TABLE_FILE))
+    if len(targets) < 2:
+        lines += ["", f"The cross-target view (similarity vs gain pooled over targets, similarity averaged over "
+                      f"targets) needs more than one target; this study has one ({targets[0]}). Its per-target "
+                      "sections follow."]
+        return "\n".join(lines)
+    correlations = read_csv(folder / GAIN_CORRELATION_FILE)
+    cross_target = read_csv(folder / CROSS_TARGET_FILE)
+    layers = list(dict.fromkeys(row["layer"] for row in cross_target))
+    for measure, title in (("cca", "mean CCA"), ("cka", "linear CKA")):
+        lines += _gain_table(correlations, measure, title, layers)
+        lines += _cross_target_table(cross_target, measure, title, layers, len(targets))
+        figure = folder / f"cross_target_{measure}.png"
+        if figure.is_file():
+            shutil.copyfile(figure, figures / f"study_{figure.name}")
+            lines += ["", f"![{title} across targets](figures/study_{figure.name})"]
+    return "\n".join(lines)
+
+
+def _auc_table(rows: list[dict[str, str]]) -> list[str]:
+    lines = ["Test AUC ×100 per target (mean ± sd over folds) and the relative gain of the mean over the random-init "
+             "model fine-tuned in the same regime:", "",
+             "| target | source | regime | folds | test AUC | gain over random init |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        mean, sd, gain = _float(row["test_auc_mean"]), _float(row["test_auc_sd"]), _float(row["relative_gain"])
+        auc = "–" if not math.isfinite(mean) else f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if math.isfinite(sd) else "")
+        relative = "–" if not math.isfinite(gain) else f"{100 * gain:+.1f} %"
+        lines.append(f"| {row['target']} | {row['source']} | {row['regime']} | {row['folds']} | {auc} | {relative} |")
+    return lines
+
+
+def _gain_table(rows: list[dict[str, str]], measure: str, title: str, layers: list[str]) -> list[str]:
+    selected = [row for row in rows if row["measure"] == measure]
+    if not selected:
+        return []
+    table: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
+    for row in selected:
+        table[(row["source"], row["regime"])][row["layer"]] = row
+    lines = ["", f"### Similarity ({title}) to the source vs relative gain, pooled over targets and folds", "",
+             "Pearson r between each fine-tuned model's similarity to its source and its relative test-AUC gain over "
+             "the random-init model fine-tuned without freezing (the authors' statistic), over every target and "
+             "fold; in brackets the mean of the per-target r.", "",
+             "| source | regime | points | " + " | ".join(layers) + " |", "|" + "---|" * (len(layers) + 3)]
+    for (source, regime), by_layer in sorted(table.items()):
+        points = max(int(row["points"]) for row in by_layer.values())
+        cells = []
+        for layer in layers:
+            row = by_layer.get(layer)
+            if row is None:
+                cells.append("–")
+                continue
+            pooled, per_target = _float(row["pearson_r"]), _float(row["mean_per_target_r"])
+            cell = "–" if not math.isfinite(pooled) else f"{pooled:.2f}"
+            cells.append(cell + (f" ({per_target:.2f})" if math.isfinite(per_target) else ""))
+        lines.append(f"| {source} | {regime} | {points} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cross_target_table(rows: list[dict[str, str]], measure: str, title: str, layers: list[str],
+                        targets: int) -> list[str]:
+    order = {kind: index for index, (kind, _) in enumerate(MAIN_GROUPS)}
+    selected = [row for row in rows if row["measure"] == measure and row["pair_kind"] in order]
+    if not selected:
+        return []
+    table: dict[tuple[str, str, str], dict[str, dict]] = defaultdict(dict)
+    for row in selected:
+        table[(row["pair_kind"], row["pair"], row["regime"])][row["layer"]] = row
+    lines = ["", f"### {title} per layer, mean ± sd over the {targets} targets", "",
+             "| pair | regime | " + " | ".join(layers) + " |", "|" + "---|" * (len(layers) + 2)]
+    for (kind, pair, regime), by_layer in sorted(table.items(), key=lambda item: (order[item[0][0]], item[0])):
+        label = dict(MAIN_GROUPS)[kind] + (f": {pair}" if pair and kind != "random_vs_random" else "")
+        cells = []
+        for layer in layers:
+            row = by_layer.get(layer)
+            mean, sd = (_float(row["mean"]), _float(row["sd"])) if row else (math.nan, math.nan)
+            cells.append("–" if not math.isfinite(mean) else f"{mean:.2f}" + (f" ± {sd:.2f}" if math.isfinite(sd) else ""))
+        lines.append(f"| {label} | {regime or '–'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _float(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan

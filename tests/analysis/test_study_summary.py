@@ -1,0 +1,128 @@
+"""The study-level summary against numbers this test assembles itself from the per-target tables."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from medtransfer.analysis.study_summary import (
+    cross_target_similarity,
+    pooled_gain_correlations,
+    run_summary,
+)
+from medtransfer.config import load_config
+from medtransfer.pointers import FoldModel, ModelPointer, write_pointer
+from medtransfer.report import run_report
+
+TARGETS = ("alpha", "beta", "gamma")
+LAYERS = ("stem", "stage1")
+SOURCES = ("natural", "medical")
+
+
+def _gain_rows(target_index):
+    """similarity_vs_gain.csv rows of one target: two sources, two regimes, three folds; the freeze rows carry a
+    random-init baseline of their own regime, which the authors' statistic must not use."""
+    rng = np.random.default_rng(target_index)
+    random_full = {fold: 0.6 + 0.02 * fold + 0.01 * target_index for fold in range(3)}
+    rows = []
+    for source in SOURCES:
+        for regime in ("full", "freeze"):
+            for fold in range(3):
+                auc = float(rng.uniform(0.65, 0.95))
+                for layer in LAYERS:
+                    rows.append({"source": source, "regime": regime, "fold": str(fold), "layer": layer,
+                                 "cca": repr(float(rng.uniform(0.2, 0.9))), "cka": repr(float(rng.uniform(0.2, 0.9))),
+                                 "test_auc": repr(auc),
+                                 "random_init_test_auc": repr(random_full[fold] if regime == "full" else 0.55),
+                                 "pearson_cca_layer_source": "0.1", "pearson_cka_layer_source": "nan"})
+    return rows
+
+
+def _summary_rows(target_index):
+    rng = np.random.default_rng(100 + target_index)
+    rows = []
+    for kind, pair, regime in (("source_vs_finetuned", "natural", "full"), ("random_vs_random", "random vs random_b", "")):
+        for layer in LAYERS:
+            for measure in ("cca", "cka"):
+                rows.append({"pair_kind": kind, "pair": pair, "regime": regime, "layer": layer, "measure": measure,
+                             "mean": repr(float(rng.uniform(0.2, 0.9))),
+                             "random_vs_random_mean": repr(float(rng.uniform(0.3, 0.5)))})
+    return rows
+
+
+def test_pooled_correlation_is_pearson_on_the_points_of_every_target_with_the_full_random_baseline():
+    tables = {target: _gain_rows(index) for index, target in enumerate(TARGETS)}
+    result = {(r["source"], r["regime"], r["layer"], r["measure"]): r for r in pooled_gain_correlations(tables)}
+    assert len(result) == len(SOURCES) * 2 * len(LAYERS) * 2
+    for source in SOURCES:
+        for regime in ("full", "freeze"):
+            for layer in LAYERS:
+                similarity, gain = [], []
+                for target, rows in tables.items():
+                    baseline = {row["fold"]: float(row["random_init_test_auc"]) for row in rows
+                                if row["regime"] == "full"}
+                    for row in rows:
+                        if (row["source"], row["regime"], row["layer"]) == (source, regime, layer):
+                            similarity.append(float(row["cca"]))
+                            gain.append((float(row["test_auc"]) - baseline[row["fold"]]) / baseline[row["fold"]])
+                row = result[(source, regime, layer, "cca")]
+                assert row["points"] == len(similarity) == 9 and row["targets"] == 3
+                assert row["pearson_r"] == pytest.approx(scipy.stats.pearsonr(similarity, gain).statistic, abs=1e-12)
+                assert row["mean_per_target_r"] == pytest.approx(0.1)
+
+
+def test_cross_target_means_are_the_mean_of_each_targets_value():
+    summaries = {target: _summary_rows(index) for index, target in enumerate(TARGETS)}
+    result = cross_target_similarity(summaries)
+    for row in result:
+        values = [float(r["mean"]) for rows in summaries.values() for r in rows
+                  if (r["pair_kind"], r["layer"], r["measure"]) == (row["pair_kind"], row["layer"], row["measure"])]
+        floors = [float(r["random_vs_random_mean"]) for rows in summaries.values() for r in rows
+                  if (r["pair_kind"], r["layer"], r["measure"]) == (row["pair_kind"], row["layer"], row["measure"])]
+        assert row["targets"] == 3
+        assert row["mean"] == pytest.approx(np.mean(values)) and row["sd"] == pytest.approx(np.std(values, ddof=1))
+        assert row["random_vs_random_mean"] == pytest.approx(np.mean(floors))
+
+
+def _write_csv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_summary_writes_tables_metrics_and_the_auc_table_with_the_gain_over_random_init(tmp_path, write_params):
+    params = write_params(
+        {target: {"format": "medmnist", "path": "t.npz", "classes": ["a", "b"]} for target in TARGETS[:2]},
+        sources={"natural": {"kind": "safetensors", "arch": "resnet18", "path": "natural.safetensors"},
+                 "random": {"kind": "random", "arch": "resnet18", "seed": 3}},
+        study={"targets": list(TARGETS[:2]), "sources": ["natural", "random"], "regimes": ["full"]},
+    )
+    config = load_config(params)
+    aucs = {("alpha", "natural"): [0.9, 0.8], ("alpha", "random"): [0.6, 0.7],
+            ("beta", "natural"): [0.7, 0.75], ("beta", "random"): [0.5, 0.55]}
+    for (target, source), values in aucs.items():
+        folds = [FoldModel(fold=k, seed=0, version=str(k + 1), run_id=f"r{k}", weights_sha256="0" * 64,
+                           alias=f"fold{k}", test_auc=auc) for k, auc in enumerate(values)]
+        write_pointer(config, ModelPointer(
+            registered_model=f"{target}.{source}.full", dataset=target, source=source, regime="full",
+            source_model=f"source.{source}", source_version="1", source_weights_sha256="1" * 64,
+            data_fingerprint="f" * 64, study="s", champion_version="1", folds=folds))
+    for index, target in enumerate(TARGETS[:2]):
+        folder = tmp_path / "results/analysis" / target
+        _write_csv(folder / "similarity_summary.csv", _summary_rows(index))
+        _write_csv(folder / "similarity_vs_gain.csv", _gain_rows(index))
+    folder = run_summary(config)
+    with (folder / "auc_table.csv").open() as stream:
+        table = {(row["target"], row["source"]): row for row in csv.DictReader(stream)}
+    natural = table[("alpha", "natural")]
+    assert float(natural["test_auc_mean"]) == pytest.approx(0.85)
+    assert float(natural["relative_gain"]) == pytest.approx((0.85 - 0.65) / 0.65)
+    assert natural["random_init_source"] == "random"
+    metrics = (tmp_path / "results/summary_metrics.json").read_text()
+    assert '"targets": 2' in metrics and "gain_r_cca_stem_natural_full" in metrics
+    assert (folder / "cross_target_cca.png").is_file()
