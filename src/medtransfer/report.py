@@ -117,11 +117,19 @@ def _header(config: Config) -> str:
 def _auc_section(config: Config, pointers: dict[str, list[ModelPointer]]) -> str:
     columns = [(source, regime) for source in config.study.sources for regime in config.study.regimes]
     header = "| target | " + " | ".join(_column_name(source, regime) for source, regime in columns) + " |"
+    from medtransfer.train.presets import PROTOCOL_DESCRIPTIONS
+
+    used = sorted({pointer.protocol for target_pointers in pointers.values() for pointer in target_pointers})
+    # One protocol: said once above the table; several: each cell names its own, so no AUC is read for another's.
+    tag_cells = len(used) > 1
     lines = [
         "## Test AUC ×100 (mean ± sd over folds)",
         "",
-        "Each cell: the best configuration of the source's search, refit on every fold and scored once on the "
-        "fold's test part (validation drove early stopping). Layout as the paper's table.",
+        "Each cell: a model fit on every fold and scored once on the fold's test part (validation drove early "
+        "stopping). Layout as the paper's table.",
+        "",
+        *[f"- protocol `{name}`{' (named in each cell)' if tag_cells else ' (every cell)'}: "
+          f"{PROTOCOL_DESCRIPTIONS.get(name, 'a fixed preset')}" for name in used],
         "",
         header,
         "|" + "---|" * (len(columns) + 1),
@@ -132,7 +140,8 @@ def _auc_section(config: Config, pointers: dict[str, list[ModelPointer]]) -> str
         for key in columns:
             pointer = by_key.get(key)
             aucs = [fit.test_auc for fit in pointer.folds if fit.test_auc is not None] if pointer else []
-            cells.append(_mean_sd([100 * value for value in aucs], digits=1) if aucs else "–")
+            cell = _mean_sd([100 * value for value in aucs], digits=1) if aucs else "–"
+            cells.append(f"{cell} ({pointer.protocol})" if tag_cells and aucs else cell)
         lines.append(f"| {target} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
