@@ -268,8 +268,9 @@ def _add_search(commands) -> None:
 
     parser = commands.add_parser(
         "search",
-        help="Optuna search for one (dataset, source, regime); registers the best configuration fit on every fold",
-        description="Run (or resume) the Optuna study of one (dataset, source, regime): trials are nested MLflow runs "
+        help="train one (dataset, source, regime) by the study's protocol (a preset or an Optuna search) on every fold",
+        description="With protocol 'search', run (or resume) the Optuna study of one (dataset, source, regime); with "
+        "a preset such as 'paper', fit that fixed protocol instead. Trials are nested MLflow runs "
         "under one parent per study; the best configuration is fit on every fold (and seed), registered as "
         "DATASET.SOURCE.REGIME with aliases fold<k> and champion, and results/models/DATASET.SOURCE.REGIME.json "
         "records the versions for DVC. Several processes may work on one study (journal or database storage).",
