@@ -255,3 +255,21 @@ def test_every_auc_names_the_protocol_that_produced_it(study, markdown_table):
     rows = {row["source"]: row["protocol"] for row in markdown_table(text, "## The study across targets")}
     assert rows == {"natural": "paper", "medical": "search", "random": "search"}
 
+
+
+def test_a_value_from_too_few_rows_per_channel_is_marked_with_a_legend(study, markdown_table):
+    folder = study.resolve("results/analysis/target")
+    with (folder / "similarity_summary.csv").open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    for row in rows:
+        if row["layer"] == "stage4":  # one position per image at the last stage: 2 rows per channel
+            row.update(reliable_share="0.0", rows_per_channel="2.0")
+    _write_csv(folder / "similarity_summary.csv", rows)
+    text = run_report(study, client=_RegistryAsThePointersSay()).read_text()
+    (row,) = [row for row in markdown_table(text, "### mean CCA (mean ± sd over folds)") if row["regime"] == "full"]
+    assert row["stage4"] == "0.50 ± 0.01†"
+    assert all("†" not in row[layer] for layer in ("stem", "stage1", "stage2", "stage3"))
+    section = text.split("### mean CCA")[1].split("###")[0]
+    assert "† unreliable: in at least one fold the comparison had fewer than 10 rows" in section
+    assert "(here as few as 2.0)" in section
+    assert "† unreliable" not in text.split("## Layer-wise similarity")[0]
