@@ -3,7 +3,8 @@
 * `plot_layer_curves`: similarity per layer (x = stem … stage4), one line per pair group, with the random-vs-random
   and shuffled-image baselines shaded as noise-floor bands (mean ± sd).
 * `plot_prediction_agreement`: error agreement observed vs its chance level, per pair of fine-tuned models.
-* `plot_conv1_filters`: the first convolution's filters as an image grid, each filter min-max normalised.
+* `plot_conv1_filters`: the first convolution's filters as an image grid in RGB order, each filter min-max
+  normalised.
 * `plot_similarity_vs_gain`: per layer, similarity to the source against the relative AUC gain over random init.
 """
 
@@ -111,10 +112,17 @@ def plot_prediction_agreement(rows: Sequence[dict], path: Path, *, title: str) -
     _save(figure, path)
 
 
-def filter_grid(weights: np.ndarray) -> np.ndarray:
+def filter_grid(weights: np.ndarray, channel_order: str = "RGB") -> np.ndarray:
     """(out, in, kh, kw) filters → one (rows·(kh+1)−1, cols·(kw+1)−1, 3) image in [0, 1], each filter min-max
-    normalised on its own; grey (in ≠ 3) filters show their mean over input channels."""
+    normalised on its own; grey (in ≠ 3) filters show their mean over input channels.
+
+    `channel_order` is the order of the network's input channels (its preprocessing's): a Keras-converted network
+    reads BGR, so its input channels are reversed to draw each filter in RGB, red as red."""
     weights = np.asarray(weights, dtype=np.float64)
+    if channel_order not in ("RGB", "BGR"):
+        raise ValueError(f"channel_order must be RGB or BGR, got {channel_order!r}")
+    if channel_order == "BGR" and weights.shape[1] == 3:
+        weights = weights[:, ::-1]
     out, channels, height, width = weights.shape
     tiles = weights.transpose(0, 2, 3, 1) if channels == 3 else np.repeat(weights.mean(axis=1)[..., None], 3, axis=-1)
     low = tiles.reshape(out, -1).min(axis=1)[:, None, None, None]
@@ -129,10 +137,10 @@ def filter_grid(weights: np.ndarray) -> np.ndarray:
     return grid
 
 
-def plot_conv1_filters(weights: np.ndarray, path: Path, *, title: str) -> None:
+def plot_conv1_filters(weights: np.ndarray, path: Path, *, title: str, channel_order: str = "RGB") -> None:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(4.5, 4.8), dpi=110)
-    axis.imshow(filter_grid(weights), interpolation="nearest")
+    axis.imshow(filter_grid(weights, channel_order), interpolation="nearest")
     axis.set_axis_off()
     axis.set_title(title, fontsize=9)
     _save(figure, path)
