@@ -17,6 +17,7 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
+from medtransfer.analysis.plots import is_unreliable
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.analysis.source_comparison import AUC_INTERVAL_FILE, PAIRED_FILE
 from medtransfer.atomic_files import atomic_directory
@@ -236,8 +237,7 @@ def _gain_section(target: str, folder: Path, figures: Path) -> str:
 
 def _unreliable_mark(row: dict[str, str]) -> str:
     """`UNRELIABLE_MARK` when any fold's comparison behind a summary row had too few rows per channel."""
-    share = _float(row.get("reliable_share", ""))
-    return UNRELIABLE_MARK if math.isfinite(share) and share < 1 else ""
+    return UNRELIABLE_MARK if is_unreliable(row) else ""
 
 
 def _unreliable_legend(rows: list[dict[str, str]]) -> list[str]:

@@ -30,3 +30,24 @@ def test_grey_filters_ignore_the_channel_order():
 def test_an_unknown_channel_order_is_refused():
     with pytest.raises(ValueError, match="RGB or BGR"):
         filter_grid(_filter_reading_only_input_channel(1), "GBR")
+
+
+def test_unreliable_values_are_drawn_hollow_and_the_legend_says_why(monkeypatch, tmp_path):
+    from medtransfer.analysis import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.update(figure=figure))
+    layers = ("stem", "stage1", "stage2", "stage3", "stage4")
+    rows = [{"pair_kind": "source_vs_finetuned", "pair": "natural", "regime": "full", "layer": layer, "measure": "cca",
+             "mean": 0.9 - 0.1 * index, "sd": 0.01, "reliable_share": 0.0 if layer == "stage4" else 1.0,
+             "random_vs_random_mean": 0.4, "random_vs_random_sd": 0.02}
+            for index, layer in enumerate(layers)]
+    plots.plot_layer_curves(rows, "cca", layers, tmp_path / "curves.png", title="t", floor_kinds=("random_vs_random",))
+    axis = drawn["figure"].axes[0]
+    hollow = [line for line in axis.get_lines()
+              if line.get_marker() == "o" and line.get_markerfacecolor() in ("white", (1.0, 1.0, 1.0, 1.0))
+              and len(line.get_xdata())]
+    assert [list(line.get_xdata()) for line in hollow] == [[4]]  # stage4 alone
+    assert [float(y) for y in hollow[0].get_ydata()] == pytest.approx([0.5])
+    assert plots.UNRELIABLE_LEGEND in [text.get_text() for text in axis.get_legend().get_texts()]
+    assert "10 rows per channel" in plots.UNRELIABLE_LEGEND

@@ -1,7 +1,7 @@
 """The analysis figures, drawn from the tables `compare` writes (plain row dicts), never from a network.
 
 * `plot_layer_curves`: similarity per layer (x = stem … stage4), one line per pair group, with the random-vs-random
-  and shuffled-image baselines shaded as noise-floor bands (mean ± sd).
+  and shuffled-image baselines shaded as noise-floor bands (mean ± sd); unreliable values drawn hollow.
 * `plot_prediction_agreement`: error agreement observed vs its chance level, per pair of fine-tuned models.
 * `plot_conv1_filters`: the first convolution's filters as an image grid in RGB order, each filter min-max
   normalised.
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.atomic_files import atomic_write_bytes
 
 
@@ -45,6 +46,16 @@ def _number(value) -> float:
         return math.nan
 
 
+#: The legend entry of hollow markers: values some fold computed from too few rows per channel.
+UNRELIABLE_LEGEND = f"hollow: unreliable, < {RELIABLE_ROWS_PER_CHANNEL} rows per channel in some fold"
+
+
+def is_unreliable(row: dict) -> bool:
+    """Whether a summary row's value rests, in some fold, on a comparison flagged unreliable (reliable_share < 1)."""
+    share = _number(row.get("reliable_share"))
+    return math.isfinite(share) and share < 1
+
+
 def plot_layer_curves(
     summary: Sequence[dict], measure: str, layers: Sequence[str], path: Path, *, title: str, floor_kinds: Sequence[str],
     skip_kinds: Sequence[str] = (),
@@ -67,19 +78,29 @@ def plot_layer_curves(
             axis.fill_between(x, means - sds, means + sds, color=colours.get(kind, "grey"), alpha=0.25,
                               label=f"{kind.replace('_', ' ')} (noise floor)")
             axis.plot(x, means, color=colours.get(kind, "grey"), linewidth=0.8, linestyle=":")
-    groups: dict[tuple[str, str, str], dict[str, tuple[float, float]]] = {}
+    groups: dict[tuple[str, str, str], dict[str, tuple[float, float, bool]]] = {}
     for row in rows:
         if row["pair_kind"] in floor_kinds or row["pair_kind"] in skip_kinds:
             continue
         key = (row["pair_kind"], row["pair"], row["regime"])
-        groups.setdefault(key, {})[row["layer"]] = (_number(row["mean"]), _number(row["sd"]))
+        groups.setdefault(key, {})[row["layer"]] = (_number(row["mean"]), _number(row["sd"]), is_unreliable(row))
     palette = plt.get_cmap("tab20")
+    any_hollow = False
     for index, ((kind, pair, regime), values) in enumerate(sorted(groups.items())):
-        means = np.array([values.get(layer, (math.nan, math.nan))[0] for layer in layers])
-        sds = np.nan_to_num(np.array([values.get(layer, (math.nan, math.nan))[1] for layer in layers]))
+        means = np.array([values.get(layer, (math.nan, math.nan, False))[0] for layer in layers])
+        sds = np.nan_to_num(np.array([values.get(layer, (math.nan, math.nan, False))[1] for layer in layers]))
+        hollow = np.array([values.get(layer, (math.nan, math.nan, False))[2] for layer in layers])
         label = f"{kind.replace('_', ' ')}: {pair}" + (f" ({regime})" if regime else "")
+        colour = palette(index % 20)
         axis.errorbar(x, means, yerr=sds, marker="o", markersize=3, linewidth=1.2, capsize=2, label=label,
-                      color=palette(index % 20), linestyle=("-", "--", "-.")[index // 20 % 3])
+                      color=colour, linestyle=("-", "--", "-.")[index // 20 % 3], markevery=list(np.flatnonzero(~hollow)))
+        if hollow.any():
+            any_hollow = True
+            axis.plot(x[hollow], means[hollow], linestyle="none", marker="o", markersize=5, markerfacecolor="white",
+                      markeredgecolor=colour, zorder=3)
+    if any_hollow:
+        axis.plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black",
+                  label=UNRELIABLE_LEGEND)
     axis.set_xticks(x, list(layers))
     axis.set(ylabel=measure, title=title, ylim=(-0.05 if measure == "cka_debiased" else 0.0, 1.02))
     axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
