@@ -54,6 +54,7 @@ def test_valid_params_load_into_typed_objects(write_params):
                                            "train": {"head_learning_rate": 0}}}), "sources.s.train.head_learning_rate"),
         (lambda p: p.update(study={"targets": ["x"]}, search={"search_fold": 7}), "search.search_fold"),
         (lambda p: p.update(study={"targets": ["x"]}, search={"folds": [0, 1]}), "search.folds"),
+        (lambda p: p.update(study={"targets": ["x"], "protocol": "papers"}), "study.protocol"),
     ],
 )
 def test_bad_params_give_one_error_naming_the_key(write_params, mutate, key_in_message):
@@ -149,6 +150,9 @@ def test_params_found_from_a_subfolder_and_via_environment(write_params, tmp_pat
 def test_repository_params_and_profiles_are_valid(repo_root):
     config = load_config(repo_root / "params.yaml")
     assert config.project.profile == "demo"
+    assert config.study.protocol == "search"  # the demo's 4 epochs; the paper's 200 would take hours on a CPU
     for profile in sorted((repo_root / "profiles").glob("*.yaml")):
         raw = yaml.safe_load(profile.read_text())
         assert raw["project"]["profile"] == profile.stem
+    for name in ("paper", "medmnist"):  # the original's fixed protocol, not a search, as the profiles promise
+        assert yaml.safe_load((repo_root / f"profiles/{name}.yaml").read_text())["study"]["protocol"] == "paper"

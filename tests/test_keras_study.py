@@ -144,6 +144,9 @@ def test_the_activations_manifest_runs_keras_models_with_caffe(study):
     roles = {(record["source"], record["role"]) for record in manifest["models"].values()}
     assert {("imagenet_like", "source"), ("imagenet_like", "finetuned"), ("radimagenet_like", "source"),
             ("radimagenet_like", "finetuned")} <= roles
+    # The filter pictures reverse the Keras networks' BGR input channels to draw them in RGB.
+    orders = {source: record["channel_order"] for source, record in manifest["conv1"].items()}
+    assert orders == {"imagenet_like": "BGR", "radimagenet_like": "BGR", RANDOM_SOURCE: "RGB"}
 
 
 def test_similarity_has_finite_rows_for_the_two_sources(study):

@@ -28,7 +28,13 @@ def test_switching_profiles_changes_the_active_params(repo_copy):
     config = load_config(repo_copy / "params.yaml")
     assert config.project.profile == "medmnist"
     assert set(config.datasets) == {"breastmnist", "pneumoniamnist", "dermamnist"}
-    assert config.dataset("breastmnist").path == "data/raw/medmnist/breastmnist.npz"
+    # MedMNIST+'s larger files at the paper's sizes: stage 4 keeps 7x7 (224 px) or 4x4 (112 px) positions.
+    assert config.dataset("breastmnist").path == "data/raw/medmnist/breastmnist_224.npz"
+    assert config.dataset("breastmnist").image_size is None
+    for name in ("pneumoniamnist", "dermamnist"):
+        assert config.dataset(name).path == f"data/raw/medmnist/{name}_128.npz"
+        assert config.dataset(name).image_size == 112
+    assert (config.analysis.channel_sample, config.analysis.channel_repeats) == (64, 5)
     assert active_profile(repo_copy) == "medmnist"
     activate_profile(repo_copy, "demo")
     assert load_config(repo_copy / "params.yaml").project.profile == "demo"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import sqlite3
 import statistics
@@ -15,7 +16,7 @@ import yaml
 
 from medtransfer.config import load_config
 from medtransfer.errors import DataError, ModelError
-from medtransfer.pointers import FoldModel, ModelPointer, write_pointer
+from medtransfer.pointers import FoldModel, ModelPointer, pointer_path, read_pointer, write_pointer
 from medtransfer.registry import Tag
 from medtransfer.analysis.study_summary import write_summary
 from medtransfer.report import run_report
@@ -237,3 +238,38 @@ def test_report_refuses_an_unreadable_store(study, cli_without_root_file_access)
     _keep_a_previous_report(study)
     result = cli_without_root_file_access("--params", str(study.source_file), "report", timeout=45)
     _assert_one_line_exit_2_and_report_kept(result, study, f"cannot read the tracking store {store} (Permission denied)")
+
+
+def test_every_auc_names_the_protocol_that_produced_it(study, markdown_table):
+    """One protocol: said once above the AUC table; two: each cell names its own; the study table has a column."""
+    client = _RegistryAsThePointersSay()
+    text = run_report(study, client=client).read_text()
+    assert "- protocol `search` (every cell):" in text
+    path = pointer_path(study, "target", "natural", "full")
+    write_pointer(study, dataclasses.replace(read_pointer(path), protocol="paper"))
+    write_summary(study)
+    text = run_report(study, client=client).read_text()
+    (auc_row,) = markdown_table(text, "## Test AUC ×100 (mean ± sd over folds)")
+    assert auc_row["natural"].endswith(" (paper)") and auc_row["medical"].endswith(" (search)")
+    assert "- protocol `paper` (named in each cell): the original study's fixed protocol" in text
+    rows = {row["source"]: row["protocol"] for row in markdown_table(text, "## The study across targets")}
+    assert rows == {"natural": "paper", "medical": "search", "random": "search"}
+
+
+
+def test_a_value_from_too_few_rows_per_channel_is_marked_with_a_legend(study, markdown_table):
+    folder = study.resolve("results/analysis/target")
+    with (folder / "similarity_summary.csv").open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    for row in rows:
+        if row["layer"] == "stage4":  # one position per image at the last stage: 2 rows per channel
+            row.update(reliable_share="0.0", rows_per_channel="2.0")
+    _write_csv(folder / "similarity_summary.csv", rows)
+    text = run_report(study, client=_RegistryAsThePointersSay()).read_text()
+    (row,) = [row for row in markdown_table(text, "### mean CCA (mean ± sd over folds)") if row["regime"] == "full"]
+    assert row["stage4"] == "0.50 ± 0.01†"
+    assert all("†" not in row[layer] for layer in ("stem", "stage1", "stage2", "stage3"))
+    section = text.split("### mean CCA")[1].split("###")[0]
+    assert "† unreliable: in at least one fold the comparison had fewer than 10 rows" in section
+    assert "(here as few as 2.0)" in section
+    assert "† unreliable" not in text.split("## Layer-wise similarity")[0]

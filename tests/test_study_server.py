@@ -89,7 +89,7 @@ def project(tmp_path_factory, repo_root, blob_npz, server, backend):
         "train": tiny,
         "search": {"trials": 1, "space": {"learning_rate": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}},
                    "startup_trials": 1, "pruner_startup_trials": 1, "pruner_warmup_epochs": 1},
-        "study": {"targets": ["target", "second"], "sources": ["tiny", "random"], "regimes": ["full"]},
+        "study": {"targets": ["target", "second"], "sources": ["tiny", "random"], "regimes": ["full"], "protocol": "search"},
         "analysis": {"positions_per_layer": 200, "images": None, "channel_sample": 0, "channel_repeats": 5,
                      "bootstrap_resamples": 200,
                      "measures": ["cca", "cka"], "batch_size": 32, "seed": 0},

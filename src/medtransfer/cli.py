@@ -268,8 +268,9 @@ def _add_search(commands) -> None:
 
     parser = commands.add_parser(
         "search",
-        help="Optuna search for one (dataset, source, regime); registers the best configuration fit on every fold",
-        description="Run (or resume) the Optuna study of one (dataset, source, regime): trials are nested MLflow runs "
+        help="train one (dataset, source, regime) by the study's protocol (a preset or an Optuna search) on every fold",
+        description="With protocol 'search', run (or resume) the Optuna study of one (dataset, source, regime); with "
+        "a preset such as 'paper', fit that fixed protocol instead. Trials are nested MLflow runs "
         "under one parent per study; the best configuration is fit on every fold (and seed), registered as "
         "DATASET.SOURCE.REGIME with aliases fold<k> and champion, and results/models/DATASET.SOURCE.REGIME.json "
         "records the versions for DVC. Several processes may work on one study (journal or database storage).",
@@ -279,15 +280,22 @@ def _add_search(commands) -> None:
     parser.add_argument("--regime", default="full", choices=["full", "freeze", "linear"])
     parser.add_argument("--trials", type=optional_count,
                         help="COMPLETE trials wanted (default, or when empty: search.trials in params.yaml)")
-    parser.add_argument("--preset", choices=["paper"], help="no search: fit this fixed protocol on every fold")
+    parser.add_argument("--protocol", help="'search' (Optuna) or a fixed preset fit on every fold, such as 'paper' "
+                        "(default: study.protocol in params.yaml)")
+    parser.add_argument("--preset", dest="protocol", help="the same as --protocol (kept for older scripts)")
     parser.set_defaults(handler=_run_search)
 
 
 def _run_search(args: argparse.Namespace) -> int:
+    from medtransfer.errors import ConfigError
     from medtransfer.search.study import SearchRequest, run_search
+    from medtransfer.train.presets import PROTOCOLS, preset_of
 
     config = _config(args)
-    outcome = run_search(config, SearchRequest(args.dataset, args.source, args.regime, args.trials, args.preset))
+    protocol = args.protocol or config.study.protocol
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol '{protocol}'", where="--protocol", fix=f"use one of: {', '.join(PROTOCOLS)}")
+    outcome = run_search(config, SearchRequest(args.dataset, args.source, args.regime, args.trials, preset_of(protocol)))
     pointer = outcome.pointer
     versions = ", ".join(f"{fit.alias}=v{fit.version}" for fit in pointer.folds)
     auc = "n/a" if pointer.test_auc_mean is None else f"{pointer.test_auc_mean:.4f} ± {pointer.test_auc_sd:.4f}"

@@ -190,11 +190,17 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """What the study compares: the targets fine-tuned, the sources they start from, and the regimes."""
+    """What the study compares: the targets fine-tuned, the sources they start from, and the regimes.
+
+    protocol: how every (target, source, regime) is trained: `search` (an Optuna search over `search.space`
+    around `train`, the best configuration fit on every fold) or a fixed preset such as `paper` (the original
+    study's protocol, no search; see medtransfer.train.presets).
+    """
 
     targets: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     regimes: list[str] = field(default_factory=lambda: ["full"])
+    protocol: str = "search"
 
 
 @dataclass(frozen=True)
@@ -681,6 +687,11 @@ def _check_study_and_search(sections: dict[str, Any], datasets: dict, sources: d
     for regime in study.regimes:
         if regime not in ("full", "freeze", "linear"):
             raise ConfigError(f"unknown regime '{regime}'", where=f"{where}: study.regimes", fix="use full, freeze or linear")
+    from medtransfer.train.presets import PROTOCOLS  # presets builds on this module's TrainConfig
+
+    if study.protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol '{study.protocol}'", where=f"{where}: study.protocol",
+                          fix=f"use one of: {', '.join(PROTOCOLS)}")
     search: SearchConfig = sections["search"]
     train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     hints = typing.get_type_hints(TrainConfig)

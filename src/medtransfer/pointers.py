@@ -52,6 +52,8 @@ class ModelPointer:
     test_auc_mean: float | None = None
     test_auc_sd: float | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
+    #: How the fits were trained: `search` (best_params came from an Optuna search) or a fixed preset's name.
+    protocol: str = "search"
 
     def fold_model(self, fold: int, seed: int | None = None) -> FoldModel:
         matches = [f for f in self.folds if f.fold == fold and (seed is None or f.seed == seed)]
@@ -82,6 +84,8 @@ def read_pointer(path: Path) -> ModelPointer:
         if raw.pop("format", None) != POINTER_FORMAT:
             raise ValueError("unknown format")
         raw["folds"] = [FoldModel(**entry) for entry in raw["folds"]]
+        # Pointers written before the protocol was recorded: a preset's study name ends in /<preset>.
+        raw.setdefault("protocol", _protocol_from_study(str(raw.get("study", ""))))
         pointer = ModelPointer(**raw)
     except (ValueError, TypeError, KeyError) as error:
         raise ModelError(f"malformed model pointer ({error})", where=where, fix="run the search again to rewrite it") from None
@@ -89,6 +93,13 @@ def read_pointer(path: Path) -> ModelPointer:
     if problem:
         raise ModelError(f"malformed model pointer ({problem})", where=where, fix="run the search again to rewrite it")
     return pointer
+
+
+def _protocol_from_study(study: str) -> str:
+    from medtransfer.train.presets import PRESETS, PROTOCOL_SEARCH
+
+    suffix = study.rsplit("/", 1)[-1]
+    return suffix if "/" in study and suffix in PRESETS else PROTOCOL_SEARCH
 
 
 def _content_problem(pointer: ModelPointer) -> str | None:

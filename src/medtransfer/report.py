@@ -17,6 +17,8 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
+from medtransfer.analysis.plots import is_unreliable
+from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.analysis.source_comparison import AUC_INTERVAL_FILE, PAIRED_FILE
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.analysis.study_summary import SUMMARY_FOLDER
@@ -27,6 +29,8 @@ from medtransfer.errors import DataError
 from medtransfer.pointers import ModelPointer, pointer_path, pointers_for_dataset, verify_pointer
 
 REPORT_FOLDER = "reports"
+#: Beside a similarity value computed from fewer than RELIABLE_ROWS_PER_CHANNEL rows per channel in some fold.
+UNRELIABLE_MARK = "†"
 REPORT_FILE = "report.md"
 LAYERS = ("stem", "stage1", "stage2", "stage3", "stage4")
 SIMILARITY_GROUPS = (
@@ -117,11 +121,19 @@ def _header(config: Config) -> str:
 def _auc_section(config: Config, pointers: dict[str, list[ModelPointer]]) -> str:
     columns = [(source, regime) for source in config.study.sources for regime in config.study.regimes]
     header = "| target | " + " | ".join(_column_name(source, regime) for source, regime in columns) + " |"
+    from medtransfer.train.presets import PROTOCOL_DESCRIPTIONS
+
+    used = sorted({pointer.protocol for target_pointers in pointers.values() for pointer in target_pointers})
+    # One protocol: said once above the table; several: each cell names its own, so no AUC is read for another's.
+    tag_cells = len(used) > 1
     lines = [
         "## Test AUC ×100 (mean ± sd over folds)",
         "",
-        "Each cell: the best configuration of the source's search, refit on every fold and scored once on the "
-        "fold's test part (validation drove early stopping). Layout as the paper's table.",
+        "Each cell: a model fit on every fold and scored once on the fold's test part (validation drove early "
+        "stopping). Layout as the paper's table.",
+        "",
+        *[f"- protocol `{name}`{' (named in each cell)' if tag_cells else ' (every cell)'}: "
+          f"{PROTOCOL_DESCRIPTIONS.get(name, 'a fixed preset')}" for name in used],
         "",
         header,
         "|" + "---|" * (len(columns) + 1),
@@ -132,7 +144,8 @@ def _auc_section(config: Config, pointers: dict[str, list[ModelPointer]]) -> str
         for key in columns:
             pointer = by_key.get(key)
             aucs = [fit.test_auc for fit in pointer.folds if fit.test_auc is not None] if pointer else []
-            cells.append(_mean_sd([100 * value for value in aucs], digits=1) if aucs else "–")
+            cell = _mean_sd([100 * value for value in aucs], digits=1) if aucs else "–"
+            cells.append(f"{cell} ({pointer.protocol})" if tag_cells and aucs else cell)
         lines.append(f"| {target} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -155,14 +168,16 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
                 continue
             label = dict(SIMILARITY_GROUPS)[kind] + (f": {pair}" if pair and kind != "random_vs_random" else "")
             cells = [_mean_sd([_float(by_layer[layer]["mean"])], sd=_float(by_layer[layer]["sd"]))
-                     if layer in by_layer else "–" for layer in LAYERS]
+                     + _unreliable_mark(by_layer[layer]) if layer in by_layer else "–" for layer in LAYERS]
             lines.append(f"| {label} | {regime or '–'} | " + " | ".join(cells) + " |")
         floors = {}
         for row in selected:
             if row["pair_kind"] == "shuffled" and row["layer"] not in floors and row["shuffled_mean"] not in ("", "nan"):
-                floors[row["layer"]] = _mean_sd([_float(row["shuffled_mean"])], sd=_float(row["shuffled_sd"]))
+                floors[row["layer"]] = _mean_sd([_float(row["shuffled_mean"])], sd=_float(row["shuffled_sd"])) \
+                    + _unreliable_mark(row)
         if floors:
             lines.append("| noise floor: shuffled images | – | " + " | ".join(floors.get(layer, "–") for layer in LAYERS) + " |")
+        lines += _unreliable_legend(selected)
         lines += _embed_figure(folder / f"layers_{measure}.png", target, figures, f"{title} per layer, {target}")
     return "\n".join(lines)
 
@@ -218,6 +233,23 @@ def _gain_section(target: str, folder: Path, figures: Path) -> str:
     for conv1 in sorted(folder.glob("conv1_*.png")):
         lines += _embed_figure(conv1, target, figures, f"first-layer filters: {conv1.stem.removeprefix('conv1_')}")
     return "\n".join(lines)
+
+
+def _unreliable_mark(row: dict[str, str]) -> str:
+    """`UNRELIABLE_MARK` when any fold's comparison behind a summary row had too few rows per channel."""
+    return UNRELIABLE_MARK if is_unreliable(row) else ""
+
+
+def _unreliable_legend(rows: list[dict[str, str]]) -> list[str]:
+    marked = [row for row in rows if _unreliable_mark(row)]
+    if not marked:
+        return []
+    fewest = min(_float(row.get("rows_per_channel", "")) for row in marked)
+    fewest_text = f" (here as few as {fewest:.1f})" if math.isfinite(fewest) else ""
+    return ["", f"{UNRELIABLE_MARK} unreliable: in at least one fold the comparison had fewer than "
+                f"{RELIABLE_ROWS_PER_CHANNEL} rows (image positions) per compared channel{fewest_text}, where "
+                "canonical correlations are biased towards 1; sample channels (`analysis.channel_sample`) or use "
+                "more or larger images."]
 
 
 def _embed_figure(figure: Path, target: str, figures: Path, caption: str) -> list[str]:

@@ -53,13 +53,17 @@ def study_section(folder: Path, targets: list[str], figures: Path) -> str:
 
 def _auc_table(rows: list[dict[str, str]]) -> list[str]:
     lines = ["Test AUC ×100 per target (mean ± sd over folds) and the relative gain of the mean over the random-init "
-             "model fine-tuned in the same regime:", "",
-             "| target | source | regime | folds | test AUC | gain over random init |", "|---|---|---|---|---|---|"]
+             "model fine-tuned in the same regime; the protocol column names how each was trained (`search`: the "
+             "best configuration of an Optuna search; a preset such as `paper`: that fixed protocol):", "",
+             "| target | source | regime | protocol | folds | test AUC | gain over random init |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         mean, sd, gain = _float(row["test_auc_mean"]), _float(row["test_auc_sd"]), _float(row["relative_gain"])
         auc = "–" if not math.isfinite(mean) else f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if math.isfinite(sd) else "")
         relative = "–" if not math.isfinite(gain) else f"{100 * gain:+.1f} %"
-        lines.append(f"| {row['target']} | {row['source']} | {row['regime']} | {row['folds']} | {auc} | {relative} |")
+        protocol = row.get("protocol") or "search"  # summaries written before the protocol was recorded
+        lines.append(f"| {row['target']} | {row['source']} | {row['regime']} | {protocol} | {row['folds']} | {auc} | "
+                     f"{relative} |")
     return lines
 
 

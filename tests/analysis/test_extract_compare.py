@@ -197,6 +197,7 @@ def test_extract_writes_paired_activations_and_a_manifest(study, capsys):
     assert set(manifest["conv1"]) == {"natural", "medical", "random", "random_b"}
     assert np.load(folder / manifest["conv1"]["natural"]["file"]).shape == (64, 3, 7, 7)
     assert manifest["conv1"]["natural"]["module"] == "backbone.body.conv1"
+    assert manifest["conv1"]["natural"]["channel_order"] == "RGB"  # ImageNet mean/std preprocessing reads RGB
 
     # The rows of two models' matrices belong to the same images: recompute one model's rows directly.
     fold = 1

@@ -35,7 +35,7 @@ def dvc_project(tmp_path, repo_root, medmnist_npz):
         "project": {"profile": "test", "seed": 0},
         "paths": {"raw_data": "data/raw", "prepared_data": "data/prepared"},
         "sources": {},  # dvc.yaml's foreach and matrix need the keys, even empty
-        "study": {"targets": [], "sources": [], "regimes": ["full"]},
+        "study": {"targets": [], "sources": [], "regimes": ["full"], "protocol": "search"},
         "datasets": {"d": {"format": "medmnist", "path": "data/raw/d.npz", "classes": ["a", "b"],
                            "split": {"scheme": "stratified_kfold", "folds": 3}}},
     }

@@ -268,3 +268,63 @@ def test_best_trial_and_champion_are_the_lowest_validation_losses_in_the_runs(co
     champion = mlflow.MlflowClient().get_model_version_by_alias("target.random.full", "champion")
     assert champion.run_id == lowest.info.run_id
     assert outcome.parent_run_id == fits[0].data.tags["mlflow.parentRunId"]
+
+
+def test_the_paper_protocol_of_the_study_reaches_the_trainer_on_every_fold(tmp_path, write_params, blob_npz,
+                                                                           clean_mlflow_env, monkeypatch, repo_root):
+    """dvc.yaml's search stage, as DVC would render it for a profile with `study.protocol: paper`, fits the preset's
+    settings (here a 1-epoch stand-in) on every fold, logs them, and records the protocol in the pointer."""
+    import dataclasses
+    import shlex
+
+    import yaml
+
+    from medtransfer import cli
+    from medtransfer.search import study as search_study
+    from medtransfer.train import presets
+
+    blob_npz(tmp_path / "data/raw/target.npz", 0)
+    params = write_params(
+        {"target": {"format": "medmnist", "path": "data/raw/target.npz", "classes": ["a", "b"],
+                    "split": {"scheme": "stratified_kfold", "folds": 2, "val_fraction": 0.25}}},
+        sources={"random": {"kind": "random", "arch": "resnet18", "seed": 0}},
+        train=TRAIN, search=SEARCH, stores={"experiment": "paper-protocol", "tracking_uri": "sqlite:///mlflow.db",
+                                            "optuna_storage": "sqlite:///optuna.db"},
+        study={"targets": ["target"], "sources": ["random"], "regimes": ["freeze"], "protocol": "paper"},
+    )
+    config = load_config(params)
+    prepare_dataset(config, "target")
+    register_source(config, "random")
+    quick = dataclasses.replace(presets.PAPER, max_epochs=1, head_max_epochs=1, batch_size=16)
+    monkeypatch.setitem(presets.PRESETS, "paper", quick)
+    handed = []
+    real_finetune = search_study.run_finetune
+    monkeypatch.setattr(search_study, "run_finetune", lambda cfg, request, **kw: handed.append(request) or
+                        real_finetune(cfg, request, **kw))
+
+    stage = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]["search"]
+    assert "study.protocol" in stage["params"]  # DVC reruns the searches when the protocol changes
+    command = stage["cmd"].replace("${item.dataset}", "target").replace("${item.source}", "random") \
+        .replace("${item.regime}", "freeze").replace("${study.protocol}", config.study.protocol)
+    words = shlex.split(command)
+    assert words[:2] == ["medtransfer", "search"]
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--params", str(params), *words[1:]]) == 0
+
+    assert sorted(request.fold for request in handed) == [0, 1]  # every fold, and no search trial before them
+    assert all(request.preset == "paper" for request in handed)
+    assert all(dataclasses.replace(request.settings, seed=quick.seed) == quick for request in handed)
+    pointer = read_pointer(pointer_path(config, "target", "random", "freeze"))
+    assert pointer.protocol == "paper" and pointer.best_params == {}
+    fits = _runs(config, "tags.step = 'final_fit'")
+    assert sorted(run.data.params["fold"] for run in fits) == ["0", "1"]
+    for run in fits:
+        logged = run.data.params
+        assert logged["preset"] == "paper"
+        assert {key: logged[key] for key in ("learning_rate", "batch_size", "max_epochs", "patience",
+                                             "head_learning_rate", "head_patience", "optimizer")} == \
+            {key: str(getattr(quick, key)) for key in ("learning_rate", "batch_size", "max_epochs", "patience",
+                                                       "head_learning_rate", "head_patience", "optimizer")}
+    (parent,) = _runs(config, "tags.step = 'search'")
+    assert parent.data.params["protocol"] == "paper"
+    assert not _runs(config, "tags.step = 'trial'")

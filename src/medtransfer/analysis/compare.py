@@ -79,6 +79,7 @@ from medtransfer.analysis.source_comparison import (
     paired_rows,
 )
 from medtransfer.errors import ConfigError, DataError, warn
+from medtransfer.models.preprocessing import IMAGENET, PREPROCESSING
 
 __all__ = [
     "GAIN_COLUMNS",
@@ -603,8 +604,10 @@ def _write_figures(staging: Path, folder: Path, manifest: dict[str, Any], datase
         if model.get("random_init"):
             continue
         weights = np.load(folder / record["file"], allow_pickle=False)
-        plots.plot_conv1_filters(weights, staging / f"conv1_{source}.png",
-                                 title=f"{source} ({record['model_key']}): {record['module']}")
+        # Manifests written before the channel order was recorded: the model's named preprocessing says it.
+        order = record.get("channel_order") or PREPROCESSING.get(model.get("preprocessing"), IMAGENET).channel_order
+        plots.plot_conv1_filters(weights, staging / f"conv1_{source}.png", channel_order=order,
+                                 title=f"{source} ({record['model_key']}): {record['module']}, drawn in RGB")
     measure = "cca" if "cca" in measures else "cka"
     plots.plot_similarity_vs_gain(gain, LAYERS, measure, staging / "similarity_vs_gain.png",
                                   title=f"{dataset}: {measure}(fine-tuned, its source) vs relative AUC gain over random init")

@@ -19,7 +19,7 @@ of every source (`conv1/<source>.npy`, for the filter pictures) and each fine-tu
           image_indices: [dataset indices]}}, models: [keys run on this fold's images]}},
     models {key: {registered_model, version, weights_sha256, role, source, random_init, regime, fold, seed,
           seed_index, init_key, run_id, test_auc, arch, preprocessing, channels {layer: C}, predictions}},
-    conv1 {source: {file, model_key, module, shape}}
+    conv1 {source: {file, model_key, module, shape, channel_order}}
 
 The whole folder is written to a temporary sibling and renamed into place (`atomic_files.atomic_directory`).
 """
@@ -234,7 +234,8 @@ def _extract_model(
         module, weights = first_conv_weights(network)
         file = f"{CONV1_FOLDER}/{model.source}.npy"
         save_array(staging / file, weights)
-        conv1[model.source] = {"file": file, "model_key": model.key, "module": module, "shape": list(weights.shape)}
+        conv1[model.source] = {"file": file, "model_key": model.key, "module": module, "shape": list(weights.shape),
+                               "channel_order": preprocessing.channel_order}  # BGR for Keras weights
     record = {
         **model.to_dict(),
         "arch": loaded.spec.arch,

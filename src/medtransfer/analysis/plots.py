@@ -1,9 +1,10 @@
 """The analysis figures, drawn from the tables `compare` writes (plain row dicts), never from a network.
 
 * `plot_layer_curves`: similarity per layer (x = stem … stage4), one line per pair group, with the random-vs-random
-  and shuffled-image baselines shaded as noise-floor bands (mean ± sd).
+  and shuffled-image baselines shaded as noise-floor bands (mean ± sd); unreliable values drawn hollow.
 * `plot_prediction_agreement`: error agreement observed vs its chance level, per pair of fine-tuned models.
-* `plot_conv1_filters`: the first convolution's filters as an image grid, each filter min-max normalised.
+* `plot_conv1_filters`: the first convolution's filters as an image grid in RGB order, each filter min-max
+  normalised.
 * `plot_similarity_vs_gain`: per layer, similarity to the source against the relative AUC gain over random init.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.atomic_files import atomic_write_bytes
 
 
@@ -44,6 +46,16 @@ def _number(value) -> float:
         return math.nan
 
 
+#: The legend entry of hollow markers: values some fold computed from too few rows per channel.
+UNRELIABLE_LEGEND = f"hollow: unreliable, < {RELIABLE_ROWS_PER_CHANNEL} rows per channel in some fold"
+
+
+def is_unreliable(row: dict) -> bool:
+    """Whether a summary row's value rests, in some fold, on a comparison flagged unreliable (reliable_share < 1)."""
+    share = _number(row.get("reliable_share"))
+    return math.isfinite(share) and share < 1
+
+
 def plot_layer_curves(
     summary: Sequence[dict], measure: str, layers: Sequence[str], path: Path, *, title: str, floor_kinds: Sequence[str],
     skip_kinds: Sequence[str] = (),
@@ -66,19 +78,29 @@ def plot_layer_curves(
             axis.fill_between(x, means - sds, means + sds, color=colours.get(kind, "grey"), alpha=0.25,
                               label=f"{kind.replace('_', ' ')} (noise floor)")
             axis.plot(x, means, color=colours.get(kind, "grey"), linewidth=0.8, linestyle=":")
-    groups: dict[tuple[str, str, str], dict[str, tuple[float, float]]] = {}
+    groups: dict[tuple[str, str, str], dict[str, tuple[float, float, bool]]] = {}
     for row in rows:
         if row["pair_kind"] in floor_kinds or row["pair_kind"] in skip_kinds:
             continue
         key = (row["pair_kind"], row["pair"], row["regime"])
-        groups.setdefault(key, {})[row["layer"]] = (_number(row["mean"]), _number(row["sd"]))
+        groups.setdefault(key, {})[row["layer"]] = (_number(row["mean"]), _number(row["sd"]), is_unreliable(row))
     palette = plt.get_cmap("tab20")
+    any_hollow = False
     for index, ((kind, pair, regime), values) in enumerate(sorted(groups.items())):
-        means = np.array([values.get(layer, (math.nan, math.nan))[0] for layer in layers])
-        sds = np.nan_to_num(np.array([values.get(layer, (math.nan, math.nan))[1] for layer in layers]))
+        means = np.array([values.get(layer, (math.nan, math.nan, False))[0] for layer in layers])
+        sds = np.nan_to_num(np.array([values.get(layer, (math.nan, math.nan, False))[1] for layer in layers]))
+        hollow = np.array([values.get(layer, (math.nan, math.nan, False))[2] for layer in layers])
         label = f"{kind.replace('_', ' ')}: {pair}" + (f" ({regime})" if regime else "")
+        colour = palette(index % 20)
         axis.errorbar(x, means, yerr=sds, marker="o", markersize=3, linewidth=1.2, capsize=2, label=label,
-                      color=palette(index % 20), linestyle=("-", "--", "-.")[index // 20 % 3])
+                      color=colour, linestyle=("-", "--", "-.")[index // 20 % 3], markevery=list(np.flatnonzero(~hollow)))
+        if hollow.any():
+            any_hollow = True
+            axis.plot(x[hollow], means[hollow], linestyle="none", marker="o", markersize=5, markerfacecolor="white",
+                      markeredgecolor=colour, zorder=3)
+    if any_hollow:
+        axis.plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black",
+                  label=UNRELIABLE_LEGEND)
     axis.set_xticks(x, list(layers))
     axis.set(ylabel=measure, title=title, ylim=(-0.05 if measure == "cka_debiased" else 0.0, 1.02))
     axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -111,10 +133,17 @@ def plot_prediction_agreement(rows: Sequence[dict], path: Path, *, title: str) -
     _save(figure, path)
 
 
-def filter_grid(weights: np.ndarray) -> np.ndarray:
+def filter_grid(weights: np.ndarray, channel_order: str = "RGB") -> np.ndarray:
     """(out, in, kh, kw) filters → one (rows·(kh+1)−1, cols·(kw+1)−1, 3) image in [0, 1], each filter min-max
-    normalised on its own; grey (in ≠ 3) filters show their mean over input channels."""
+    normalised on its own; grey (in ≠ 3) filters show their mean over input channels.
+
+    `channel_order` is the order of the network's input channels (its preprocessing's): a Keras-converted network
+    reads BGR, so its input channels are reversed to draw each filter in RGB, red as red."""
     weights = np.asarray(weights, dtype=np.float64)
+    if channel_order not in ("RGB", "BGR"):
+        raise ValueError(f"channel_order must be RGB or BGR, got {channel_order!r}")
+    if channel_order == "BGR" and weights.shape[1] == 3:
+        weights = weights[:, ::-1]
     out, channels, height, width = weights.shape
     tiles = weights.transpose(0, 2, 3, 1) if channels == 3 else np.repeat(weights.mean(axis=1)[..., None], 3, axis=-1)
     low = tiles.reshape(out, -1).min(axis=1)[:, None, None, None]
@@ -129,10 +158,10 @@ def filter_grid(weights: np.ndarray) -> np.ndarray:
     return grid
 
 
-def plot_conv1_filters(weights: np.ndarray, path: Path, *, title: str) -> None:
+def plot_conv1_filters(weights: np.ndarray, path: Path, *, title: str, channel_order: str = "RGB") -> None:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(4.5, 4.8), dpi=110)
-    axis.imshow(filter_grid(weights), interpolation="nearest")
+    axis.imshow(filter_grid(weights, channel_order), interpolation="nearest")
     axis.set_axis_off()
     axis.set_title(title, fontsize=9)
     _save(figure, path)

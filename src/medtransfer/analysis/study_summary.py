@@ -38,7 +38,7 @@ GAIN_CORRELATION_COLUMNS = ["source", "regime", "layer", "measure", "points", "t
                             "mean_per_target_r", "baseline"]
 CROSS_TARGET_COLUMNS = ["pair_kind", "pair", "regime", "layer", "measure", "targets", "mean", "sd",
                         "random_vs_random_mean", "random_vs_random_sd"]
-AUC_TABLE_COLUMNS = ["target", "source", "regime", "folds", "test_auc_mean", "test_auc_sd", "random_init_source",
+AUC_TABLE_COLUMNS = ["target", "source", "regime", "protocol", "folds", "test_auc_mean", "test_auc_sd", "random_init_source",
                      "relative_gain"]
 #: The regime of the authors' baseline: random init fine-tuned without freezing.
 BASELINE_REGIME = "full"
@@ -113,6 +113,7 @@ def auc_table(config: Config, pointers: dict[str, list]) -> list[dict[str, Any]]
     rows = []
     for target, target_pointers in pointers.items():
         means: dict[tuple[str, str], tuple[float, float, int]] = {}
+        protocols = {(pointer.source, pointer.regime): pointer.protocol for pointer in target_pointers}
         for pointer in target_pointers:
             aucs = [fit.test_auc for fit in pointer.folds if fit.seed == pointer.folds[0].seed and fit.test_auc is not None]
             means[(pointer.source, pointer.regime)] = (*_mean_sd(aucs), len(aucs))
@@ -120,7 +121,8 @@ def auc_table(config: Config, pointers: dict[str, list]) -> list[dict[str, Any]]
             reference_source = next((name for name in random_sources if (name, regime) in means), "")
             reference = means.get((reference_source, regime), (math.nan,))[0]
             gain = (mean - reference) / reference if reference_source and reference else math.nan
-            rows.append({"target": target, "source": source, "regime": regime, "folds": folds, "test_auc_mean": mean,
+            rows.append({"target": target, "source": source, "regime": regime,
+                         "protocol": protocols[(source, regime)], "folds": folds, "test_auc_mean": mean,
                          "test_auc_sd": sd, "random_init_source": reference_source, "relative_gain": gain})
     return rows
 

@@ -36,7 +36,7 @@ from medtransfer.search.space import settings_with, suggest
 from medtransfer.search.storage import advisory_lock, create_storage, is_postgresql, lock_key, supports_heartbeats
 from medtransfer.train.finetune import FinetuneRequest, run_finetune
 from medtransfer.train.loop import REGIMES
-from medtransfer.train.presets import PRESETS
+from medtransfer.train.presets import PRESETS, PROTOCOL_SEARCH
 
 STEP_SEARCH = "search"
 STEP_TRIAL = "trial"
@@ -107,7 +107,8 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
     trials_target = request.trials or config.search.trials
     with mlflow.start_run(run_id=parent_id):
         mlflow.log_params({"dataset": request.dataset, "source": request.source, "regime": request.regime,
-                           "preset": request.preset or "none", "source_version": source_version.version})
+                           "preset": request.preset or "none",
+                           "protocol": request.preset or PROTOCOL_SEARCH, "source_version": source_version.version})
         if request.preset is not None:
             best_params, best_trial, complete = {}, request.preset, 0
             settings = PRESETS[request.preset]
@@ -157,6 +158,7 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
         test_auc_mean=summary["test_auc_mean"] if np.isfinite(summary["test_auc_mean"]) else None,
         test_auc_sd=summary["test_auc_sd"],
         best_params=best_params,
+        protocol=request.preset or PROTOCOL_SEARCH,
     )
     path = write_pointer(config, pointer)
     return SearchOutcome(name, parent_id, complete, best_params, pointer, str(path))

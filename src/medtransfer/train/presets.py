@@ -20,6 +20,21 @@ PAPER = TrainConfig(
     augment=True,
 )
 PRESETS: dict[str, TrainConfig] = {"paper": PAPER}
+#: What `study.protocol` may name: an Optuna search, or one of the fixed presets.
+PROTOCOL_SEARCH = "search"
+PROTOCOLS = (PROTOCOL_SEARCH, *PRESETS)
+#: How the report describes each protocol's AUCs.
+PROTOCOL_DESCRIPTIONS = {
+    PROTOCOL_SEARCH: "the best configuration of an Optuna search (params `search`, around `train`) on the search "
+    "fold, refit on every fold",
+    "paper": "the original study's fixed protocol, no search: Adam 1e-5, batch 128, up to 200 epochs, early "
+    "stopping with patience 3 (freeze regime: the head first, on a frozen backbone, at 1e-3)",
+}
+
+
+def preset_of(protocol: str) -> str | None:
+    """The preset a protocol names; None for a search."""
+    return None if protocol == PROTOCOL_SEARCH else protocol
 
 
 def train_settings(base: TrainConfig, preset: str | None, seed: int | None = None) -> TrainConfig:
