@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import math
 import shutil
-import subprocess
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from medtransfer.analysis.source_comparison import AUC_INTERVAL_FILE, PAIRED_FIL
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.analysis.study_summary import SUMMARY_FOLDER
 from medtransfer.report_html import REPORT_HTML_FILE, render_report_html
+from medtransfer.revision import code_revision
 from medtransfer.report_statistics import across_targets_section, paired_section
 from medtransfer.report_summary import study_section
 from medtransfer.config import Config
@@ -254,18 +254,6 @@ def _provenance_section(config: Config, pointers: dict[str, list[ModelPointer]])
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
-
-
-def code_revision(root: Path) -> str:
-    """`git describe`-like revision of the working tree ('<sha>' or '<sha>+changes'), or 'unknown'."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{sha}+changes" if dirty else sha
 
 
 def _column_name(source: str, regime: str) -> str:

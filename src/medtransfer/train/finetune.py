@@ -81,7 +81,7 @@ def run_finetune(
     import mlflow
 
     from medtransfer.models.mlflow_models import load_registered_model, log_packaged_model
-    from medtransfer.tracking import log_prepared_dataset, step_run, use_tracking_store
+    from medtransfer.tracking import log_prepared_dataset, run_identity_tags, step_run, use_tracking_store
 
     if request.regime not in REGIMES:
         raise ConfigError(f"unknown regime '{request.regime}'", fix=f"use one of: {', '.join(REGIMES)}")
@@ -106,6 +106,7 @@ def run_finetune(
         Tag.REGIME: request.regime,
         "fold": str(request.fold),
         Tag.DATA_FINGERPRINT: prepared.fingerprint,
+        **run_identity_tags(config),  # trials and final fits log into runs step_run did not open
         **(extra_tags or {}),
     }
     active = mlflow.active_run()
