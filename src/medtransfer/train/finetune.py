@@ -130,7 +130,8 @@ def run_finetune(
             if on_epoch_end is not None:
                 on_epoch_end(phase, epoch, metrics)
 
-        trainer = Trainer(model, source.spec.preprocessing, request.settings, augmentation, on_epoch_end=log_epoch)
+        trainer = Trainer(model, source.spec.preprocessing, request.settings, augmentation, on_epoch_end=log_epoch,
+                          label=name)
         phases = trainer.fit(request.regime, splits["train"][1], splits["val"][1])
         final_val = trainer.evaluate(splits["val"][1]).metrics
         test_indices, test_split = splits["test"]

@@ -86,7 +86,8 @@ def pretrain_source(config: Config, name: str):
             mlflow.log_metrics({(k if k.startswith("val_") else f"train_{k}"): v for k, v in metrics.items() if v == v},
                                step=step["n"])
 
-        trainer = Trainer(model, preprocessing, settings, augmentation, on_epoch_end=log_epoch)
+        trainer = Trainer(model, preprocessing, settings, augmentation, on_epoch_end=log_epoch,
+                          label=f"pretrain {name}")
         trainer.fit("full", splits["train"][1], splits["val"][1])
         test = trainer.evaluate(splits["test"][1]).metrics
         mlflow.log_metrics({f"test_{k}": v for k, v in test.items() if v == v})
