@@ -7,6 +7,7 @@ Registry stages are deprecated in MLflow; aliases and tags carry the same meanin
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -133,6 +134,8 @@ def finetuned_model_description(dataset: str, source: str, regime: str) -> str:
 
 def finetuned_version_description(source: str, regime: str, fold: int, seed: int, trial: str, source_version: str,
                                   test_auc: float) -> str:
-    return (f"Source `{source}`, regime `{regime}`: fold {fold} (seed {seed}) of the best configuration "
-            f"(trial {trial}), fine-tuned from {model_version_link(source_model_name(source), source_version)}; "
-            f"test AUC {test_auc:.3f}.")
+    # A preset's fits name the preset where a search's name its best trial.
+    configuration = f"the best configuration (trial {trial})" if trial.isdigit() else f"the `{trial}` protocol"
+    return (f"Source `{source}`, regime `{regime}`: fold {fold} (seed {seed}) of {configuration}, "
+            f"fine-tuned from {model_version_link(source_model_name(source), source_version)}; "
+            + (f"test AUC {test_auc:.3f}." if math.isfinite(test_auc) else "test AUC not measured."))
