@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import csv
 import dataclasses
@@ -256,7 +257,6 @@ def test_every_auc_names_the_protocol_that_produced_it(study, markdown_table):
     assert rows == {"natural": "paper", "medical": "search", "random": "search"}
 
 
-
 def test_a_value_from_too_few_rows_per_channel_is_marked_with_a_legend(study, markdown_table):
     folder = study.resolve("results/analysis/target")
     with (folder / "similarity_summary.csv").open(newline="") as stream:
@@ -273,3 +273,35 @@ def test_a_value_from_too_few_rows_per_channel_is_marked_with_a_legend(study, ma
     assert "† unreliable: in at least one fold the comparison had fewer than 10 rows" in section
     assert "(here as few as 2.0)" in section
     assert "† unreliable" not in text.split("## Layer-wise similarity")[0]
+
+def test_report_html_is_self_contained_and_holds_the_tables(study):
+    import re
+
+    run_report(study, client=_RegistryAsThePointersSay())
+    page = (study.root / "reports/report.html").read_text(encoding="utf-8")
+    assert "http://" not in page and "https://" not in page
+    sources = re.findall(r"""\b(?:src|href)\s*=\s*["']?([^"'\s>]*)""", page)
+    assert sources and all(source.startswith("data:") for source in sources), sources
+    assert "<th>natural</th>" in page
+    scaled = [100 * a for a in AUCS[("natural", "full")]]
+    assert f"<td>{statistics.mean(scaled):.1f} ± {statistics.stdev(scaled):.1f}</td>" in page
+    assert "<td>fine-tuned vs its initialisation: natural</td><td>full</td><td>0.90 ± 0.01</td>" in page
+    embedded = base64.b64encode((study.root / "reports/figures/target_layers_cca.png").read_bytes()).decode()
+    assert f'src="data:image/png;base64,{embedded}"' in page
+
+
+def test_report_html_renders_the_markdown_subset(tmp_path):
+    from medtransfer.report_html import markdown_to_html
+
+    (tmp_path / "f.png").write_bytes(b"\x89PNG")
+    blocks = markdown_to_html(
+        "# Title <x>\n\nline one\nline `a<b` **bold** *em*\n\n- item `c`\n- two\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+        "![cap](f.png)\n\n![gone](missing.png)", tmp_path)
+    assert blocks == [
+        "<h1>Title &lt;x&gt;</h1>",
+        "<p>line one line <code>a&lt;b</code> <strong>bold</strong> <em>em</em></p>",
+        "<ul><li>item <code>c</code></li><li>two</li></ul>",
+        "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>2</td></tr></tbody></table>",
+        '<figure><img src="data:image/png;base64,iVBORw==" alt="cap"><figcaption>cap</figcaption></figure>',
+        "<p><em>figure not available: missing.png</em></p>",
+    ]

@@ -183,6 +183,7 @@ def test_runs_form_a_parent_with_a_child_per_step_and_trials_below_searches(serv
     search_ids = {run["info"]["run_id"] for run in searches}
     for step in ("trial", "final_fit"):
         assert by_step[step] and all(_tags(run)["mlflow.parentRunId"] in search_ids for run in by_step[step])
+    # Runs come newest first, and DVC may run either target's searches last: pick a fit of a named target.
     fit = next(run for run in by_step["final_fit"] if _tags(run)["dataset"] == "target")
     metric_keys = {metric["key"] for metric in fit["data"]["metrics"]}
     assert {"test_auc", "val_loss", "train_loss", "best_val_loss"} <= metric_keys
@@ -209,19 +210,42 @@ def test_the_winners_are_registered_with_aliases(server, study):
     assert _api(server, "registered-models/get?name=source.tiny")["registered_model"]["aliases"][0]["alias"] == "default"
 
 
-def test_the_experiment_page_lists_the_study(project, server, study, require_tool):
-    """Headless Chromium renders the MLflow UI's runs page of the experiment (required under CI)."""
+def _dump_dom(chromium, project, url):
+    """The page's DOM after headless Chromium has run its scripts."""
+    page = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={project / '.chromium'}",
+         "--virtual-time-budget=15000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120,
+    )
+    return page.stdout
+
+
+def test_the_ui_pages_name_the_sources_and_link_the_source_version(project, server, study, require_tool):
+    """Headless Chromium renders the MLflow UI (required under CI): the runs page lists the study; a comparison of
+    the final fits of fold 0 heads each column with its source; a fine-tuned version links to its source version."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         require_tool("Chromium is not installed (Debian package 'chromium')")
     _, experiment = study
-    page = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={project / '.chromium'}",
-         "--virtual-time-budget=15000", "--dump-dom", f"{server}/#/experiments/{experiment['experiment_id']}/runs"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert "study tiny" in page.stdout, "the experiment page lists the study run"
+    experiment_id = experiment["experiment_id"]
+    assert "study tiny" in _dump_dom(chromium, project, f"{server}/#/experiments/{experiment_id}/runs")
+
+    fits = _api(server, "runs/search", {"experiment_ids": [experiment_id], "max_results": 1000,
+                                        "filter": "tags.step = 'final_fit' and tags.dataset = 'target' "
+                                                  "and tags.fold = '0'"})["runs"]
+    assert {_tags(run)["source"] for run in fits} == {"tiny", "random"}
+    run_ids = urllib.parse.quote(json.dumps([run["info"]["run_id"] for run in fits]))
+    experiments = urllib.parse.quote(json.dumps([experiment_id]))
+    comparison = _dump_dom(chromium, project, f"{server}/#/compare-runs?runs={run_ids}&experiments={experiments}")
+    for source in ("tiny", "random"):
+        assert f"fit {source}/full fold0" in comparison, source
+
+    version = _api(server, "registered-models/alias?name=target.tiny.full&alias=fold0")["model_version"]
+    source_version = {tag["key"]: tag["value"] for tag in version["tags"]}["source_version"]
+    page = _dump_dom(chromium, project, f"{server}/#/models/target.tiny.full/versions/{version['version']}")
+    assert f'href="#/models/source.tiny/versions/{source_version}"' in page
+    assert f"source.tiny v{source_version}</a>" in page and "Source <code>tiny</code>" in page
 
 
 def test_a_second_study_finds_every_step_up_to_date(project, study):

@@ -372,7 +372,7 @@ def _run_summary(args: argparse.Namespace) -> int:
 def _add_report(commands) -> None:
     parser = commands.add_parser(
         "report",
-        help="write reports/report.md (AUC table, similarity with noise floors, predictions, provenance)",
+        help="write reports/report.md and report.html (AUC table, similarity with noise floors, predictions, provenance)",
         description="Build reports/report.md and its figures from the pointer files and the analysis outputs of the "
         "study's targets, and log them to MLflow. No number in it is typed by hand.",
     )

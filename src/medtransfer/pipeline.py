@@ -38,17 +38,16 @@ class PipelineFailed(UserError):
 def run_study(config: Config, *, force: bool = False) -> StudyOutcome:
     import mlflow
 
-    from medtransfer.report import REPORT_FOLDER, REPORT_FILE, code_revision
+    from medtransfer.report import REPORT_FOLDER, REPORT_FILE
     from medtransfer.tracking import STUDY_RUN_ENV, step_run
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
     if not Path(dvc).exists():
         raise ConfigError("the 'dvc' command is not installed", fix="install medtransfer's dependencies (make install)")
-    with step_run(config, step="study", run_name=f"study {config.project.profile}",
-                  tags={"profile": config.project.profile}) as run:
+    # step_run tags it (as every run) with the profile and the code revision.
+    with step_run(config, step="study", run_name=f"study {config.project.profile}") as run:
         mlflow.log_params({"profile": config.project.profile, "targets": ",".join(config.study.targets),
                            "sources": ",".join(config.study.sources), "regimes": ",".join(config.study.regimes)})
-        mlflow.set_tag("code_revision", code_revision(config.root))
         env = {**os.environ, STUDY_RUN_ENV: run.info.run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
         env.pop("MLFLOW_RUN_ID", None)  # the stages are children of the study, not the study itself
         command = [dvc, "repro", *(["--force"] if force else [])]

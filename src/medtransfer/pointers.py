@@ -4,6 +4,9 @@ A search writes `results/models/<dataset>.<source>.<regime>.json` (a DVC output)
 the version of every fold (and seed) fit, their runs and weight hashes, the source version they started from and
 the data fingerprint. Later stages depend on these files, so DVC reruns them exactly when the registered models
 change, and they refuse to run when the registry no longer agrees with a pointer.
+
+Beside it, `results/metrics/<dataset>.<source>.<regime>.json` holds only the search's metrics (test AUC per fold
+model, mean, sd): the file `dvc metrics show` reads, so its table is not widened by hashes, run ids and versions.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from medtransfer.registry import Tag, finetuned_model_name, fold_alias
 
 POINTER_FOLDER = "results/models"
 POINTER_FORMAT = "medtransfer-models-v1"
+METRICS_FOLDER = "results/metrics"
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,18 @@ def pointer_path(config: Config, dataset: str, source: str, regime: str) -> Path
     return config.resolve(POINTER_FOLDER) / f"{finetuned_model_name(dataset, source, regime)}.json"
 
 
+def metrics_path(config: Config, dataset: str, source: str, regime: str) -> Path:
+    return config.resolve(METRICS_FOLDER) / f"{finetuned_model_name(dataset, source, regime)}.json"
+
+
 def write_pointer(config: Config, pointer: ModelPointer) -> Path:
+    """Write the pointer and its metrics file (the search stage declares both); returns the pointer's path."""
     path = pointer_path(config, pointer.dataset, pointer.source, pointer.regime)
     atomic_write_text(path, json.dumps(pointer.to_dict(), indent=2, sort_keys=False) + "\n")
+    metrics = {"test_auc": {fit.alias: fit.test_auc for fit in pointer.folds},
+               "test_auc_mean": pointer.test_auc_mean, "test_auc_sd": pointer.test_auc_sd}
+    atomic_write_text(metrics_path(config, pointer.dataset, pointer.source, pointer.regime),
+                      json.dumps(metrics, indent=2) + "\n")
     return path
 
 

@@ -7,6 +7,7 @@ Registry stages are deprecated in MLflow; aliases and tags carry the same meanin
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -106,3 +107,35 @@ def _how_to_create(name: str) -> str:
     if name.startswith(SOURCE_PREFIX):
         return f"register it with 'medtransfer source --name {name[len(SOURCE_PREFIX):]}'"
     return "run the search that registers it ('medtransfer search ...')"
+
+
+# -- descriptions shown in the registry UI (Markdown) ---------------------------------------------------------------
+
+
+def model_version_link(name: str, version: int | str) -> str:
+    """A Markdown link to a version's page in the MLflow UI, relative so it works on any host."""
+    return f"[{name} v{version}](#/models/{name}/versions/{version})"
+
+
+def source_model_description(source: str) -> str:
+    return (f"Pretraining source `{source}`: the starting point of every model fine-tuned from it. "
+            f"Alias `{ALIAS_DEFAULT}` names the version the study uses.")
+
+
+def source_version_description(source: str, arch: str, origin: str) -> str:
+    return f"Source `{source}`: `{arch}` with weights from `{origin}`."
+
+
+def finetuned_model_description(dataset: str, source: str, regime: str) -> str:
+    name = source_model_name(source)
+    return (f"`{dataset}` fine-tuned from source `{source}` ([{name}](#/models/{name})), regime `{regime}`. "
+            f"Aliases `fold<k>`: the fit of each fold; `{ALIAS_CHAMPION}`: the fit with the lowest validation loss.")
+
+
+def finetuned_version_description(source: str, regime: str, fold: int, seed: int, trial: str, source_version: str,
+                                  test_auc: float) -> str:
+    # A preset's fits name the preset where a search's name its best trial.
+    configuration = f"the best configuration (trial {trial})" if trial.isdigit() else f"the `{trial}` protocol"
+    return (f"Source `{source}`, regime `{regime}`: fold {fold} (seed {seed}) of {configuration}, "
+            f"fine-tuned from {model_version_link(source_model_name(source), source_version)}; "
+            + (f"test AUC {test_auc:.3f}." if math.isfinite(test_auc) else "test AUC not measured."))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import math
 import shutil
-import subprocess
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.analysis.source_comparison import AUC_INTERVAL_FILE, PAIRED_FILE
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.analysis.study_summary import SUMMARY_FOLDER
+from medtransfer.report_html import REPORT_HTML_FILE, render_report_html
+from medtransfer.revision import code_revision
 from medtransfer.report_statistics import across_targets_section, paired_section
 from medtransfer.report_summary import study_section
 from medtransfer.config import Config
@@ -45,7 +46,7 @@ SIMILARITY_GROUPS = (
 
 
 def run_report(config: Config, client=None) -> Path:
-    """Write reports/report.md (+ figures) for the study's targets; returns the report file.
+    """Write reports/report.md (+ figures, + report.html with the figures embedded) for the study's targets; returns the report file.
 
     Every pointer is checked against the registry (`client`, default: the configured tracking store's) before
     anything is written, as `extract` does: a report must not name versions the registry does not hold."""
@@ -88,7 +89,11 @@ def run_report(config: Config, client=None) -> Path:
             sections.append(_predictions_section(target, folder, figures))
             sections.append(_gain_section(target, folder, figures))
         sections.append(_provenance_section(config, pointers))
-        (staging / REPORT_FILE).write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+        markdown = "\n\n".join(sections) + "\n"
+        (staging / REPORT_FILE).write_text(markdown, encoding="utf-8")
+        (staging / REPORT_HTML_FILE).write_text(
+            render_report_html(markdown, staging, f"medtransfer study report — {config.project.profile}"),
+            encoding="utf-8")
     return destination / REPORT_FILE
 
 
@@ -281,18 +286,6 @@ def _provenance_section(config: Config, pointers: dict[str, list[ModelPointer]])
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
-
-
-def code_revision(root: Path) -> str:
-    """`git describe`-like revision of the working tree ('<sha>' or '<sha>+changes'), or 'unknown'."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{sha}+changes" if dirty else sha
 
 
 def _column_name(source: str, regime: str) -> str:

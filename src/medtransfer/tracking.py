@@ -17,11 +17,20 @@ from typing import Any
 
 from medtransfer.config import Config
 
+CODE_REVISION_TAG = "code_revision"
+PROFILE_TAG = "profile"
 STUDY_RUN_ENV = "MEDTRANSFER_STUDY_RUN_ID"  # set by `medtransfer study` for the steps it runs through DVC
 
 # MLflow digests are limited to 36 characters; the full sha256 goes into a tag.
 _DIGEST_LENGTH = 32
 DATA_FINGERPRINT_TAG = "data_fingerprint"
+
+
+def run_identity_tags(config: Config) -> dict[str, str]:
+    """Tags every run carries, so any two runs in the UI can be told apart by the code and profile behind them."""
+    from medtransfer.revision import code_revision
+
+    return {CODE_REVISION_TAG: code_revision(config.root), PROFILE_TAG: config.project.profile}
 
 
 def launched_by_mlflow_run() -> bool:
@@ -46,7 +55,7 @@ def step_run(config: Config, *, step: str, run_name: str, tags: dict[str, str] |
     import mlflow
 
     use_tracking_store(config)
-    tags = {"step": step, **(tags or {})}
+    tags = {"step": step, **run_identity_tags(config), **(tags or {})}
     active = mlflow.active_run()
     resumes_launcher = active is None and launched_by_mlflow_run()  # read now: start_run() consumes MLFLOW_RUN_ID
     if active is not None:

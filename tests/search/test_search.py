@@ -328,3 +328,42 @@ def test_the_paper_protocol_of_the_study_reaches_the_trainer_on_every_fold(tmp_p
     (parent,) = _runs(config, "tags.step = 'search'")
     assert parent.data.params["protocol"] == "paper"
     assert not _runs(config, "tags.step = 'trial'")
+
+
+def test_search_runs_and_versions_explain_themselves(config):
+    """Source and regime in run names, code revision and profile on every run, the parent's description, space
+    and Optuna plots, registry descriptions linking each fit to its source version."""
+    from medtransfer.tracking import CODE_REVISION_TAG, PROFILE_TAG
+
+    outcome = run_search(config, SearchRequest("target", "random", "full", trials=2))
+    client = mlflow.MlflowClient()
+
+    runs = _runs(config)
+    by_step = {}
+    for run in runs:
+        by_step.setdefault(run.data.tags["step"], []).append(run)
+    assert sorted(run.info.run_name for run in by_step["final_fit"]) == ["fit random/full fold0", "fit random/full fold1"]
+    assert by_step["trial"] and all(run.info.run_name == f"trial {run.data.tags['trial']} random/full"
+                                    for run in by_step["trial"])
+    assert {"search", "trial", "final_fit", "source"} <= set(by_step)
+    for run in runs:
+        assert run.data.tags[PROFILE_TAG] == config.project.profile, run.info.run_name
+        assert run.data.tags[CODE_REVISION_TAG], run.info.run_name
+
+    parent = client.get_run(outcome.parent_run_id)
+    description = parent.data.tags["mlflow.note.content"]
+    assert "source `random`, regime `full`" in description and "`learning_rate` float [1e-09, 0.003] log" in description
+    assert parent.data.params["space_learning_rate"] == "float [1e-09, 0.003] log"
+    plots = {artifact.path for artifact in client.list_artifacts(outcome.parent_run_id, "optuna")}
+    assert plots == {"optuna/optimization_history.png", "optuna/param_importances.png"}
+
+    source_version = outcome.pointer.source_version
+    assert "Pretraining source `random`" in client.get_registered_model("source.random").description
+    assert "`resnet18` with weights from `random(seed=0)`" in client.get_model_version("source.random", source_version).description
+    assert "fine-tuned from source `random` ([source.random](#/models/source.random))" in \
+        client.get_registered_model("target.random.full").description
+    for fit in outcome.pointer.folds:
+        version_description = client.get_model_version("target.random.full", fit.version).description
+        link = f"[source.random v{source_version}](#/models/source.random/versions/{source_version})"
+        assert f"fold {fit.fold} (seed 0)" in version_description and link in version_description
+        assert f"test AUC {fit.test_auc:.3f}" in version_description

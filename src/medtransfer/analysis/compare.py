@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from medtransfer.progress import item_line, progress_line
 from medtransfer.analysis.activations import LAYERS, open_activations, read_manifest
 from medtransfer.analysis.pairs import (
     CONTROL_KINDS,
@@ -296,7 +297,9 @@ def run_compare(config: Config, dataset: str) -> Path:
     by_key = {m.key: m for m in models}
     pairs = plan_pairs(models, manifest["random_baselines"])
     similarity_rows = []
-    for pair in pairs:
+    for index, pair in enumerate(pairs, start=1):
+        progress_line(item_line(f"compare {dataset}", index, len(pairs),
+                                f"{pair.kind}: {pair.label} fold {pair.fold}{' (shuffled)' if pair.shuffled else ''}"))
         similarity_rows.extend(_pair_rows(folder, manifest, pair, measures, config.analysis))
     summary_rows = summarise(similarity_rows)
     predictions = _prediction_rows(folder, manifest, models)

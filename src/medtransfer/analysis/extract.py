@@ -27,7 +27,6 @@ The whole folder is written to a temporary sibling and renamed into place (`atom
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,6 +61,7 @@ from medtransfer.analysis.pairs import (
     study_folds,
     study_models,
 )
+from medtransfer.progress import item_line, progress_line
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.config import Config
 from medtransfer.errors import ConfigError, DataError, ModelError, UserError
@@ -138,9 +138,8 @@ def run_extract(config: Config, dataset: str) -> Path:
         for index, model in enumerate(run_models, start=1):
             record = _extract_model(config, prepared, model, needs[model.key], orders, fold_plans, staging, conv1)
             records[model.key] = record
-            if sys.stderr.isatty():  # progress for people watching; logs get the summary only
-                print(f"  [{index}/{len(run_models)}] {model.key} ({model.role}) on fold(s) "
-                      f"{', '.join(map(str, needs[model.key]))}", file=sys.stderr, flush=True)
+            progress_line(item_line(f"extract {dataset}", index, len(run_models),
+                                    f"{model.key} ({model.role}) on fold(s) {', '.join(map(str, needs[model.key]))}"))
         manifest = build_manifest(config, dataset, prepared, pointers, models, baselines, orders, fold_plans,
                                   records, needs, conv1)
         write_manifest(staging, manifest)

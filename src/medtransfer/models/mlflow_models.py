@@ -71,12 +71,19 @@ def log_packaged_model(model: Classifier, spec: ModelSpec) -> tuple[str, str]:
     return info.model_uri, digest
 
 
-def register_logged_model(model_uri: str, name: str, tags: dict[str, str]):
-    """Register `model_uri` as a new version of `name` with `tags`; returns the ModelVersion."""
+def register_logged_model(model_uri: str, name: str, tags: dict[str, str], *, model_description: str = "",
+                          version_description: str = ""):
+    """Register `model_uri` as a new version of `name` with `tags` and the descriptions the registry UI shows
+    (Markdown); returns the ModelVersion."""
     import mlflow
 
+    client = mlflow.MlflowClient()
     version = mlflow.register_model(model_uri, name, tags=tags)
-    return mlflow.MlflowClient().get_model_version(name, version.version)
+    if model_description:
+        client.update_registered_model(name, description=model_description)
+    if version_description:
+        client.update_model_version(name, version.version, description=version_description)
+    return client.get_model_version(name, version.version)
 
 
 def load_registered_model(uri: str) -> LoadedModel:

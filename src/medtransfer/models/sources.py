@@ -20,7 +20,8 @@ from medtransfer.errors import ModelError
 from medtransfer.models.backbones import DEFAULT_PREPROCESSING, Classifier, keras_like_init_
 from medtransfer.models.packaging import ModelSpec, state_dict_bytes
 from medtransfer.models.preprocessing import Preprocessing, preprocessing_by_name
-from medtransfer.registry import ALIAS_DEFAULT, ROLE_SOURCE, Tag, source_model_name
+from medtransfer.registry import (ALIAS_DEFAULT, ROLE_SOURCE, Tag, source_model_description, source_model_name,
+                                  source_version_description)
 
 TIMM_DOWNLOAD_TIMEOUT = 120.0
 
@@ -118,7 +119,9 @@ def register_source(config: Config, name: str) -> RegisteredSource:
         model_uri, logged_digest = log_packaged_model(built.model, built.spec)
         if logged_digest != digest:  # pragma: no cover - the package writes the same bytes it was hashed from
             raise ModelError(f"packaged weights changed while logging ({logged_digest} != {digest})")
-        version = register_logged_model(model_uri, model_name, tags)
+        version = register_logged_model(
+            model_uri, model_name, tags, model_description=source_model_description(name),
+            version_description=source_version_description(name, source.arch, built.origin))
     ensure_default_alias(client, model_name, version.version)
     return RegisteredSource(model_name, str(version.version), digest, reused=False)
 

@@ -31,6 +31,8 @@ from medtransfer.data.prepare import load_prepared
 from medtransfer.errors import ConfigError
 from medtransfer.pointers import FoldModel, ModelPointer, fold_model_alias, write_pointer
 from medtransfer.registry import ALIAS_CHAMPION, ALIAS_DEFAULT, ROLE_FINETUNED, Tag, finetuned_model_name, model_uri, source_model_name
+from medtransfer.search.parent_run import (fit_descriptions, fit_run_name, log_optuna_plots, search_parent_tags,
+                                           search_space_params, trial_run_name)
 from medtransfer.search.sampler import TrialSeededTPESampler
 from medtransfer.search.space import settings_with, suggest
 from medtransfer.search.storage import advisory_lock, create_storage, is_postgresql, lock_key, supports_heartbeats
@@ -97,6 +99,7 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
         Tag.SOURCE: request.source,
         Tag.REGIME: request.regime,
         Tag.DATA_FINGERPRINT: prepared.fingerprint,
+        **search_parent_tags(config, request),
     }
     if study_run_id():
         parent_tags["mlflow.parentRunId"] = study_run_id()  # shown under the study's run in the UI
@@ -108,7 +111,8 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
     with mlflow.start_run(run_id=parent_id):
         mlflow.log_params({"dataset": request.dataset, "source": request.source, "regime": request.regime,
                            "preset": request.preset or "none",
-                           "protocol": request.preset or PROTOCOL_SEARCH, "source_version": source_version.version})
+                           "protocol": request.preset or PROTOCOL_SEARCH, "source_version": source_version.version,
+                           **search_space_params(config, request.preset)})
         if request.preset is not None:
             best_params, best_trial, complete = {}, request.preset, 0
             settings = PRESETS[request.preset]
@@ -130,6 +134,7 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
             settings = settings_with(config.train, best_params)
             mlflow.log_metrics({"best_val_loss": best.value, "complete_trials": float(complete)})
             mlflow.set_tag("best_trial", best_trial)
+            log_optuna_plots(study)
         # One worker fits and registers; the others wait, then find the registered versions and reuse them.
         with final_fit_lock(config, name):
             close_orphaned_fits(client, experiment_id, name)
@@ -282,7 +287,7 @@ def _run_trials(config: Config, study, request: SearchRequest, target: int, sour
         child = mlflow.start_run(
             experiment_id=mlflow.active_run().info.experiment_id,  # nested runs live with their parent
             nested=True,
-            run_name=f"trial {trial.number}",
+            run_name=trial_run_name(request.source, request.regime, trial.number),
             tags={"step": STEP_TRIAL, Tag.STUDY: name, "trial": str(trial.number)},
         )
         trial.set_user_attr(RUN_ATTR, child.info.run_id)
@@ -417,7 +422,7 @@ def _final_fits(config, request, settings, best_trial: str, best_params: dict, n
             version = _registered_fit(client, registered_name, name, best_trial, fold, seed)
             if version is None:
                 mlflow.start_run(experiment_id=mlflow.active_run().info.experiment_id, nested=True,
-                                 run_name=f"fit {alias} (trial {best_trial})",
+                                 run_name=fit_run_name(request.source, request.regime, alias),
                                  tags={"step": STEP_FINAL_FIT, Tag.STUDY: name, "trial": best_trial,
                                        "fold": str(fold), "seed": str(seed)})
                 try:
@@ -447,7 +452,8 @@ def _final_fits(config, request, settings, best_trial: str, best_params: dict, n
                         "best_val_loss": f"{result.best_val_loss:.6g}",
                         "test_auc": f"{result.test_metrics.get('test_auc', float('nan')):.6g}",
                     }
-                    version = register_logged_model(result.model_uri, registered_name, tags)
+                    version = register_logged_model(result.model_uri, registered_name, tags, **fit_descriptions(
+                        request, fold, seed, best_trial, source_version.version, result.test_metrics))
                     mlflow.set_tag("registered_version", version.version)
                 except BaseException:
                     mlflow.end_run("FAILED")

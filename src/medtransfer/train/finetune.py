@@ -81,7 +81,7 @@ def run_finetune(
     import mlflow
 
     from medtransfer.models.mlflow_models import load_registered_model, log_packaged_model
-    from medtransfer.tracking import log_prepared_dataset, step_run, use_tracking_store
+    from medtransfer.tracking import log_prepared_dataset, run_identity_tags, step_run, use_tracking_store
 
     if request.regime not in REGIMES:
         raise ConfigError(f"unknown regime '{request.regime}'", fix=f"use one of: {', '.join(REGIMES)}")
@@ -106,6 +106,7 @@ def run_finetune(
         Tag.REGIME: request.regime,
         "fold": str(request.fold),
         Tag.DATA_FINGERPRINT: prepared.fingerprint,
+        **run_identity_tags(config),  # trials and final fits log into runs step_run did not open
         **(extra_tags or {}),
     }
     active = mlflow.active_run()
@@ -129,7 +130,8 @@ def run_finetune(
             if on_epoch_end is not None:
                 on_epoch_end(phase, epoch, metrics)
 
-        trainer = Trainer(model, source.spec.preprocessing, request.settings, augmentation, on_epoch_end=log_epoch)
+        trainer = Trainer(model, source.spec.preprocessing, request.settings, augmentation, on_epoch_end=log_epoch,
+                          label=name)
         phases = trainer.fit(request.regime, splits["train"][1], splits["val"][1])
         final_val = trainer.evaluate(splits["val"][1]).metrics
         test_indices, test_split = splits["test"]

@@ -29,6 +29,7 @@ from torch import nn
 from medtransfer.config import TrainConfig
 from medtransfer.models.backbones import Classifier
 from medtransfer.models.preprocessing import Preprocessing
+from medtransfer.progress import epoch_line, progress_line
 from medtransfer.train.augment import AugmentationSettings, augment_batch
 from medtransfer.train.metrics import classification_metrics
 
@@ -90,6 +91,7 @@ class Trainer:
         device: torch.device | None = None,
         on_epoch_end: EpochCallback | None = None,
         progress: bool = True,
+        label: str = "train",
     ) -> None:
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
@@ -98,6 +100,7 @@ class Trainer:
         self.augmentation = augmentation if settings.augment else None
         self.on_epoch_end = on_epoch_end
         self.progress = progress
+        self.label = label  # names the model in the log's epoch lines
         self.generator = torch.Generator().manual_seed(settings.seed)  # batch order and augmentation
         torch.manual_seed(settings.seed)  # dropout draws from the global generator
         self.loss = nn.CrossEntropyLoss()
@@ -138,6 +141,8 @@ class Trainer:
                 stale += 1
             if self.on_epoch_end is not None:
                 self.on_epoch_end(phase.name, epoch, metrics)
+            if self.progress:
+                progress_line(epoch_line(self.label, phase.name, epoch, phase.max_epochs, metrics))
             if stale >= phase.patience:
                 break
         if best_state is not None:

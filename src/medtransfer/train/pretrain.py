@@ -22,7 +22,8 @@ from medtransfer.errors import ConfigError
 from medtransfer.models.backbones import DEFAULT_PREPROCESSING, Classifier, keras_like_init_
 from medtransfer.models.packaging import ModelSpec
 from medtransfer.models.preprocessing import preprocessing_by_name
-from medtransfer.registry import ROLE_SOURCE, Tag, source_model_name
+from medtransfer.registry import (ROLE_SOURCE, Tag, source_model_description, source_model_name,
+                                  source_version_description)
 from medtransfer.train.augment import AugmentationSettings
 from medtransfer.train.finetune import fold_splits
 from medtransfer.train.loop import Trainer
@@ -85,7 +86,8 @@ def pretrain_source(config: Config, name: str):
             mlflow.log_metrics({(k if k.startswith("val_") else f"train_{k}"): v for k, v in metrics.items() if v == v},
                                step=step["n"])
 
-        trainer = Trainer(model, preprocessing, settings, augmentation, on_epoch_end=log_epoch)
+        trainer = Trainer(model, preprocessing, settings, augmentation, on_epoch_end=log_epoch,
+                          label=f"pretrain {name}")
         trainer.fit("full", splits["train"][1], splits["val"][1])
         test = trainer.evaluate(splits["test"][1]).metrics
         mlflow.log_metrics({f"test_{k}": v for k, v in test.items() if v == v})
@@ -109,7 +111,9 @@ def pretrain_source(config: Config, name: str):
             Tag.DATA_FINGERPRINT: prepared.fingerprint,
             RECIPE_TAG: recipe_digest,
         }
-        version = register_logged_model(uri, model_name, tags)
+        version = register_logged_model(
+            uri, model_name, tags, model_description=source_model_description(name),
+            version_description=source_version_description(name, source.arch, origin))
     ensure_default_alias(client, model_name, version.version)
     return RegisteredSource(model_name, str(version.version), digest, reused=False)
 
