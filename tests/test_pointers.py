@@ -29,7 +29,7 @@ def _pointer(aucs: list[float]) -> ModelPointer:
 def test_dvc_metrics_show_lists_only_the_searches_metrics(tmp_path, repo_root, write_params):
     params = write_params({"d": {"format": "medmnist", "path": "d.npz", "classes": ["a", "b"]}},
                           sources={"natural": {"kind": "random", "arch": "resnet18", "seed": 0}},
-                          study={"targets": ["d"], "sources": ["natural"], "regimes": ["full"]})
+                          study={"targets": ["d"], "sources": ["natural"], "regimes": ["full"], "protocol": "search"})
     config = load_config(params)
     write_pointer(config, _pointer([0.7, 0.9]))
     assert json.loads(pointer_path(config, "d", "natural", "full").read_text())["registered_model"] == "d.natural.full"
