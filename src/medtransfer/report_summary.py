@@ -13,9 +13,9 @@ from medtransfer.analysis.study_summary import (
     AUC_TABLE_FILE,
     CROSS_TARGET_FILE,
     GAIN_CORRELATION_FILE,
-    read_csv,
 )
 from medtransfer.errors import DataError
+from medtransfer.tables import read_table
 
 MAIN_GROUPS = (
     ("source_vs_finetuned", "fine-tuned vs its initialisation"),
@@ -32,14 +32,14 @@ def study_section(folder: Path, targets: list[str], figures: Path) -> str:
         raise DataError(f"the study summary lacks {', '.join(absent)}", where=str(folder),
                         fix="run 'medtransfer summary' (or 'dvc repro')")
     lines = ["## The study across targets", ""]
-    lines += _auc_table(read_csv(folder / AUC_TABLE_FILE))
+    lines += _auc_table(read_table(folder / AUC_TABLE_FILE))
     if len(targets) < 2:
         lines += ["", f"The cross-target view (similarity vs gain pooled over targets, similarity averaged over "
                       f"targets) needs more than one target; this study has one ({targets[0]}). Its per-target "
                       "sections follow."]
         return "\n".join(lines)
-    correlations = read_csv(folder / GAIN_CORRELATION_FILE)
-    cross_target = read_csv(folder / CROSS_TARGET_FILE)
+    correlations = read_table(folder / GAIN_CORRELATION_FILE)
+    cross_target = read_table(folder / CROSS_TARGET_FILE)
     layers = list(dict.fromkeys(row["layer"] for row in cross_target))
     for measure, title in (("cca", "mean CCA"), ("cka", "linear CKA")):
         lines += _gain_table(correlations, measure, title, layers)

@@ -36,8 +36,6 @@ All of it is logged to one MLflow run (nested under the active run, if any): tag
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import math
 import re
@@ -80,6 +78,7 @@ from medtransfer.analysis.source_comparison import (
     paired_rows,
 )
 from medtransfer.errors import ConfigError, DataError, warn
+from medtransfer.tables import write_table
 from medtransfer.models.preprocessing import IMAGENET, PREPROCESSING
 
 __all__ = [
@@ -309,16 +308,16 @@ def run_compare(config: Config, dataset: str) -> Path:
     paired = paired_rows(auc_rows, correction_term(manifest["folds"]))
     target = results_folder(config, dataset)
     with atomic_directory(target) as staging:
-        _write_csv(staging / SIMILARITY_FILE, SIMILARITY_COLUMNS, similarity_rows)
-        _write_csv(staging / SUMMARY_FILE, SUMMARY_COLUMNS, summary_rows)
-        _write_csv(staging / PREDICTIONS_FILE, PREDICTION_COLUMNS, predictions)
-        _write_csv(staging / GAIN_FILE, GAIN_COLUMNS, gain_rows)
-        _write_csv(staging / AUC_INTERVAL_FILE, AUC_INTERVAL_COLUMNS, auc_rows)
-        _write_csv(staging / PAIRED_FILE, PAIRED_COLUMNS, paired)
+        write_table(staging / SIMILARITY_FILE, SIMILARITY_COLUMNS, similarity_rows)
+        write_table(staging / SUMMARY_FILE, SUMMARY_COLUMNS, summary_rows)
+        write_table(staging / PREDICTIONS_FILE, PREDICTION_COLUMNS, predictions)
+        write_table(staging / GAIN_FILE, GAIN_COLUMNS, gain_rows)
+        write_table(staging / AUC_INTERVAL_FILE, AUC_INTERVAL_COLUMNS, auc_rows)
+        write_table(staging / PAIRED_FILE, PAIRED_COLUMNS, paired)
         _write_figures(staging, folder, manifest, dataset, measures, summary_rows, predictions, gain_rows)
     with atomic_directory(curves_folder(config, dataset)) as staging:
         for measure in measures:
-            _write_csv(staging / f"{measure}.csv", CURVE_COLUMNS, layer_curve_rows(summary_rows, measure))
+            write_table(staging / f"{measure}.csv", CURVE_COLUMNS, layer_curve_rows(summary_rows, measure))
     _log_compare_run(config, dataset, manifest, target, measures, summary_rows, predictions, paired)
     print(format_summary(dataset, summary_rows, measures, len(pairs), time.perf_counter() - started, target))
     return target
@@ -566,25 +565,6 @@ def _annotate_correlation(group: list[dict], scope: str) -> None:
             p[f"pearson_{measure}_{scope}"] = r
     for p in group:
         p[f"points_{scope}"] = len(group)
-
-
-def _format(value: Any) -> Any:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        # The shortest text that reads back as the same float: tables can be recomputed from exactly (a rounded
-        # value moves Pearson's r of a few close points by 1e-5).
-        return "nan" if not math.isfinite(value) else repr(value)
-    return "" if value is None else value
-
-
-def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_format(row.get(column)) for column in columns])
-    path.write_text(buffer.getvalue(), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ to the summary's run and the study's MLflow parent run).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections import defaultdict
@@ -27,6 +26,7 @@ import numpy as np
 
 from medtransfer.config import Config
 from medtransfer.errors import DataError
+from medtransfer.tables import read_table, write_table
 
 SUMMARY_FOLDER = "results/summary"
 GAIN_CORRELATION_FILE = "gain_correlation.csv"
@@ -166,8 +166,8 @@ def write_summary(config: Config) -> tuple[Path, dict[str, float]]:
             if not (folder / name).is_file():
                 raise DataError(f"no analysis table {name} for target '{target}'", where=str(folder),
                                 fix=f"run 'medtransfer compare --dataset {target}' (or 'dvc repro')")
-        summaries[target] = read_csv(folder / "similarity_summary.csv")
-        gains[target] = read_csv(folder / "similarity_vs_gain.csv")
+        summaries[target] = read_table(folder / "similarity_summary.csv")
+        gains[target] = read_table(folder / "similarity_vs_gain.csv")
     pointers = {target: pointers_for_dataset(config, target) for target in targets}
     correlations = pooled_gain_correlations(gains)
     cross_target = cross_target_similarity(summaries)
@@ -175,9 +175,9 @@ def write_summary(config: Config) -> tuple[Path, dict[str, float]]:
     metrics = summary_metrics(correlations, cross_target)
     destination = config.resolve(SUMMARY_FOLDER)
     with atomic_directory(destination) as staging:
-        write_csv(staging / GAIN_CORRELATION_FILE, GAIN_CORRELATION_COLUMNS, correlations)
-        write_csv(staging / CROSS_TARGET_FILE, CROSS_TARGET_COLUMNS, cross_target)
-        write_csv(staging / AUC_TABLE_FILE, AUC_TABLE_COLUMNS, aucs)
+        write_table(staging / GAIN_CORRELATION_FILE, GAIN_CORRELATION_COLUMNS, correlations)
+        write_table(staging / CROSS_TARGET_FILE, CROSS_TARGET_COLUMNS, cross_target)
+        write_table(staging / AUC_TABLE_FILE, AUC_TABLE_COLUMNS, aucs)
         _write_figures(staging, cross_target)
     atomic_write_text(config.resolve(METRICS_FILE), json.dumps({"targets": len(targets), **metrics}, indent=2,
                                                                sort_keys=True) + "\n")
@@ -234,30 +234,6 @@ def _log_summary(config: Config, folder: Path, metrics: dict[str, float], target
     if parent and metrics:
         client = mlflow.MlflowClient()
         client.log_batch(parent, metrics=[mlflow.entities.Metric(key, value, 0, 0) for key, value in metrics.items()])
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as stream:
-        return list(csv.DictReader(stream))
-
-
-def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
-    import io
-
-    from medtransfer.atomic_files import atomic_write_text
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_cell(row.get(column)) for column in columns])
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if not math.isfinite(value) else repr(value)  # exact: tables are recomputed from
-    return "" if value is None else str(value)
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
