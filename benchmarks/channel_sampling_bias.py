@@ -9,11 +9,10 @@ Mean CCA of m channels over n rows is biased upward by roughly m/n; sampling 64 
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
-from dead_channel_threshold import ROWS_PER_LAYER, stage_rows  # same folder: the same networks and rows
+from dead_channel_threshold import noise_floor_pair  # same folder: the same networks and rows
 from medtransfer.analysis.activations import LAYERS
 from medtransfer.analysis.similarity import SimilarityAccumulator
 
@@ -27,15 +26,7 @@ def mean_cca(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("npz", help="a MedMNIST-layout file; its test images are used")
-    parser.add_argument("--size", type=int, default=56, help="images are enlarged (nearest) to this size")
-    parser.add_argument("--images", type=int, default=156)
-    args = parser.parse_args()
-    images = np.load(args.npz)["test_images"][: args.images]
-    factor = max(1, args.size // images.shape[1])
-    images = images.repeat(factor, axis=1).repeat(factor, axis=2)
-    first, second = stage_rows(0, images, ROWS_PER_LAYER), stage_rows(1, images, ROWS_PER_LAYER)
+    images, first, second = noise_floor_pair(__doc__.splitlines()[0])
     print(f"{len(images)} images at {images.shape[1]} px; random keras_resnet50 seed 0 vs seed 1")
     print(f"| layer | rows | channels | rows per channel (all / {SAMPLE}) | mean CCA, all channels | "
           f"mean CCA, {SAMPLE} x {REPEATS} | all − sampled |")

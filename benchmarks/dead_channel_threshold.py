@@ -38,8 +38,9 @@ def stage_rows(seed: int, images: np.ndarray, rows: int, sample_seed: int = 0) -
     return outputs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def noise_floor_pair(description: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Parse the command line shared by the benchmarks of this folder; return (images, seed 0's rows, seed 1's)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("npz", help="a MedMNIST-layout file; its test images are used")
     parser.add_argument("--size", type=int, default=56, help="images are enlarged (nearest) to this size")
     parser.add_argument("--images", type=int, default=156)
@@ -47,7 +48,11 @@ def main() -> None:
     images = np.load(args.npz)["test_images"][: args.images]
     factor = max(1, args.size // images.shape[1])
     images = images.repeat(factor, axis=1).repeat(factor, axis=2)
-    first, second = stage_rows(0, images, ROWS_PER_LAYER), stage_rows(1, images, ROWS_PER_LAYER)
+    return images, stage_rows(0, images, ROWS_PER_LAYER), stage_rows(1, images, ROWS_PER_LAYER)
+
+
+def main() -> None:
+    images, first, second = noise_floor_pair(__doc__.splitlines()[0])
     print(f"{len(images)} images at {images.shape[1]} px; random keras_resnet50 seed 0 vs seed 1, all channels")
     print("| layer | rows | channels | kept (ours 1e-8) | kept (svcca 1e-12) | mean CCA (ours) | mean CCA (svcca rule) |")
     print("|---|---|---|---|---|---|---|")

@@ -5,18 +5,18 @@ signed-rank test on the per-target mean differences (or why none is given). Ever
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import defaultdict
 from pathlib import Path
 
 from medtransfer.analysis.paired_statistics import WILCOXON_MIN_TARGETS, wilcoxon_across_targets
 from medtransfer.analysis.source_comparison import AUC_INTERVAL_FILE, PAIRED_FILE
+from medtransfer.tables import read_table
 
 
 def paired_section(target: str, folder: Path) -> str:
-    intervals = _read(folder / AUC_INTERVAL_FILE)
-    paired = _read(folder / PAIRED_FILE)
+    intervals = read_table(folder / AUC_INTERVAL_FILE)
+    paired = read_table(folder / PAIRED_FILE)
     lines = [f"## Do the sources differ beyond fold noise? — {target}", ""]
     if intervals:
         folds = sorted({int(row["fold"]) for row in intervals})
@@ -57,7 +57,7 @@ def across_targets_section(folders: dict[str, Path]) -> str:
     """The signed-rank test over targets of each (regime, pair)'s mean difference (Demšar 2006)."""
     per_pair: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
     for target, folder in folders.items():
-        for row in _read(folder / PAIRED_FILE):
+        for row in read_table(folder / PAIRED_FILE):
             per_pair[(row["regime"], row["source_a"], row["source_b"])][target] = _float(row["mean_difference"])
     lines = ["## Across targets: Wilcoxon signed-rank test on the per-target mean differences", ""]
     if not per_pair:
@@ -107,8 +107,3 @@ def _float(value) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
-
-
-def _read(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as stream:
-        return list(csv.DictReader(stream))
