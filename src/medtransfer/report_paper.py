@@ -1,0 +1,273 @@
+"""The report's section that sets the study beside the paper it re-implements (Juodelyte et al., TMLR 2024).
+
+A dataset names its twin among the paper's targets with `paper_target:`, a source its twin among the paper's
+sources (imagenet, radimagenet, random) with `paper_source:`. For the twins the section prints ours, the paper's
+and the difference (test AUC; mean CCA per layer averaged over the twin targets; error agreement against chance),
+then states for each of the paper's three headline claims whether this run supports it. The paper's numbers are
+read from the shipped reference file (`paper_reference.py`); ours from the study's own outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from medtransfer.paper_reference import PaperResults, load_paper_results
+from medtransfer.tables import read_table
+
+SECTION_TITLE = "## Beside the paper (Juodelyte et al., TMLR 2024)"
+SIMILARITY_SUMMARY_FILE = "similarity_summary.csv"
+PREDICTIONS_FILE = "predictions.csv"
+PAIRED_FILE = "paired_comparison.csv"
+
+
+@dataclass(frozen=True)
+class Twins:
+    """Our names for the paper's: target -> paper target, source -> paper source (only those that name one)."""
+
+    targets: Mapping[str, str]
+    sources: Mapping[str, str]
+
+    def ours(self, paper_source: str) -> list[str]:
+        """Our sources that stand for `paper_source`, in a fixed order."""
+        return sorted(name for name, twin in self.sources.items() if twin == paper_source)
+
+
+@dataclass(frozen=True)
+class Claim:
+    statement: str
+    verdict: str  # "supported", "not supported" or "not checked"
+    evidence: str
+
+
+def paper_section(twins: Twins, fold_aucs: Mapping[tuple[str, str, str], Sequence[float]],
+                  analysis_folders: Mapping[str, Path], paper: PaperResults | None = None) -> str:
+    """Markdown for the section. fold_aucs: (target, source, regime) -> each fold's test AUC (0–1);
+    analysis_folders: target -> its `results/analysis/<target>/` folder (similarity summary, predictions, paired
+    comparison)."""
+    paper = paper or load_paper_results()
+    lines = [SECTION_TITLE, "", f"Reference: {paper.citation}", ""]
+    targets = {ours: twin for ours, twin in twins.targets.items() if ours in analysis_folders}
+    if not targets:
+        lines.append("No target of this study names a twin among the paper's targets (`paper_target:` in its "
+                     "dataset entry, one of " + ", ".join(paper.targets) + "), so there is nothing to set beside "
+                     "the paper.")
+        return "\n".join(lines)
+    lines.append("Twins: " + "; ".join(f"target `{ours}` ↔ paper's {twin}" for ours, twin in targets.items())
+                 + "; " + ("; ".join(f"source `{ours}` ↔ paper's {twin}" for ours, twin in sorted(twins.sources.items()))
+                           or "no source names a `paper_source:`") + ".")
+    lines += ["", *_auc_table(targets, twins, fold_aucs, paper)]
+    summaries = {target: read_table(analysis_folders[target] / SIMILARITY_SUMMARY_FILE) for target in targets}
+    cross_target = _cross_target_ours(summaries, twins, paper)
+    lines += ["", *_cca_table(cross_target, len(targets), paper)]
+    agreement = {target: _agreement_ours(read_table(analysis_folders[target] / PREDICTIONS_FILE), twins)
+                 for target in targets}
+    lines += ["", *_agreement_table(targets, agreement, paper)]
+    paired = {target: read_table(analysis_folders[target] / PAIRED_FILE) for target in targets}
+    claims = [_claim_imagenet_at_least_radimagenet(targets, twins, fold_aucs, paired),
+              _claim_cca_at_or_below_floor(cross_target, paper),
+              _claim_agreement_above_chance(agreement)]
+    lines += ["", "### The paper's claims, checked on this run", "",
+              "| claim | this run | evidence |", "|---|---|---|"]
+    lines += [f"| {claim.statement} | {claim.verdict} | {claim.evidence} |" for claim in claims]
+    return "\n".join(lines)
+
+
+# -- test AUC ------------------------------------------------------------------------------------------------------
+
+
+def _auc_table(targets: Mapping[str, str], twins: Twins, fold_aucs, paper: PaperResults) -> list[str]:
+    lines = ["### Test AUC ×100: ours, the paper's, the difference", "",
+             "Ours: mean ± sd over this study's folds; the paper's: over its 5 folds. Difference: ours − paper's mean.",
+             "", "| target | source | regime | ours | paper | difference |", "|---|---|---|---|---|---|"]
+    rows = 0
+    for target, paper_target in targets.items():
+        for (auc_target, source, regime), aucs in sorted(fold_aucs.items()):
+            reference = paper.test_auc.get((paper_target, twins.sources.get(source, ""), regime))
+            finite = [100 * value for value in _finite(aucs)]
+            if auc_target != target or reference is None or not finite:
+                continue
+            mean = statistics.fmean(finite)
+            ours = f"{mean:.1f} ± {statistics.stdev(finite):.1f}" if len(finite) > 1 else f"{mean:.1f}"
+            lines.append(f"| {target} ({paper_target}) | {source} ({twins.sources[source]}) | {regime} | {ours} | "
+                         f"{reference[0]:.1f} ± {reference[1]:.1f} | {mean - reference[0]:+.1f} |")
+            rows += 1
+    if not rows:
+        lines.append("| (no source of this study names a `paper_source:` the paper fine-tuned in these regimes) "
+                     "| | | | | |")
+    return lines
+
+
+# -- mean CCA across targets -----------------------------------------------------------------------------------
+
+
+def _matches(row: Mapping[str, str], kind: str, our_sources: Sequence[str], regime: str) -> bool:
+    if row["pair_kind"] != kind or row["measure"] != "cca" or (row["regime"] or "") != regime:
+        return False
+    if kind == "random_vs_random":
+        return True  # the study's one random-vs-random pair, whatever its random sources are named
+    return sorted(row["pair"].split(" vs ")) == sorted(our_sources)
+
+
+def _cross_target_ours(summaries: Mapping[str, list[dict[str, str]]], twins: Twins,
+                       paper: PaperResults) -> dict[str, tuple[list[float], int]]:
+    """Paper pair title -> (our mean CCA per paper layer, averaged over the twin targets that have the pair; the
+    number of those targets). Pairs whose sources have no twin here are left out."""
+    ours: dict[str, tuple[list[float], int]] = {}
+    for pair in paper.cross_target_cca:
+        if pair.kind == "random_vs_random":
+            names: list[str] = []
+        else:
+            picks = [twins.ours(source) for source in pair.sources]
+            if any(not pick for pick in picks):
+                continue
+            names = [pick[0] for pick in picks]
+        per_layer: dict[str, list[float]] = {layer: [] for layer in paper.layers}
+        targets_with_pair = 0
+        for rows in summaries.values():
+            found = {row["layer"]: float(row["mean"]) for row in rows if _matches(row, pair.kind, names, pair.regime)}
+            if found:
+                targets_with_pair += 1
+            for layer in paper.layers:
+                if layer in found and math.isfinite(found[layer]):
+                    per_layer[layer].append(found[layer])
+        if targets_with_pair:
+            ours[pair.title] = ([statistics.fmean(v) if v else math.nan for v in per_layer.values()], targets_with_pair)
+    return ours
+
+
+def _cca_table(ours: Mapping[str, tuple[list[float], int]], targets: int, paper: PaperResults) -> list[str]:
+    lines = ["### Mean CCA per layer, averaged over targets: ours / the paper's", "",
+             f"Ours over this study's {targets} twin target(s), each the mean over its folds; the paper's over its "
+             f"{len(paper.targets)} targets (64 sampled channels, 5 repeats). Each cell: ours / paper's.", "",
+             "| pair | targets | " + " | ".join(paper.layers) + " |", "|---|---|" + "---|" * len(paper.layers)]
+    for pair in paper.cross_target_cca:
+        if pair.title not in ours:
+            lines.append(f"| {pair.title} | – | " + " | ".join(f"– / {value:.2f}" for value in pair.values) + " |")
+            continue
+        values, count = ours[pair.title]
+        cells = [f"{_fmt(mine)} / {theirs:.2f}" for mine, theirs in zip(values, pair.values)]
+        lines.append(f"| {pair.title} | {count} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# -- error agreement ---------------------------------------------------------------------------------------------
+
+
+def _agreement_ours(rows: list[dict[str, str]], twins: Twins) -> tuple[float, float] | None:
+    """(observed, chance) error agreement of our ImageNet and RadImageNet twins fine-tuned in `full`, mean over
+    folds; None when the study has no such pair."""
+    imagenet, radimagenet = twins.ours("imagenet"), twins.ours("radimagenet")
+    if not imagenet or not radimagenet:
+        return None
+    wanted = sorted([imagenet[0], radimagenet[0]])
+    selected = [row for row in rows if row["regime"] == "full" and sorted(row["pair"].split(" vs ")) == wanted]
+    if not selected:
+        return None
+    return (statistics.fmean(float(row["error_agreement"]) for row in selected),
+            statistics.fmean(float(row["error_agreement_chance"]) for row in selected))
+
+
+def _agreement_table(targets: Mapping[str, str], agreement, paper: PaperResults) -> list[str]:
+    lines = ["### Error agreement of the ImageNet and RadImageNet models (no freezing): observed / chance", "",
+             "| target | ours | paper |", "|---|---|---|"]
+    for target, paper_target in targets.items():
+        mine = agreement.get(target)
+        theirs = paper.error_agreement.get(paper_target)
+        lines.append(f"| {target} ({paper_target}) | {_pair(mine)} | {_pair(theirs)} |")
+    return lines
+
+
+# -- claims ------------------------------------------------------------------------------------------------------
+
+
+def _claim_imagenet_at_least_radimagenet(targets, twins: Twins, fold_aucs, paired) -> Claim:
+    statement = "ImageNet initialisation matches or beats RadImageNet on every target (no freezing)"
+    imagenet, radimagenet = twins.ours("imagenet"), twins.ours("radimagenet")
+    if not imagenet or not radimagenet:
+        return Claim(statement, "not checked", "needs a source naming `paper_source: imagenet` and one naming "
+                                               "`paper_source: radimagenet`")
+    findings, failed, checked = [], [], 0
+    for target in targets:
+        a = _finite(fold_aucs.get((target, imagenet[0], "full"), ()))
+        b = _finite(fold_aucs.get((target, radimagenet[0], "full"), ()))
+        if not a or not b:
+            findings.append(f"{target}: not fine-tuned in full")
+            continue
+        checked += 1
+        difference = statistics.fmean(a) - statistics.fmean(b)
+        low, high = _paired_interval(paired.get(target, []), imagenet[0], radimagenet[0])
+        if difference >= 0:
+            findings.append(f"{target}: ImageNet ahead by {100 * difference:.1f}")
+        elif math.isfinite(high) and high >= 0:
+            findings.append(f"{target}: a tie (RadImageNet ahead by {-100 * difference:.1f}, 95 % interval "
+                            f"{100 * low:+.1f} to {100 * high:+.1f} includes 0)")
+        else:
+            failed.append(target)
+            findings.append(f"{target}: RadImageNet ahead by {-100 * difference:.1f}"
+                            + (f" (95 % interval {100 * low:+.1f} to {100 * high:+.1f})" if math.isfinite(high) else ""))
+    if not checked:
+        return Claim(statement, "not checked", "; ".join(findings))
+    return Claim(statement, "not supported" if failed else "supported", "; ".join(findings) + " (AUC ×100)")
+
+
+def _paired_interval(rows: list[dict[str, str]], imagenet: str, radimagenet: str) -> tuple[float, float]:
+    """The 95 % interval of ImageNet − RadImageNet from the paired comparison table (regime full)."""
+    for row in rows:
+        if row["regime"] != "full":
+            continue
+        if (row["source_a"], row["source_b"]) == (imagenet, radimagenet):
+            return _float(row["low"]), _float(row["high"])
+        if (row["source_a"], row["source_b"]) == (radimagenet, imagenet):
+            return -_float(row["high"]), -_float(row["low"])
+    return math.nan, math.nan
+
+
+def _claim_cca_at_or_below_floor(ours: Mapping[str, tuple[list[float], int]], paper: PaperResults) -> Claim:
+    statement = "ImageNet and RadImageNet representations are at or below the random-vs-random floor from stage 1 on"
+    pretrained = next((pair.title for pair in paper.cross_target_cca if pair.kind == "pretrained_vs_pretrained"), None)
+    floor = next((pair.title for pair in paper.cross_target_cca if pair.kind == "random_vs_random"), None)
+    if pretrained not in ours:
+        return Claim(statement, "not checked", "needs sources naming `paper_source: imagenet` and `radimagenet`")
+    if floor not in ours:
+        return Claim(statement, "not checked", "needs two random sources (the random-vs-random floor)")
+    layers = list(paper.layers)[1:]
+    comparisons = [(layer, ours[pretrained][0][index + 1], ours[floor][0][index + 1]) for index, layer in enumerate(layers)]
+    usable = [(layer, mine, level) for layer, mine, level in comparisons if math.isfinite(mine) and math.isfinite(level)]
+    if not usable:
+        return Claim(statement, "not checked", "no stage from stage 1 on has both values")
+    above = [layer for layer, mine, level in usable if mine > level]
+    evidence = "; ".join(f"{layer} {mine:.2f} vs floor {level:.2f}" for layer, mine, level in usable) + " (mean CCA)"
+    return Claim(statement, "not supported" if above else "supported", evidence)
+
+
+def _claim_agreement_above_chance(agreement: Mapping[str, tuple[float, float] | None]) -> Claim:
+    statement = "The ImageNet and RadImageNet models' errors agree more often than chance"
+    known = {target: pair for target, pair in agreement.items() if pair is not None}
+    if not known:
+        return Claim(statement, "not checked", "needs fine-tuned ImageNet and RadImageNet twins in regime full")
+    below = [target for target, (observed, chance) in known.items() if not observed > chance]
+    evidence = "; ".join(f"{target}: {observed:.2f} vs chance {chance:.2f}" for target, (observed, chance) in known.items())
+    return Claim(statement, "not supported" if below else "supported", evidence)
+
+
+def _finite(values: Sequence[float | None]) -> list[float]:
+    return [value for value in values if value is not None and math.isfinite(value)]
+
+
+def _pair(values: tuple[float, float] | None) -> str:
+    return "–" if values is None else f"{values[0]:.2f} / {values[1]:.2f}"
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2f}" if math.isfinite(value) else "–"
