@@ -8,6 +8,10 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 INSTALLED := $(VENV)/.medtransfer-installed
 PYTEST_ARGS ?=
+# The suite runs its test files in parallel (pytest-xdist), one worker per core up to 4: most of its time is spent
+# starting and waiting on subprocesses (dvc, mlflow, workers), which leaves cores idle in a serial run. A test
+# file stays on one worker, so its module fixtures (a study, a server) are built once. PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 # Offline by design: no analytics, no hub look-ups, no telemetry.
 export DVC_NO_ANALYTICS := 1
@@ -32,7 +36,7 @@ demo: $(INSTALLED)
 	@echo "demo: open the report at reports/report.md; browse the runs with: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -rs --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -rs --durations=25 -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 benchmarks: $(INSTALLED)
 	$(BIN)/python benchmarks/similarity.py

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=3)
 
 KERAS_SOURCES = {"imagenet_like": 0, "radimagenet_like": 1}  # source name -> seed of the Keras file
 RANDOM_SOURCE = "random"

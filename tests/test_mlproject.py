@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=2)
 
 # What the tiny project can afford; extract, compare, report and main need a whole study (tests/test_study_server.py).
 RUN_HERE = ("prepare", "source", "finetune", "search", "similarity")

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=5)
 
 
 def _env(extra=None):

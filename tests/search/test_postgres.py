@@ -29,7 +29,7 @@ from medtransfer.pointers import pointer_path, read_pointer, verify_pointer
 from medtransfer.search.storage import create_storage
 from medtransfer.search.study import SearchRequest, study_name
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=5)
 
 BIN = Path(sys.executable).parent
 TRAIN = {"learning_rate": 3e-3, "batch_size": 16, "max_epochs": 3, "patience": 3, "augment": False, "seed": 0}
