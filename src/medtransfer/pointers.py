@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medtransfer.layout import POINTER_FOLDER, METRICS_FOLDER
 from medtransfer.atomic_files import atomic_write_text
 from medtransfer.config import Config
 from medtransfer.errors import ModelError
 from medtransfer.registry import Tag, finetuned_model_name, fold_alias
 
-POINTER_FOLDER = "results/models"
 POINTER_FORMAT = "medtransfer-models-v1"
-METRICS_FOLDER = "results/metrics"
 
 
 @dataclass(frozen=True)

@@ -12,29 +12,11 @@ import re
 from dataclasses import dataclass
 
 from medtransfer.errors import ModelError
+from medtransfer.layout import ROLE_FINETUNED, ROLE_SOURCE, Tag
 
 SOURCE_PREFIX = "source."
 ALIAS_DEFAULT = "default"
 ALIAS_CHAMPION = "champion"
-
-
-class Tag:
-    """Tag keys on registered model versions (and on the runs that produced them)."""
-
-    ROLE = "role"  # "source" or "finetuned"
-    DATASET = "dataset"
-    SOURCE = "source"
-    REGIME = "regime"
-    ARCH = "arch"
-    ORIGIN = "origin"  # where the weights came from: "random(seed=0)", "timm:resnet50.a1_in1k", "keras_h5:<sha256>"
-    WEIGHTS_SHA256 = "weights_sha256"
-    PREPROCESSING = "preprocessing"
-    DATA_FINGERPRINT = "data_fingerprint"
-    STUDY = "study"
-
-
-ROLE_SOURCE = "source"
-ROLE_FINETUNED = "finetuned"
 
 
 def source_model_name(source: str) -> str:

@@ -16,6 +16,18 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+from medtransfer.layout import (
+    REPORT_FILE,
+    REPORT_FOLDER,
+    PAIR_KIND_TITLES,
+    FINETUNED_VS_FINETUNED,
+    FINETUNED_VS_RANDOM_INIT,
+    FOLD_TO_FOLD,
+    PRETRAINED_VS_PRETRAINED,
+    PRETRAINED_VS_RANDOM,
+    RANDOM_VS_RANDOM,
+    SOURCE_VS_FINETUNED,
+)
 from medtransfer.analysis.plots import is_unreliable
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.analysis.source_comparison import AUC_INTERVAL_FILE, PAIRED_FILE
@@ -29,20 +41,18 @@ from medtransfer.config import Config
 from medtransfer.errors import DataError
 from medtransfer.pointers import ModelPointer, pointer_path, pointers_for_dataset, verify_pointer
 
-REPORT_FOLDER = "reports"
 #: Beside a similarity value computed from fewer than RELIABLE_ROWS_PER_CHANNEL rows per channel in some fold.
 UNRELIABLE_MARK = "†"
-REPORT_FILE = "report.md"
 LAYERS = ("stem", "stage1", "stage2", "stage3", "stage4")
-SIMILARITY_GROUPS = (
-    ("source_vs_finetuned", "fine-tuned vs its initialisation"),
-    ("pretrained_vs_pretrained", "sources against each other, before fine-tuning"),
-    ("finetuned_vs_finetuned", "their fine-tuned models, after fine-tuning"),
-    ("pretrained_vs_random", "each source vs a random initialisation"),
-    ("finetuned_vs_random_init", "each fine-tuned model vs the random-init fine-tuned model"),
-    ("fold_to_fold", "fold-to-fold (same source and regime)"),
-    ("random_vs_random", "noise floor: two random initialisations"),
-)
+SIMILARITY_GROUPS = tuple((kind, PAIR_KIND_TITLES[kind]) for kind in (
+    SOURCE_VS_FINETUNED,
+    PRETRAINED_VS_PRETRAINED,
+    FINETUNED_VS_FINETUNED,
+    PRETRAINED_VS_RANDOM,
+    FINETUNED_VS_RANDOM_INIT,
+    FOLD_TO_FOLD,
+    RANDOM_VS_RANDOM,
+))
 
 
 def run_report(config: Config, client=None) -> Path:

@@ -15,13 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from medtransfer.layout import SIMILARITY_SUMMARY_FILE, PREDICTIONS_FILE, PAIRED_FILE
 from medtransfer.paper_reference import PaperResults, load_paper_results
 from medtransfer.tables import read_table
 
 SECTION_TITLE = "## Beside the paper (Juodelyte et al., TMLR 2024)"
-SIMILARITY_SUMMARY_FILE = "similarity_summary.csv"
-PREDICTIONS_FILE = "predictions.csv"
-PAIRED_FILE = "paired_comparison.csv"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,13 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+from medtransfer.layout import (
+    PAIR_KIND_TITLES,
+    FINETUNED_VS_FINETUNED,
+    PRETRAINED_VS_PRETRAINED,
+    RANDOM_VS_RANDOM,
+    SOURCE_VS_FINETUNED,
+)
 from medtransfer.analysis.study_summary import (
     AUC_TABLE_FILE,
     CROSS_TARGET_FILE,
@@ -17,12 +24,12 @@ from medtransfer.analysis.study_summary import (
 from medtransfer.errors import DataError
 from medtransfer.tables import read_table
 
-MAIN_GROUPS = (
-    ("source_vs_finetuned", "fine-tuned vs its initialisation"),
-    ("pretrained_vs_pretrained", "sources against each other, before fine-tuning"),
-    ("finetuned_vs_finetuned", "their fine-tuned models, after fine-tuning"),
-    ("random_vs_random", "noise floor: two random initialisations"),
-)
+MAIN_GROUPS = tuple((kind, PAIR_KIND_TITLES[kind]) for kind in (
+    SOURCE_VS_FINETUNED,
+    PRETRAINED_VS_PRETRAINED,
+    FINETUNED_VS_FINETUNED,
+    RANDOM_VS_RANDOM,
+))
 
 
 def study_section(folder: Path, targets: list[str], figures: Path) -> str:

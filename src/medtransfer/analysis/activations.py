@@ -34,15 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtransfer.layout import ACTIVATIONS_FOLDER, CONV1_FOLDER, PREDICTIONS_FOLDER
 from medtransfer.errors import DataError, ModelError
 from medtransfer.models.backbones import STAGE_NAMES
 from medtransfer.models.preprocessing import Preprocessing
 
-ACTIVATIONS_FOLDER = "activations"
 MANIFEST_NAME = "manifest.json"
 ACTIVATIONS_FORMAT = "medtransfer-activations-v1"
-CONV1_FOLDER = "conv1"
-PREDICTIONS_FOLDER = "predictions"
 LAYERS: tuple[str, ...] = STAGE_NAMES
 
 

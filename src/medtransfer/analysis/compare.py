@@ -47,6 +47,14 @@ from typing import Any
 
 import numpy as np
 
+from medtransfer.layout import (
+    ANALYSIS_FOLDER as RESULTS_FOLDER,
+    CURVES_FOLDER,
+    SIMILARITY_FILE,
+    SIMILARITY_SUMMARY_FILE as SUMMARY_FILE,
+    PREDICTIONS_FILE,
+    GAIN_FILE,
+)
 from medtransfer.progress import item_line, progress_line
 from medtransfer.analysis.activations import LAYERS, open_activations, read_manifest
 from medtransfer.analysis.pairs import (
@@ -91,15 +99,9 @@ __all__ = [
     "run_compare",
 ]
 
-RESULTS_FOLDER = "results/analysis"
 #: Plot-ready layer curves for `dvc plots show` (one CSV per measure), outside the analysis folder so that DVC
 #: can declare them as plots of their own.
-CURVES_FOLDER = "results/curves"
 CURVE_COLUMNS = ["layer", "series", "similarity", "sd"]
-SIMILARITY_FILE = "similarity.csv"
-SUMMARY_FILE = "similarity_summary.csv"
-PREDICTIONS_FILE = "predictions.csv"
-GAIN_FILE = "similarity_vs_gain.csv"
 #: Bytes of each side's rows read per streamed chunk; module-level so tests can shrink it.
 CHUNK_BYTES = 32 << 20
 #: Measures of the similarity-vs-gain table and figure.

@@ -38,36 +38,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from medtransfer.analysis.activations import model_key
+from medtransfer.layout import (
+    CONTROL_KINDS,
+    FINETUNED_VS_FINETUNED,
+    FINETUNED_VS_RANDOM_INIT,
+    FOLD_TO_FOLD,
+    IDENTITY,
+    PAIR_KINDS,
+    PRETRAINED_VS_PRETRAINED,
+    PRETRAINED_VS_RANDOM,
+    RANDOM_VS_RANDOM,
+    SEED_TO_SEED,
+    SHUFFLED,
+    SOURCE_VS_FINETUNED,
+)
 
 ROLE_SOURCE = "source"
 ROLE_RANDOM = "random"
 ROLE_FINETUNED = "finetuned"
 
-SOURCE_VS_FINETUNED = "source_vs_finetuned"
-PRETRAINED_VS_PRETRAINED = "pretrained_vs_pretrained"
-FINETUNED_VS_FINETUNED = "finetuned_vs_finetuned"
-PRETRAINED_VS_RANDOM = "pretrained_vs_random"
-FINETUNED_VS_RANDOM_INIT = "finetuned_vs_random_init"
-RANDOM_VS_RANDOM = "random_vs_random"
-FOLD_TO_FOLD = "fold_to_fold"
-SEED_TO_SEED = "seed_to_seed"
-IDENTITY = "identity"
-SHUFFLED = "shuffled"
-
-PAIR_KINDS: tuple[str, ...] = (
-    SOURCE_VS_FINETUNED,
-    PRETRAINED_VS_PRETRAINED,
-    FINETUNED_VS_FINETUNED,
-    PRETRAINED_VS_RANDOM,
-    FINETUNED_VS_RANDOM_INIT,
-    RANDOM_VS_RANDOM,
-    FOLD_TO_FOLD,
-    SEED_TO_SEED,
-    IDENTITY,
-    SHUFFLED,
-)
-#: The rows that say what "no similarity" and "full similarity" look like.
-CONTROL_KINDS: tuple[str, ...] = (IDENTITY, RANDOM_VS_RANDOM, SHUFFLED)
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from medtransfer.layout import AUC_INTERVAL_FILE, PAIRED_FILE
 from medtransfer.analysis.paired_statistics import bootstrap_auc_interval, corrected_resampled_t
 from medtransfer.analysis.pairs import StudyModel
 from medtransfer.registry import ROLE_FINETUNED
 
-AUC_INTERVAL_FILE = "auc_intervals.csv"
-PAIRED_FILE = "paired_comparison.csv"
 AUC_INTERVAL_COLUMNS = ["source", "regime", "fold", "model", "images", "test_auc", "test_auc_low", "test_auc_high",
                         "resamples", "level"]
 PAIRED_COLUMNS = ["regime", "source_a", "source_b", "folds", "auc_a", "auc_b", "differences", "mean_difference",

@@ -24,16 +24,18 @@ from typing import Any
 
 import numpy as np
 
+from medtransfer.layout import (
+    SUMMARY_FOLDER,
+    GAIN_CORRELATION_FILE,
+    CROSS_TARGET_FILE,
+    AUC_TABLE_FILE,
+    SUMMARY_METRICS_FILE as METRICS_FILE,
+)
 from medtransfer.config import Config
 from medtransfer.errors import DataError
 from medtransfer.tables import read_table, write_table
 
-SUMMARY_FOLDER = "results/summary"
-GAIN_CORRELATION_FILE = "gain_correlation.csv"
-CROSS_TARGET_FILE = "cross_target_similarity.csv"
-AUC_TABLE_FILE = "auc_table.csv"
 #: Beside the folder, not inside it: DVC refuses a metrics file inside another output.
-METRICS_FILE = "results/summary_metrics.json"
 GAIN_CORRELATION_COLUMNS = ["source", "regime", "layer", "measure", "points", "targets", "pearson_r",
                             "mean_per_target_r", "baseline"]
 CROSS_TARGET_COLUMNS = ["pair_kind", "pair", "regime", "layer", "measure", "targets", "mean", "sd",

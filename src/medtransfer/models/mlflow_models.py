@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from medtransfer.layout import MODEL_PACKAGE_FOLDER as PACKAGE_FOLDER
 from medtransfer.errors import ModelError
 from medtransfer.models.backbones import Classifier
 from medtransfer.models.packaging import ModelSpec, read_package, write_package
 from medtransfer.registry import Tag, resolve_model_version
 
 MODEL_ARTIFACT_NAME = "model"
-PACKAGE_FOLDER = "package"
 LOADER_MODULE = "medtransfer.models.pyfunc"
 # Given explicitly: MLflow's inference of requirements imports and inspects the environment (~10 s per model).
 # The loader module itself lives in medtransfer, which must be installed where the model is served.

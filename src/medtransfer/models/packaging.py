@@ -20,12 +20,11 @@ from typing import Any
 import torch
 
 from medtransfer import __version__
+from medtransfer.layout import MODEL_SPEC_FILE as SPEC_FILE, MODEL_WEIGHTS_FILE as WEIGHTS_FILE
 from medtransfer.errors import ModelError
 from medtransfer.models.backbones import HEAD_DROPOUT, STAGE_NAMES, Classifier
 from medtransfer.models.preprocessing import Preprocessing
 
-SPEC_FILE = "spec.json"
-WEIGHTS_FILE = "weights.safetensors"
 PACKAGE_FORMAT = "medtransfer-model-v1"
 
 

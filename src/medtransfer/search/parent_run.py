@@ -6,10 +6,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from medtransfer.layout import OPTUNA_PLOTS_FOLDER
 from medtransfer.config import Config, SearchParameter
 from medtransfer.registry import finetuned_model_description, finetuned_version_description
 
-OPTUNA_PLOTS_FOLDER = "optuna"
 
 
 def trial_run_name(source: str, regime: str, number: int) -> str:

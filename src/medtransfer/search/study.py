@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medtransfer.layout import STEP_SEARCH, STEP_TRIAL, STEP_FINAL_FIT
 from medtransfer.config import Config
 from medtransfer.data.prepare import load_prepared
 from medtransfer.errors import ConfigError
@@ -40,9 +41,6 @@ from medtransfer.train.finetune import FinetuneRequest, run_finetune
 from medtransfer.train.loop import REGIMES
 from medtransfer.train.presets import PRESETS, PROTOCOL_SEARCH
 
-STEP_SEARCH = "search"
-STEP_TRIAL = "trial"
-STEP_FINAL_FIT = "final_fit"
 WORKER_ATTR = "worker"
 RUN_ATTR = "mlflow_run_id"
 ELECTION_PAUSE_SECONDS = 0.5

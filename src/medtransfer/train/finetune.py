@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medtransfer.layout import PREDICTIONS_ARTIFACT_DIR
 from medtransfer.config import Config, TrainConfig
 from medtransfer.data.prepare import PreparedDataset, load_prepared
 from medtransfer.errors import ConfigError
@@ -26,7 +27,6 @@ from medtransfer.train.augment import AugmentationSettings
 from medtransfer.train.loop import REGIMES, EpochCallback, PhaseResult, Split, Trainer
 from medtransfer.train.reporting import CONFUSION_FILE, PREDICTIONS_FILE, ROC_FILE, write_confusion, write_predictions, write_roc_plot
 
-PREDICTIONS_ARTIFACT_DIR = "predictions"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtransfer.layout import REGIMES
 from medtransfer.config import TrainConfig
 from medtransfer.models.backbones import Classifier
 from medtransfer.models.preprocessing import Preprocessing
@@ -33,7 +34,6 @@ from medtransfer.progress import epoch_line, progress_line
 from medtransfer.train.augment import AugmentationSettings, augment_batch
 from medtransfer.train.metrics import classification_metrics
 
-REGIMES = ("full", "freeze", "linear")
 EVAL_BATCH = 256
 
 EpochCallback = Callable[[str, int, dict[str, float]], None]

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from medtransfer.layout import TEST_PREDICTIONS_FILE as PREDICTIONS_FILE, CONFUSION_FILE, ROC_FILE
 from medtransfer.atomic_files import atomic_write_bytes, atomic_write_text
 from medtransfer.train.metrics import confusion_matrix, roc_curve
 
-PREDICTIONS_FILE = "test_predictions.csv"
-CONFUSION_FILE = "confusion_matrix.json"
-ROC_FILE = "roc_curve.png"
 
 
 def write_predictions(path: Path, indices: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> None:
