@@ -1,4 +1,4 @@
-"""Tests of the `medtransfer similarity` command logic (run() called directly, no subprocess)."""
+"""Tests of the `medtransfer similarity` command logic (run() called directly; one memory-limit case in a subprocess)."""
 
 from __future__ import annotations
 
@@ -242,11 +242,80 @@ def test_too_few_rows_for_cca(tmp_path, capsys):
     assert "cka" in message  # the fix suggests a CKA-only request
 
 
-def test_too_many_channels(tmp_path, capsys, monkeypatch):
+def test_too_many_channels_for_the_memory_left(tmp_path, capsys, monkeypatch):
     np.save(tmp_path / "x.npy", np.zeros((3, 300)))
     np.save(tmp_path / "y.npy", np.zeros((3, 200)))
-    monkeypatch.setattr(similarity_command, "MAX_GRAM_BYTES", 8 * 499**2)
-    _expect_input_error(capsys, parse(tmp_path / "x.npy", tmp_path / "y.npy"), "x.npy", "y.npy", "channels")
+    needed = similarity_command.peak_bytes(300, 200, list(ALL_MEASURES))
+    monkeypatch.setattr(similarity_command, "available_bytes", lambda: needed - 1)
+    message = _expect_input_error(capsys, parse(tmp_path / "x.npy", tmp_path / "y.npy"), "x.npy", "y.npy", "channels")
+    assert f"{needed / 2**30:.1f} GiB" in message
+
+
+def test_peak_estimate_covers_the_finalisation_it_guards():
+    # The refusal is only as good as the estimate: measure the accumulator's real peak while finalising (tracemalloc
+    # sees numpy's buffers) with a tiny row buffer, so that what remains is the (p+q)^2 matrices the estimate counts,
+    # for more rows than channels (the CCA path, its largest case) and for fewer (CCA refused, CKA only).
+    import tracemalloc
+
+    from medtransfer.analysis.similarity import SimilarityAccumulator
+
+    cases = [(p, q, n, measures, matrices) for p, q, n in ((300, 200, 1200), (300, 200, 3))
+             for measures, matrices in ((list(ALL_MEASURES), similarity_command.CCA_PEAK_MATRICES),
+                                        (["cka", "cka_debiased"], similarity_command.CKA_PEAK_MATRICES))]
+    for p, q, n, measures, matrices in cases:
+        rng = np.random.default_rng(0)
+        x, y = rng.standard_normal((n, p)), rng.standard_normal((n, q))
+        tracemalloc.start()
+        try:
+            acc = SimilarityAccumulator(p, q, block_bytes=8 * (p + q) * 16)
+            acc.update(x, y)
+            tracemalloc.reset_peak()
+            acc.finalize(measures)
+            _, finalize_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert finalize_peak < matrices * 8 * (p + q) ** 2, (p, q, n, measures)
+
+
+def test_out_of_memory_in_the_maths_is_one_line(tmp_path, capsys, monkeypatch):
+    from medtransfer.analysis.similarity import SimilarityAccumulator
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((40, 3)))
+    np.save(tmp_path / "y.npy", np.random.default_rng(1).standard_normal((40, 3)))
+
+    def no_memory(self, measures):
+        raise MemoryError
+
+    monkeypatch.setattr(SimilarityAccumulator, "finalize", no_memory)
+    _expect_input_error(capsys, parse(tmp_path / "x.npy", tmp_path / "y.npy"), "out of memory", "x.npy", "GiB")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork") or __import__("sys").platform != "linux",
+                    reason="address-space limits (RLIMIT_AS) are a Linux feature")
+def test_a_wide_pair_under_an_address_space_limit_is_refused_with_one_line(tmp_path):
+    # 3 rows x 13000 channels each: the (p+q)^2 matrices alone need about 25 GiB; under `ulimit -v` 3 GB the command
+    # must refuse up front (exit 2, one line) instead of dying in numpy with a traceback.
+    import resource
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "x.npy", np.zeros((3, 13000), dtype=np.float32))
+    np.save(tmp_path / "y.npy", np.zeros((3, 13000), dtype=np.float32))
+    limit = 3 * 10**9
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    code = ("import sys; from medtransfer.analysis.similarity_command import add_arguments, run; "
+            "from medtransfer.errors import InputError; import argparse; p = argparse.ArgumentParser(); "
+            "add_arguments(p); a = p.parse_args(sys.argv[1:])\n"
+            "try:\n    run(a)\nexcept InputError as e:\n    print(e, file=sys.stderr); sys.exit(2)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                          capture_output=True, text=True, preexec_fn=cap, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "13000 + 13000 channels need about" in lines[0] and "GiB" in lines[0]
 
 
 def test_all_constant_channels(tmp_path, capsys):

@@ -5,8 +5,8 @@
 (exact up to 2**53); booleans, complex numbers, strings, structured and object arrays are refused.
 
 The files are memory-mapped and streamed through `SimilarityAccumulator` in row chunks, so memory does not grow
-with ``n``; it does grow with the channels, as one ``(p+q) x (p+q)`` float64 matrix (refused above
-`MAX_GRAM_BYTES`). Every problem the user can fix raises `InputError` (one line: what, which file, how to fix) before
+with ``n``; it does grow with the channels, as a few ``(p+q) x (p+q)`` float64 matrices (their peak is
+`peak_bytes`, refused up front when it exceeds the memory this process may still allocate). Every problem the user can fix raises `InputError` (one line: what, which file, how to fix) before
 anything is printed.
 """
 
@@ -22,18 +22,23 @@ import numpy as np
 from medtransfer.analysis.similarity import (
     ALL_MEASURES,
     CCA_MEASURES,
+    DEFAULT_BLOCK_BYTES,
     NonFiniteInputError,
     SimilarityAccumulator,
     SimilarityResult,
 )
 from medtransfer.errors import InputError
+from medtransfer.memory_budget import available_bytes
 
 __all__ = ["add_arguments", "run", "parse_measures", "compute", "format_table", "to_json_dict"]
 
 #: Bytes of input read per streamed chunk (per file, in the file's dtype); module-level so tests can shrink it.
 CHUNK_BYTES = 64 << 20
-#: Largest (p+q) x (p+q) float64 cross-product matrix the command will allocate (memory grows with channels, not n).
-MAX_GRAM_BYTES = 8 << 30
+#: The finalisation's peak, in (p+q) x (p+q) float64 matrices: the accumulated cross-products plus the working
+#: copies of the CCA path (whitening, SVD) or of the CKA path; tests measure the real peak with tracemalloc against it.
+CCA_PEAK_MATRICES = 5.0
+CKA_PEAK_MATRICES = 3.5
+_FEWER_CHANNELS = "reduce the channels first, e.g. average-pool spatial positions of convolutional activations"
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -135,19 +140,13 @@ def compute(x_path: Path, y_path: Path, measures: list[str]) -> SimilarityResult
             fix="rows are datapoints and must be paired: save both activation matrices for the same inputs",
         )
     n, p, q = x.shape[0], x.shape[1], y.shape[1]
-    gram_bytes = 8 * (p + q) ** 2
-    if gram_bytes > MAX_GRAM_BYTES:
-        raise InputError(
-            f"{p} + {q} channels need a {gram_bytes / 2**30:.1f} GiB cross-product matrix "
-            f"(limit {MAX_GRAM_BYTES / 2**30:.0f} GiB)",
-            where=f"{x_path}, {y_path}",
-            fix="reduce the channels first, e.g. average-pool spatial positions of convolutional activations",
-        )
-    acc = SimilarityAccumulator(p, q)
-    step = max(1, CHUNK_BYTES // max(x.dtype.itemsize * p, y.dtype.itemsize * q))
+    _check_memory(peak_bytes(p, q, measures), x_path, y_path, p, q)
     try:
+        acc = SimilarityAccumulator(p, q)
+        step = max(1, CHUNK_BYTES // max(x.dtype.itemsize * p, y.dtype.itemsize * q))
         for start in range(0, n, step):
             acc.update(x[start : start + step], y[start : start + step])
+        result = acc.finalize(measures)
     except NonFiniteInputError as err:
         path = x_path if err.side == "x" else y_path
         raise InputError(
@@ -155,7 +154,12 @@ def compute(x_path: Path, y_path: Path, measures: list[str]) -> SimilarityResult
             where=str(path),
             fix="remove or repair those rows in both files (rows must stay paired)",
         ) from None
-    result = acc.finalize(measures)
+    except MemoryError:
+        raise InputError(
+            f"ran out of memory for {p} + {q} channels (about {peak_bytes(p, q, measures) / 2**30:.1f} GiB needed)",
+            where=f"{x_path}, {y_path}",
+            fix=_FEWER_CHANNELS,
+        ) from None
     for name in measures:
         if result.value(name) is not None:
             continue
@@ -172,6 +176,24 @@ def compute(x_path: Path, y_path: Path, measures: list[str]) -> SimilarityResult
             fix="check that the activations vary across rows and that there are at least 4 rows",
         )
     return result
+
+
+def peak_bytes(p: int, q: int, measures: list[str]) -> int:
+    """Bytes the command holds at its peak for ``p`` + ``q`` channels: the finalisation's matrices, plus the
+    accumulator's cross-product block and one streamed chunk per file."""
+    matrices = CCA_PEAK_MATRICES if any(name in CCA_MEASURES for name in measures) else CKA_PEAK_MATRICES
+    return int(matrices * 8 * (p + q) ** 2) + DEFAULT_BLOCK_BYTES + 2 * CHUNK_BYTES
+
+
+def _check_memory(needed: int, x_path: Path, y_path: Path, p: int, q: int) -> None:
+    available = available_bytes()
+    if available is not None and needed > available:
+        raise InputError(
+            f"{p} + {q} channels need about {needed / 2**30:.1f} GiB of memory, "
+            f"but only {available / 2**30:.1f} GiB may be allocated here (memory limits and free memory)",
+            where=f"{x_path}, {y_path}",
+            fix=_FEWER_CHANNELS,
+        )
 
 
 def _open_matrix(path: Path) -> np.ndarray:

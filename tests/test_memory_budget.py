@@ -1,0 +1,50 @@
+"""The memory ceilings, parsed from the kernel's files' text, and the live reading under a real address-space limit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from medtransfer.memory_budget import available_bytes, parse_cgroup_limit, parse_meminfo_available, parse_vm_size
+
+MEMINFO = "MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   12000000 kB\n"
+STATUS = "Name:\tpython\nVmPeak:\t  900000 kB\nVmSize:\t  812345 kB\nVmRSS:\t  100000 kB\n"
+
+
+def test_meminfo_available_in_bytes():
+    assert parse_meminfo_available(MEMINFO) == 12000000 * 1024
+    assert parse_meminfo_available("MemTotal: 5 kB\n") is None
+
+
+def test_vm_size_in_bytes():
+    assert parse_vm_size(STATUS) == 812345 * 1024
+    assert parse_vm_size("Name:\tpython\n") is None
+
+
+def test_cgroup_limit_left_and_unlimited():
+    assert parse_cgroup_limit("1073741824\n", "73741824\n") == 1_000_000_000
+    assert parse_cgroup_limit("100\n", "250\n") == 0  # over the limit already: nothing left, never negative
+    assert parse_cgroup_limit("max\n", "250\n") is None
+    assert parse_cgroup_limit("", "") is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="address-space limits and /proc are Linux features")
+def test_an_address_space_limit_bounds_what_is_available():
+    # Under `ulimit -v` 2 GB nothing above 2 GB can be allocated, whatever the machine has free.
+    code = ("import resource; limit = 2 * 10**9; resource.setrlimit(resource.RLIMIT_AS, (limit, limit)); "
+            "from medtransfer.memory_budget import available_bytes; print(available_bytes())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    left = int(done.stdout.strip())
+    assert 0 < left < 2 * 10**9
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/meminfo is a Linux feature")
+def test_without_limits_available_memory_is_at_most_the_free_memory():
+    with open("/proc/meminfo") as meminfo:
+        free = parse_meminfo_available(meminfo.read())
+    left = available_bytes()
+    assert left is not None and free is not None
+    assert 0 < left <= free * 1.5  # MemAvailable moves while the test runs; it cannot grow by half in a moment
