@@ -149,3 +149,27 @@ def test_pyfunc_returns_class_probabilities_for_a_classifier(config):
     probabilities = mlflow.pyfunc.load_model(uri).predict(grey)
     assert probabilities.shape == (4, 2)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_a_damaged_artifact_is_named_by_its_registered_model_not_by_a_deleted_download(config, tmp_path):
+    register_source(config, "random")
+    (weights,) = (tmp_path / "mlartifacts").rglob("weights.safetensors")
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError) as info:
+        load_registered_model("models:/source.random@default")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "models:/source.random@default" in message and "weights.safetensors" in message
+    assert "medtransfer-model-" not in message, "the temporary download is gone when the user reads this"
+
+
+def test_a_missing_artifact_store_is_named_as_missing(config, tmp_path):
+    import shutil
+
+    register_source(config, "random")
+    shutil.rmtree(tmp_path / "mlartifacts")
+    with pytest.raises(ModelError) as info:
+        load_registered_model("models:/source.random@default")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "missing" in message and "registered by medtransfer" not in message

@@ -94,8 +94,15 @@ def load_registered_model(uri: str) -> LoadedModel:
     version = resolve_model_version(client, uri)
     with tempfile.TemporaryDirectory(prefix="medtransfer-model-") as target:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}", dst_path=target))
-        folder = _package_folder(local, uri)
-        model, spec, digest = read_package(folder)
+        folder = _package_folder(local, uri, version.source)
+        try:
+            model, spec, digest = read_package(folder)
+        except ModelError as error:
+            # the package was read from a temporary download that is gone by now: name the registered model and
+            # the file inside its artifacts instead
+            inside = _inside(error.where, folder)
+            raise ModelError(error.what, where=f"{uri} ({version.source}{'/' + inside if inside else ''})",
+                             fix=error.fix or "re-register the model") from None
     expected = version.tags.get(Tag.WEIGHTS_SHA256)
     if expected is not None and expected != digest:
         raise ModelError(
@@ -106,7 +113,21 @@ def load_registered_model(uri: str) -> LoadedModel:
     return LoadedModel(model, spec, digest, version.name, str(version.version), version.run_id, dict(version.tags))
 
 
-def _package_folder(local: Path, uri: str) -> Path:
+def _inside(where: str | None, folder: Path) -> str:
+    try:
+        return str(Path(where).relative_to(folder)) if where else ""
+    except ValueError:
+        return ""
+
+
+def _package_folder(local: Path, uri: str, source: str) -> Path:
+    if not local.exists() or not any(path.is_file() for path in local.rglob("*")):
+        raise ModelError(
+            f"the registered model's artifacts are missing: nothing was found at {source}",
+            where=uri,
+            fix="restore the artifact store (the folder the tracking server stores artifacts in) "
+                "or rerun the step that registered the model",
+        )
     for candidate in (local / "data" / PACKAGE_FOLDER, local / PACKAGE_FOLDER):
         if candidate.is_dir():
             return candidate
