@@ -55,6 +55,10 @@ def test_valid_params_load_into_typed_objects(write_params):
         (lambda p: p.update(study={"targets": ["x"]}, search={"search_fold": 7}), "search.search_fold"),
         (lambda p: p.update(study={"targets": ["x"]}, search={"folds": [0, 1]}), "search.folds"),
         (lambda p: p.update(study={"targets": ["x"], "protocol": "papers"}), "study.protocol"),
+        # A twin must be one of the paper's names (the shipped reference lists them).
+        (lambda p: p["datasets"]["x"].update(paper_target="breastmnist"), "datasets.x.paper_target"),
+        (lambda p: p.update(sources={"s": {"kind": "random", "arch": "resnet18", "paper_source": "ImageNet"}}),
+         "sources.s.paper_source"),
     ],
 )
 def test_bad_params_give_one_error_naming_the_key(write_params, mutate, key_in_message):

@@ -305,3 +305,30 @@ def test_report_html_renders_the_markdown_subset(tmp_path):
         '<figure><img src="data:image/png;base64,iVBORw==" alt="cap"><figcaption>cap</figcaption></figure>',
         "<p><em>figure not available: missing.png</em></p>",
     ]
+
+
+def test_twins_named_in_params_put_the_paper_beside_the_study(study, markdown_table):
+    from medtransfer.paper_reference import load_paper_results
+
+    raw = yaml.safe_load(study.source_file.read_text())
+    raw["datasets"]["target"]["paper_target"] = "breast"
+    for ours, twin in (("natural", "imagenet"), ("medical", "radimagenet"), ("random", "random")):
+        raw["sources"][ours]["paper_source"] = twin
+    study.source_file.write_text(yaml.safe_dump(raw))
+    text = run_report(load_config(study.source_file), client=_RegistryAsThePointersSay()).read_text()
+    assert "## Beside the paper (Juodelyte et al., TMLR 2024)" in text
+    rows = {row["source"]: row for row in markdown_table(text, "### Test AUC ×100: ours, the paper's, the difference")}
+    paper = load_paper_results()  # the oracle is the shipped data file, not code
+    for ours, twin in (("natural", "imagenet"), ("medical", "radimagenet"), ("random", "random")):
+        row = rows[f"{ours} ({twin})"]
+        scaled = [100 * a for a in AUCS[(ours, "full")]]
+        theirs = paper.test_auc[("breast", twin, "full")]
+        assert row["target"] == "target (breast)" and row["regime"] == "full"
+        assert row["ours"] == f"{statistics.mean(scaled):.1f} ± {statistics.stdev(scaled):.1f}"
+        assert row["paper"] == f"{theirs[0]:.1f} ± {theirs[1]:.1f}"
+        assert row["difference"] == f"{statistics.mean(scaled) - theirs[0]:+.1f}"
+
+
+def test_without_twins_the_report_has_no_paper_section(study):
+    text = run_report(study, client=_RegistryAsThePointersSay()).read_text()
+    assert "Beside the paper" not in text

@@ -111,6 +111,8 @@ class DatasetConfig:
     group_pattern: for image folders, a regular expression with one group that extracts the patient or exam
                    id from each file's path relative to the folder.
     horizontal_flip: whether training may mirror images (the original study did, except for chest X-rays).
+    paper_target:  the target of Juodelyte et al. (2024) this dataset stands for (e.g. `breast` for BreastMNIST);
+                   the report then sets this target's numbers beside the paper's.
     """
 
     format: Literal["medmnist", "image_folder", "csv"]
@@ -127,6 +129,7 @@ class DatasetConfig:
     horizontal_flip: bool = True
     fingerprint: str | None = None
     description: str = ""
+    paper_target: str | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,8 @@ class SourceConfig:
                    (our own supervised pretraining on `dataset`, from a Keras-like initialisation drawn from `seed`,
                    with the `train` settings given here, else the top-level ones).
     preprocessing: `imagenet` or `caffe`; defaults to the architecture's (caffe for keras_resnet50).
+    paper_source:  the paper's source this one stands for (`imagenet`, `radimagenet` or `random`), for the report's
+                   comparison with the paper.
     """
 
     kind: Literal["random", "timm", "keras_h5", "safetensors", "pretrained"]
@@ -250,6 +255,7 @@ class SourceConfig:
     train: TrainConfig | None = None
     preprocessing: Literal["imagenet", "caffe"] | None = None
     description: str = ""
+    paper_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -398,6 +404,7 @@ def config_from_mapping(raw: dict[str, Any], *, source_file: Path) -> Config:
             _check_train(source.train, f"sources.{name}.train", where)
     _check_study_and_search(sections, datasets, sources, where)
     _check_stores(sections["stores"], where)
+    _check_paper_twins(datasets, sources, where)
     return Config(root=source_file.parent, source_file=source_file, datasets=datasets, sources=sources, **sections)
 
 
@@ -717,6 +724,23 @@ def _check_study_and_search(sections: dict[str, Any], datasets: dict, sources: d
     if not search.seeds:
         raise ConfigError("at least one seed is needed for the final fits", where=f"{where}: search.seeds")
     _check_search_folds(search, [datasets[name] for name in study.targets], where)
+
+
+def _check_paper_twins(datasets: dict[str, DatasetConfig], sources: dict[str, SourceConfig], where: str) -> None:
+    """`paper_target` / `paper_source` must name one of the paper's targets / sources (several of ours may share one
+    twin, e.g. two random initialisations; the report compares the first by name)."""
+    if not any(d.paper_target for d in datasets.values()) and not any(s.paper_source for s in sources.values()):
+        return
+    from medtransfer.paper_reference import load_paper_results
+
+    paper = load_paper_results()
+    for section, entries, key, known in (("datasets", datasets, "paper_target", paper.targets),
+                                          ("sources", sources, "paper_source", paper.sources)):
+        for name, entry in entries.items():
+            twin = getattr(entry, key)
+            if twin is not None and twin not in known:
+                raise ConfigError(f"'{twin}' is not one of the paper's {section}",
+                                  where=f"{where}: {section}.{name}.{key}", fix=f"use one of: {', '.join(known)}")
 
 
 def _check_train(train: TrainConfig, key: str, where: str) -> None:

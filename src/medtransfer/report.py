@@ -33,6 +33,7 @@ from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.analysis.source_comparison import AUC_INTERVAL_FILE, PAIRED_FILE
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.analysis.study_summary import SUMMARY_FOLDER
+from medtransfer.report_paper import paper_section_for_study
 from medtransfer.report_html import REPORT_HTML_FILE, render_report_html
 from medtransfer.revision import code_revision
 from medtransfer.report_statistics import across_targets_section, paired_section
@@ -92,6 +93,9 @@ def run_report(config: Config, client=None) -> Path:
         sections = [_header(config), study_section(config.resolve(SUMMARY_FOLDER), list(targets), figures),
                     _auc_section(config, pointers),
                     across_targets_section({target: analysis_root / target for target in targets})]
+        beside_the_paper = paper_section_for_study(config, pointers, analysis_root)
+        if beside_the_paper:
+            sections.insert(3, beside_the_paper)
         for target in targets:
             folder = analysis_root / target
             sections.append(paired_section(target, folder))

@@ -41,6 +41,20 @@ class Claim:
     evidence: str
 
 
+def paper_section_for_study(config, pointers: Mapping[str, Sequence], analysis_root: Path) -> str | None:
+    """The section for a study whose params name twins (`paper_target:` / `paper_source:`), else None.
+
+    pointers: target -> its model pointers (each fold's test AUC); analysis_root: `results/analysis/`."""
+    targets = {name: dataset.paper_target for name, dataset in config.datasets.items()
+               if dataset.paper_target and name in pointers}
+    sources = {name: source.paper_source for name, source in config.sources.items() if source.paper_source}
+    if not targets and not sources:
+        return None
+    fold_aucs = {(pointer.dataset, pointer.source, pointer.regime): [fit.test_auc for fit in pointer.folds]
+                 for target_pointers in pointers.values() for pointer in target_pointers}
+    return paper_section(Twins(targets, sources), fold_aucs, {target: analysis_root / target for target in targets})
+
+
 def paper_section(twins: Twins, fold_aucs: Mapping[tuple[str, str, str], Sequence[float]],
                   analysis_folders: Mapping[str, Path], paper: PaperResults | None = None) -> str:
     """Markdown for the section. fold_aucs: (target, source, regime) -> each fold's test AUC (0–1);
