@@ -51,3 +51,81 @@ def test_unreliable_values_are_drawn_hollow_and_the_legend_says_why(monkeypatch,
     assert [float(y) for y in hollow[0].get_ydata()] == pytest.approx([0.5])
     assert plots.UNRELIABLE_LEGEND in [text.get_text() for text in axis.get_legend().get_texts()]
     assert "10 rows per channel" in plots.UNRELIABLE_LEGEND
+
+
+def test_error_bars_are_cut_at_the_measures_range():
+    from medtransfer.analysis.plots import clipped_error
+
+    # CKA 0.98 ± 0.05 may not reach above 1: the upper bar is 0.02; the lower keeps its 0.05.
+    bars = clipped_error(np.array([0.98, 0.5, 0.01]), np.array([0.05, 0.1, 0.04]), "cka")
+    np.testing.assert_allclose(bars, [[0.05, 0.1, 0.01], [0.02, 0.1, 0.04]])
+    # debiased CKA may be negative: -0.2 ± 0.1 keeps both bars
+    np.testing.assert_allclose(clipped_error(np.array([-0.2]), np.array([0.1]), "cka_debiased"), [[0.1], [0.1]])
+
+
+def _summary_rows(layers):
+    rows = []
+    for kind, pair, base in (("source_vs_finetuned", "natural", 0.9), ("source_vs_finetuned", "medical", 0.8),
+                             ("pretrained_vs_pretrained", "medical vs natural", 0.5),
+                             ("finetuned_vs_finetuned", "medical vs natural", 0.6)):
+        for index, layer in enumerate(layers):
+            rows.append({"pair_kind": kind, "pair": pair, "regime": "" if kind.startswith("pretrained") else "full",
+                         "layer": layer, "measure": "cka", "mean": min(base + 0.05 * index, 0.99), "sd": 0.2,
+                         "reliable_share": 1.0, "random_vs_random_mean": 0.3, "random_vs_random_sd": 0.02,
+                         "shuffled_mean": 0.1, "shuffled_sd": 0.01})
+    return rows
+
+
+def test_layer_panels_one_per_group_each_with_both_floors(monkeypatch, tmp_path):
+    from medtransfer.analysis import plots
+    from medtransfer.layout import PAIR_KIND_TITLES
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.update(figure=figure))
+    layers = ("stem", "stage1", "stage2", "stage3", "stage4")
+    groups = [(kind, PAIR_KIND_TITLES[kind]) for kind in
+              ("source_vs_finetuned", "pretrained_vs_pretrained", "finetuned_vs_finetuned", "pretrained_vs_random")]
+    plots.plot_layer_panels(_summary_rows(layers), "cka", layers, tmp_path / "p.png", title="t", groups=groups,
+                            floor_kinds=("random_vs_random", "shuffled"))
+    visible = [axis for axis in drawn["figure"].axes if axis.axison]
+    # pretrained_vs_random has no rows: three panels, titled with the tables' words
+    assert [axis.get_title() for axis in visible] == [PAIR_KIND_TITLES[kind] for kind, _ in groups[:3]]
+    for axis in visible:
+        legend = [text.get_text() for text in axis.get_legend().get_texts()]
+        assert "noise floor: two random initialisations" in legend and "noise floor: shuffled images" in legend
+        assert axis.get_xlabel() == "layer"
+        assert len(axis.collections) >= 2  # the two floor bands (plus error-bar collections)
+        top = max(segment[:, 1].max() for collection in axis.collections[2:]
+                  for segment in getattr(collection, "get_segments", lambda: [np.zeros((1, 2))])())
+        assert top <= 1.0 + 1e-12, "an error bar reaches above the measure's range"
+    assert [text.get_text() for text in visible[0].get_legend().get_texts()][2:4] == ["medical (full)", "natural (full)"]
+
+
+def test_similarity_vs_gain_for_every_measure_with_r_per_panel(monkeypatch, tmp_path):
+    from medtransfer.analysis import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.update(figure=figure))
+    points = [{"source": source, "layer": layer, "cca": 0.5, "cka": 0.7, "relative_gain": 0.1,
+               "pearson_cca_layer": -0.42, "pearson_cka_layer": 0.13}
+              for source in ("medical", "natural") for layer in ("stage1", "stage2")]
+    plots.plot_similarity_vs_gain_by_measure(points, ("stage1", "stage2"), ("cca", "cka"), tmp_path / "g.png", title="t")
+    axes = drawn["figure"].axes
+    assert len(axes) == 4
+    legends = [[text.get_text() for text in axis.get_legend().get_texts()] for axis in axes]
+    assert legends[0] == ["medical", "natural", "r = -0.42 (n = 2)"]
+    assert legends[3] == ["medical", "natural", "r = 0.13 (n = 2)"]
+    assert [axis.get_xlabel() for axis in axes] == ["mean CCA", "mean CCA", "linear CKA", "linear CKA"]
+
+
+def test_conv1_panels_show_every_model_with_a_caption(monkeypatch, tmp_path):
+    from medtransfer.analysis import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.update(figure=figure))
+    rng = np.random.default_rng(0)
+    filters = [(name, rng.normal(size=(8, 3, 3, 3)), "RGB") for name in ("natural", "medical", "random init")]
+    plots.plot_conv1_panels(filters, tmp_path / "c.png", title="t", caption="each filter min-max normalised")
+    figure = drawn["figure"]
+    assert [axis.get_title() for axis in figure.axes] == ["natural", "medical", "random init"]
+    assert "each filter min-max normalised" in [text.get_text() for text in figure.texts]

@@ -190,3 +190,136 @@ def plot_similarity_vs_gain(points: Sequence[dict], layers: Sequence[str], measu
         axes[-1].legend(fontsize=6)
     figure.suptitle(title, fontsize=9)
     _save(figure, path)
+
+
+# -- Small multiples -----------------------------------------------------------------------------------------------
+
+#: Each measure's range: error bars are clipped to it (a mean ± sd above 1 is not a value the measure can take).
+MEASURE_RANGES = {"cca": (0.0, 1.0), "svcca": (0.0, 1.0), "pwcca": (0.0, 1.0), "cka": (0.0, 1.0),
+                  "cka_debiased": (-1.0, 1.0)}
+MEASURE_NAMES = {"cca": "mean CCA", "svcca": "SVCCA", "pwcca": "PWCCA", "cka": "linear CKA",
+                 "cka_debiased": "debiased linear CKA"}
+_FLOOR_STYLE = {"random_vs_random": ("tab:grey", "noise floor: two random initialisations"),
+                "shuffled": ("tab:brown", "noise floor: shuffled images")}
+
+
+def clipped_error(means: np.ndarray, sds: np.ndarray, measure: str) -> np.ndarray:
+    """The (2, n) lower/upper error-bar lengths of mean ± sd, cut at the measure's range."""
+    low, high = MEASURE_RANGES.get(measure, (-math.inf, math.inf))
+    sds = np.nan_to_num(np.asarray(sds, dtype=float))
+    means = np.asarray(means, dtype=float)
+    below = np.clip(np.minimum(sds, means - low), 0.0, None)
+    above = np.clip(np.minimum(sds, high - means), 0.0, None)
+    return np.nan_to_num(np.vstack([below, above]))
+
+
+def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[str], path: Path, *, title: str,
+                      groups: Sequence[tuple[str, str]], floor_kinds: Sequence[str]) -> None:
+    """One panel per pair group (`groups`: (pair kind, its title)), every panel with both noise floors as bands,
+    each series mean ± sd over folds (clipped to the measure's range), unreliable values hollow."""
+    plt = _pyplot()
+    rows = [row for row in summary if row["measure"] == measure]
+    present = [(kind, name) for kind, name in groups if any(row["pair_kind"] == kind for row in rows)]
+    columns = min(3, max(1, len(present)))
+    panel_rows = max(1, math.ceil(len(present) / columns))
+    figure, axes = plt.subplots(panel_rows, columns, figsize=(4.2 * columns, 3.3 * panel_rows + 0.6), dpi=110,
+                                sharey=True, squeeze=False)
+    x = np.arange(len(layers))
+    low, high = MEASURE_RANGES.get(measure, (0.0, 1.0))
+    any_hollow = False
+    for axis, (kind, name) in zip(axes.flat, present):
+        for floor in floor_kinds:
+            colour, label = _FLOOR_STYLE.get(floor, ("grey", floor.replace("_", " ")))
+            by_layer = {row["layer"]: row for row in rows}
+            means = np.array([_number(by_layer.get(layer, {}).get(f"{floor}_mean")) for layer in layers])
+            sds = np.nan_to_num(np.array([_number(by_layer.get(layer, {}).get(f"{floor}_sd")) for layer in layers]))
+            if np.isfinite(means).any():
+                axis.fill_between(x, np.maximum(means - sds, low), np.minimum(means + sds, high), color=colour,
+                                  alpha=0.22, linewidth=0, label=label)
+                axis.plot(x, means, color=colour, linewidth=0.8, linestyle=":")
+        series: dict[tuple[str, str], dict[str, dict]] = {}
+        for row in rows:
+            if row["pair_kind"] == kind:
+                series.setdefault((row["pair"], row["regime"]), {})[row["layer"]] = row
+        palette = plt.get_cmap("tab10")
+        for index, ((pair, regime), by_layer) in enumerate(sorted(series.items())):
+            means = np.array([_number(by_layer.get(layer, {}).get("mean")) for layer in layers])
+            sds = np.array([_number(by_layer.get(layer, {}).get("sd")) for layer in layers])
+            hollow = np.array([bool(by_layer.get(layer)) and is_unreliable(by_layer[layer]) for layer in layers])
+            colour = palette(index % 10)
+            axis.errorbar(x, means, yerr=clipped_error(means, sds, measure), marker="o", markersize=3.5, capsize=2,
+                          linewidth=1.2, color=colour, label=pair + (f" ({regime})" if regime else ""),
+                          markevery=list(np.flatnonzero(~hollow)))
+            if hollow.any():
+                any_hollow = True
+                axis.plot(x[hollow], means[hollow], linestyle="none", marker="o", markersize=5.5,
+                          markerfacecolor="white", markeredgecolor=colour, zorder=3)
+        axis.set_title(name, fontsize=9)
+        axis.set_xticks(x, list(layers), fontsize=7)
+        axis.set_xlabel("layer", fontsize=8)
+        axis.set_ylim(low - 0.03 * (high - low), high + 0.03 * (high - low))
+        axis.legend(fontsize=6, loc="best")
+    for axis in axes[:, 0]:
+        axis.set_ylabel(MEASURE_NAMES.get(measure, measure), fontsize=8)
+    for axis in list(axes.flat)[len(present):]:
+        axis.set_axis_off()
+    if not present:
+        axes[0, 0].text(0.5, 0.5, "no pairs to draw", ha="center", va="center", transform=axes[0, 0].transAxes)
+    caption = "mean ± sd over folds, bars cut at the measure's range; bands: noise floors (mean ± sd)"
+    if any_hollow:
+        caption += f"; {UNRELIABLE_LEGEND}"
+    figure.suptitle(f"{title}\n{caption}", fontsize=9)
+    _save(figure, path)
+
+
+def plot_similarity_vs_gain_by_measure(points: Sequence[dict], layers: Sequence[str], measures: Sequence[str],
+                                       path: Path, *, title: str) -> None:
+    """Rows = measures, columns = layers: similarity of a fine-tuned model to its source against its relative AUC
+    gain over the random-init model, coloured by source; each panel's legend gives Pearson's r over its points."""
+    plt = _pyplot()
+    measures = [m for m in measures if any(m in row for row in points)] or list(measures)[:1]
+    figure, axes = plt.subplots(len(measures), len(layers), figsize=(2.7 * len(layers), 2.5 * len(measures) + 0.5),
+                                dpi=110, sharey=True, squeeze=False)
+    sources = sorted({row["source"] for row in points})
+    palette = plt.get_cmap("tab10")
+    for i, measure in enumerate(measures):
+        for j, layer in enumerate(layers):
+            axis = axes[i, j]
+            here = [row for row in points if row["layer"] == layer]
+            for k, source in enumerate(sources):
+                mine = [row for row in here if row["source"] == source]
+                axis.scatter([_number(r.get(measure)) for r in mine], [_number(r["relative_gain"]) for r in mine],
+                             s=14, color=palette(k % 10), label=source)
+            r_value = _number(here[0].get(f"pearson_{measure}_layer")) if here else math.nan
+            axis.plot([], [], linestyle="none",
+                      label=f"r = {r_value:.2f} (n = {len(here)})" if math.isfinite(r_value) else f"r: n/a (n = {len(here)})")
+            axis.axhline(0.0, color="grey", linewidth=0.6, linestyle=":")
+            axis.set_xlim(*MEASURE_RANGES.get(measure, (0.0, 1.0)))
+            axis.set_title(layer, fontsize=8)
+            axis.set_xlabel(MEASURE_NAMES.get(measure, measure), fontsize=7)
+            axis.legend(fontsize=5.5, loc="best")
+        axes[i, 0].set_ylabel("relative AUC gain\nover random init", fontsize=7)
+    if not points:
+        axes[0, len(layers) // 2].text(0.5, 0.5, "no random-init baseline", ha="center", va="center",
+                                       transform=axes[0, len(layers) // 2].transAxes, fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    _save(figure, path)
+
+
+def plot_conv1_panels(filters: Sequence[tuple[str, np.ndarray, str]], path: Path, *, title: str, caption: str) -> None:
+    """The first convolution's filters of each model side by side (`filters`: (label, weights, channel order)),
+    every grid in RGB order, each filter min-max normalised on its own; `caption` says what the reader sees."""
+    plt = _pyplot()
+    count = max(1, len(filters))
+    figure, axes = plt.subplots(1, count, figsize=(3.4 * count, 3.9), dpi=110, squeeze=False)
+    for axis, (label, weights, order) in zip(axes[0], filters):
+        axis.imshow(filter_grid(weights, order), interpolation="nearest")
+        axis.set_title(label, fontsize=8)
+        axis.set_axis_off()
+    if not filters:
+        axes[0, 0].text(0.5, 0.5, "no conv1 weights", ha="center", va="center", transform=axes[0, 0].transAxes)
+        axes[0, 0].set_axis_off()
+    figure.suptitle(title, fontsize=9)
+    figure.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, wrap=True)
+    figure.subplots_adjust(bottom=0.12)
+    _save(figure, path)
