@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 from dead_channel_threshold import noise_floor_pair  # same folder: the same networks and rows
-from medtransfer.analysis.activations import LAYERS
 from medtransfer.analysis.similarity import SimilarityAccumulator
 
 SAMPLE, REPEATS = 64, 5
@@ -32,7 +31,7 @@ def main() -> None:
           f"mean CCA, {SAMPLE} x {REPEATS} | all − sampled |")
     print("|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
-    for layer in LAYERS:
+    for layer in first:  # the stages the network names, in forward order
         x, y = first[layer], second[layer]
         everything = mean_cca(x, y)
         draws = [rng.choice(x.shape[1], size=min(SAMPLE, x.shape[1]), replace=False) for _ in range(REPEATS)]

@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import torch
 
-from medtransfer.analysis.activations import LAYERS, stage_hooks
+from medtransfer.analysis.activations import stage_hooks
 from medtransfer.analysis.similarity import SimilarityAccumulator
 from medtransfer.models.backbones import KERAS_RESNET50, create_backbone, keras_like_init_
 from medtransfer.models.preprocessing import CAFFE
@@ -56,7 +56,7 @@ def main() -> None:
     print(f"{len(images)} images at {images.shape[1]} px; random keras_resnet50 seed 0 vs seed 1, all channels")
     print("| layer | rows | channels | kept (ours 1e-8) | kept (svcca 1e-12) | mean CCA (ours) | mean CCA (svcca rule) |")
     print("|---|---|---|---|---|---|---|")
-    for layer in LAYERS:
+    for layer in first:  # the stages the network names, in forward order
         x, y = first[layer], second[layer]
         accumulator = SimilarityAccumulator(x.shape[1], y.shape[1])
         accumulator.update(x, y)

@@ -116,3 +116,15 @@ CONTROL_KINDS: tuple[str, ...] = (IDENTITY, RANDOM_VS_RANDOM, SHUFFLED)
 
 def pair_kind_title(kind: str) -> str:
     return PAIR_KIND_TITLES.get(kind, kind.replace("_", " "))
+
+
+# Added for the analysis split -------------------------------------------------------------------------------------
+#: activations/<dataset>/manifest.json: what extract saved and every fact compare needs (see analysis/extract.py).
+ACTIVATIONS_MANIFEST_FILE = "manifest.json"
+#: Figures of results/analysis/<dataset>/ (compare draws them, the report embeds them): str.format patterns.
+LAYER_FIGURE_FILE = "layers_{measure}.png"
+CONV1_FIGURE_FILE = "conv1_{source}.png"
+PREDICTION_FIGURE_FILE = "prediction_agreement.png"
+GAIN_FIGURE_FILE = "similarity_vs_gain.png"
+#: reports/figures/: the analysis figures the report embeds, copied beside it.
+REPORT_FIGURES_FOLDER = "figures"

@@ -17,24 +17,37 @@ from collections import defaultdict
 from pathlib import Path
 
 from medtransfer.layout import (
+    ANALYSIS_FOLDER,
+    AUC_INTERVAL_FILE,
+    CONV1_FIGURE_FILE,
+    GAIN_FIGURE_FILE,
+    GAIN_FILE,
+    LAYER_FIGURE_FILE,
+    POINTER_FOLDER,
+    PREDICTION_FIGURE_FILE,
+    PREDICTIONS_FILE,
+    REPORT_FIGURES_FOLDER,
     REPORT_FILE,
+    REPORT_HTML_FILE,
     REPORT_FOLDER,
     PAIR_KIND_TITLES,
+    PAIRED_FILE,
     FINETUNED_VS_FINETUNED,
     FINETUNED_VS_RANDOM_INIT,
     FOLD_TO_FOLD,
     PRETRAINED_VS_PRETRAINED,
     PRETRAINED_VS_RANDOM,
     RANDOM_VS_RANDOM,
+    SHUFFLED,
+    SIMILARITY_SUMMARY_FILE,
     SOURCE_VS_FINETUNED,
+    SUMMARY_FOLDER,
 )
 from medtransfer.analysis.plots import is_unreliable
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
-from medtransfer.analysis.source_comparison import AUC_INTERVAL_FILE, PAIRED_FILE
 from medtransfer.atomic_files import atomic_directory
-from medtransfer.analysis.study_summary import SUMMARY_FOLDER
 from medtransfer.report_paper import paper_section_for_study
-from medtransfer.report_html import REPORT_HTML_FILE, render_report_html
+from medtransfer.report_html import render_report_html
 from medtransfer.revision import code_revision
 from medtransfer.report_statistics import across_targets_section, paired_section
 from medtransfer.report_summary import study_section
@@ -44,7 +57,6 @@ from medtransfer.pointers import ModelPointer, pointer_path, pointers_for_datase
 
 #: Beside a similarity value computed from fewer than RELIABLE_ROWS_PER_CHANNEL rows per channel in some fold.
 UNRELIABLE_MARK = "†"
-LAYERS = ("stem", "stage1", "stage2", "stage3", "stage4")
 SIMILARITY_GROUPS = tuple((kind, PAIR_KIND_TITLES[kind]) for kind in (
     SOURCE_VS_FINETUNED,
     PRETRAINED_VS_PRETRAINED,
@@ -64,19 +76,19 @@ def run_report(config: Config, client=None) -> Path:
     targets = config.study.targets
     if not targets:
         raise DataError("the study names no targets", where=f"{config.source_file}: study.targets")
-    analysis_root = config.resolve("results/analysis")
+    analysis_root = config.resolve(ANALYSIS_FOLDER)
     pointers = {target: pointers_for_dataset(config, target) for target in targets}
     missing = [target for target in targets if not pointers[target]]
     if missing:
         raise DataError(
             f"no registered models for target '{missing[0]}'",
-            where=str(config.resolve("results/models")),
+            where=str(config.resolve(POINTER_FOLDER)),
             fix="run the searches first ('dvc repro' or 'medtransfer search ...')",
         )
     _verify_pointers(config, pointers, client)
     for target in targets:
         # Each table must be there: a missing one would read as an empty section ("nothing to compare").
-        tables = ("similarity_summary.csv", "predictions.csv", "similarity_vs_gain.csv", AUC_INTERVAL_FILE, PAIRED_FILE)
+        tables = (SIMILARITY_SUMMARY_FILE, PREDICTIONS_FILE, GAIN_FILE, AUC_INTERVAL_FILE, PAIRED_FILE)
         absent = [name for name in tables if not (analysis_root / target / name).is_file()]
         if absent:
             what = f"no analysis for target '{target}'" if len(absent) == len(tables) else \
@@ -88,7 +100,7 @@ def run_report(config: Config, client=None) -> Path:
             )
     destination = config.resolve(REPORT_FOLDER)
     with atomic_directory(destination) as staging:
-        figures = staging / "figures"
+        figures = staging / REPORT_FIGURES_FOLDER
         figures.mkdir()
         sections = [_header(config), study_section(config.resolve(SUMMARY_FOLDER), list(targets), figures),
                     _auc_section(config, pointers),
@@ -132,8 +144,8 @@ def _header(config: Config) -> str:
     return (
         f"# medtransfer study report — profile `{profile}`\n\n"
         f"{config.project.description}\n\n"
-        "Every number below is read from the study's outputs (the registry pointers in `results/models/` and the "
-        "analysis tables in `results/analysis/`); rerun `medtransfer report` after the pipeline changes."
+        f"Every number below is read from the study's outputs (the registry pointers in `{POINTER_FOLDER}/` and the "
+        f"analysis tables in `{ANALYSIS_FOLDER}/`); rerun `medtransfer report` after the pipeline changes."
     )
 
 
@@ -170,14 +182,16 @@ def _auc_section(config: Config, pointers: dict[str, list[ModelPointer]]) -> str
 
 
 def _similarity_section(target: str, folder: Path, figures: Path) -> str:
-    rows = _read_csv(folder / "similarity_summary.csv")
+    rows = _read_csv(folder / SIMILARITY_SUMMARY_FILE)
+    # The layers as compare wrote them, in the manifest's (forward) order: each pair's rows run through them all.
+    layers = list(dict.fromkeys(row["layer"] for row in rows))
     lines = [f"## Layer-wise similarity — {target}"]
     for measure, title in (("cca", "mean CCA"), ("cka", "linear CKA")):
         selected = [row for row in rows if row["measure"] == measure]
         if not selected:
             continue
         lines += ["", f"### {title} (mean ± sd over folds)", "",
-                  "| pair | regime | " + " | ".join(LAYERS) + " |", "|" + "---|" * (len(LAYERS) + 2)]
+                  "| pair | regime | " + " | ".join(layers) + " |", "|" + "---|" * (len(layers) + 2)]
         table = defaultdict(dict)
         for row in selected:
             table[(row["pair_kind"], row["pair"], row["regime"])][row["layer"]] = row
@@ -185,24 +199,24 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
         for (kind, pair, regime), by_layer in sorted(table.items(), key=lambda item: (order.get(item[0][0], 99), item[0])):
             if kind not in order:
                 continue
-            label = dict(SIMILARITY_GROUPS)[kind] + (f": {pair}" if pair and kind != "random_vs_random" else "")
+            label = dict(SIMILARITY_GROUPS)[kind] + (f": {pair}" if pair and kind != RANDOM_VS_RANDOM else "")
             cells = [_mean_sd([_float(by_layer[layer]["mean"])], sd=_float(by_layer[layer]["sd"]))
-                     + _unreliable_mark(by_layer[layer]) if layer in by_layer else "–" for layer in LAYERS]
+                     + _unreliable_mark(by_layer[layer]) if layer in by_layer else "–" for layer in layers]
             lines.append(f"| {label} | {regime or '–'} | " + " | ".join(cells) + " |")
         floors = {}
         for row in selected:
-            if row["pair_kind"] == "shuffled" and row["layer"] not in floors and row["shuffled_mean"] not in ("", "nan"):
+            if row["pair_kind"] == SHUFFLED and row["layer"] not in floors and row["shuffled_mean"] not in ("", "nan"):
                 floors[row["layer"]] = _mean_sd([_float(row["shuffled_mean"])], sd=_float(row["shuffled_sd"])) \
                     + _unreliable_mark(row)
         if floors:
-            lines.append("| noise floor: shuffled images | – | " + " | ".join(floors.get(layer, "–") for layer in LAYERS) + " |")
+            lines.append("| noise floor: shuffled images | – | " + " | ".join(floors.get(layer, "–") for layer in layers) + " |")
         lines += _unreliable_legend(selected)
-        lines += _embed_figure(folder / f"layers_{measure}.png", target, figures, f"{title} per layer, {target}")
+        lines += _embed_figure(folder / LAYER_FIGURE_FILE.format(measure=measure), target, figures, f"{title} per layer, {target}")
     return "\n".join(lines)
 
 
 def _predictions_section(target: str, folder: Path, figures: Path) -> str:
-    rows = _read_csv(folder / "predictions.csv")
+    rows = _read_csv(folder / PREDICTIONS_FILE)
     lines = [
         f"## Prediction similarity — {target}",
         "",
@@ -224,12 +238,12 @@ def _predictions_section(target: str, folder: Path, figures: Path) -> str:
                      f"{stat('error_consistency')} | {stat('label_kappa')} | {stat('jensen_shannon')} |")
     if not grouped:
         lines.append("| (no two fine-tuned sources share a fold and regime) | | | | | | |")
-    lines += _embed_figure(folder / "prediction_agreement.png", target, figures, f"prediction agreement, {target}")
+    lines += _embed_figure(folder / PREDICTION_FIGURE_FILE, target, figures, f"prediction agreement, {target}")
     return "\n".join(lines)
 
 
 def _gain_section(target: str, folder: Path, figures: Path) -> str:
-    rows = _read_csv(folder / "similarity_vs_gain.csv")
+    rows = _read_csv(folder / GAIN_FILE)
     lines = [
         f"## Similarity vs gain — {target}",
         "",
@@ -248,9 +262,11 @@ def _gain_section(target: str, folder: Path, figures: Path) -> str:
                      f"{_fmt(_float(row['pearson_cka_layer']))} |")
     if not seen:
         lines.append("| (needs fine-tuned models from a random initialisation) | | | |")
-    lines += _embed_figure(folder / "similarity_vs_gain.png", target, figures, f"similarity vs gain, {target}")
-    for conv1 in sorted(folder.glob("conv1_*.png")):
-        lines += _embed_figure(conv1, target, figures, f"first-layer filters: {conv1.stem.removeprefix('conv1_')}")
+    lines += _embed_figure(folder / GAIN_FIGURE_FILE, target, figures, f"similarity vs gain, {target}")
+    prefix, suffix = CONV1_FIGURE_FILE.split("{source}")
+    for conv1 in sorted(folder.glob(CONV1_FIGURE_FILE.format(source="*"))):
+        source = conv1.name.removeprefix(prefix).removesuffix(suffix)
+        lines += _embed_figure(conv1, target, figures, f"first-layer filters: {source}")
     return "\n".join(lines)
 
 
@@ -278,7 +294,7 @@ def _embed_figure(figure: Path, target: str, figures: Path, caption: str) -> lis
         return []
     name = f"{target}_{figure.name}"
     shutil.copyfile(figure, figures / name)
-    return ["", f"![{caption}](figures/{name})"]
+    return ["", f"![{caption}]({REPORT_FIGURES_FOLDER}/{name})"]
 
 
 def _provenance_section(config: Config, pointers: dict[str, list[ModelPointer]]) -> str:

@@ -15,7 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtransfer.layout import SIMILARITY_SUMMARY_FILE, PREDICTIONS_FILE, PAIRED_FILE
+from medtransfer.layout import (
+    PAIRED_FILE,
+    PREDICTIONS_FILE,
+    PRETRAINED_VS_PRETRAINED,
+    RANDOM_VS_RANDOM,
+    SIMILARITY_SUMMARY_FILE,
+)
 from medtransfer.paper_reference import PaperResults, load_paper_results
 from medtransfer.tables import read_table
 
@@ -119,7 +125,7 @@ def _auc_table(targets: Mapping[str, str], twins: Twins, fold_aucs, paper: Paper
 def _matches(row: Mapping[str, str], kind: str, our_sources: Sequence[str], regime: str) -> bool:
     if row["pair_kind"] != kind or row["measure"] != "cca" or (row["regime"] or "") != regime:
         return False
-    if kind == "random_vs_random":
+    if kind == RANDOM_VS_RANDOM:
         return True  # the study's one random-vs-random pair, whatever its random sources are named
     return sorted(row["pair"].split(" vs ")) == sorted(our_sources)
 
@@ -130,7 +136,7 @@ def _cross_target_ours(summaries: Mapping[str, list[dict[str, str]]], twins: Twi
     number of those targets). Pairs whose sources have no twin here are left out."""
     ours: dict[str, tuple[list[float], int]] = {}
     for pair in paper.cross_target_cca:
-        if pair.kind == "random_vs_random":
+        if pair.kind == RANDOM_VS_RANDOM:
             names: list[str] = []
         else:
             picks = [twins.ours(source) for source in pair.sources]
@@ -240,8 +246,8 @@ def _paired_interval(rows: list[dict[str, str]], imagenet: str, radimagenet: str
 
 def _claim_cca_at_or_below_floor(ours: Mapping[str, tuple[list[float], int]], paper: PaperResults) -> Claim:
     statement = "ImageNet and RadImageNet representations are at or below the random-vs-random floor from stage 1 on"
-    pretrained = next((pair.title for pair in paper.cross_target_cca if pair.kind == "pretrained_vs_pretrained"), None)
-    floor = next((pair.title for pair in paper.cross_target_cca if pair.kind == "random_vs_random"), None)
+    pretrained = next((pair.title for pair in paper.cross_target_cca if pair.kind == PRETRAINED_VS_PRETRAINED), None)
+    floor = next((pair.title for pair in paper.cross_target_cca if pair.kind == RANDOM_VS_RANDOM), None)
     if pretrained not in ours:
         return Claim(statement, "not checked", "needs sources naming `paper_source: imagenet` and `radimagenet`")
     if floor not in ours:

@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from medtransfer.analysis.paired_statistics import WILCOXON_MIN_TARGETS, wilcoxon_across_targets
-from medtransfer.analysis.source_comparison import AUC_INTERVAL_FILE, PAIRED_FILE
+from medtransfer.layout import AUC_INTERVAL_FILE, PAIRED_FILE
 from medtransfer.tables import read_table
 
 

@@ -15,8 +15,6 @@ from medtransfer.layout import (
     PRETRAINED_VS_PRETRAINED,
     RANDOM_VS_RANDOM,
     SOURCE_VS_FINETUNED,
-)
-from medtransfer.analysis.study_summary import (
     AUC_TABLE_FILE,
     CROSS_TARGET_FILE,
     GAIN_CORRELATION_FILE,
@@ -113,7 +111,7 @@ def _cross_target_table(rows: list[dict[str, str]], measure: str, title: str, la
     lines = ["", f"### {title} per layer, mean ± sd over the {targets} targets", "",
              "| pair | regime | " + " | ".join(layers) + " |", "|" + "---|" * (len(layers) + 2)]
     for (kind, pair, regime), by_layer in sorted(table.items(), key=lambda item: (order[item[0][0]], item[0])):
-        label = dict(MAIN_GROUPS)[kind] + (f": {pair}" if pair and kind != "random_vs_random" else "")
+        label = dict(MAIN_GROUPS)[kind] + (f": {pair}" if pair and kind != RANDOM_VS_RANDOM else "")
         cells = []
         for layer in layers:
             row = by_layer.get(layer)

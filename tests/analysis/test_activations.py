@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from medtransfer.analysis.activations import (
-    LAYERS,
     LayerPlan,
     extract_stage_activations,
     first_conv_weights,
@@ -31,6 +30,8 @@ RESNET18_32PX = {  # (C, H, W) of each stage for a 32 px input
     "stage3": (256, 2, 2),
     "stage4": (512, 1, 1),
 }
+#: The stages the ResNet family names, in forward order (the hooks report them in this order).
+LAYERS = list(RESNET18_32PX)
 
 
 @pytest.fixture(scope="module")

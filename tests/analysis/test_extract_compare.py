@@ -17,18 +17,15 @@ import scipy.stats
 import torch
 
 from medtransfer.analysis import pairs as pair_kinds
-from medtransfer.analysis.activations import LAYERS, activations_path, read_manifest
-from medtransfer.analysis.compare import (
-    GAIN_COLUMNS,
-    PREDICTION_COLUMNS,
-    SIMILARITY_COLUMNS,
-    SUMMARY_COLUMNS,
-    run_compare,
-)
+from medtransfer.analysis.activations import activations_path, read_manifest
+from medtransfer.analysis.compare import run_compare
+from medtransfer.analysis.prediction_table import PREDICTION_COLUMNS
+from medtransfer.analysis.summaries import GAIN_COLUMNS, SIMILARITY_COLUMNS, SUMMARY_COLUMNS
 from medtransfer.analysis.extract import run_extract
 from medtransfer.config import load_config
 from medtransfer.data.prepare import load_prepared, prepare_dataset
 from medtransfer.errors import ConfigError, DataError, ModelError
+from medtransfer.layout import ACTIVATIONS_FOLDER, POINTER_FOLDER
 from medtransfer.models.backbones import Classifier, keras_like_init_
 from medtransfer.models.mlflow_models import load_registered_model, log_packaged_model, register_logged_model
 from medtransfer.models.packaging import ModelSpec
@@ -44,6 +41,8 @@ DATASET = "target"
 PRETRAINED = ("natural", "medical")
 FINETUNED_SOURCES = ("natural", "medical", "random")
 REGIME = "full"
+#: The stages of the ResNet family, which extract finds on the models and writes into the manifest.
+LAYERS = ["stem", "stage1", "stage2", "stage3", "stage4"]
 
 
 def _blob_npz(path: Path, seed: int, per_split=(40, 8, 16)) -> None:
@@ -403,20 +402,91 @@ def test_prepared_data_of_another_version_is_refused(study):
         path.write_text(original)
 
 
-def test_compare_refuses_activations_of_other_model_versions(study):
+def test_stale_activations_are_dvcs_to_notice(repo_root):
+    """Replaces compare's own check of the pointers (test_compare_refuses_activations_of_other_model_versions): the
+    behaviour moved to DVC. extract depends on the pointers, so a new model version reruns it; compare depends on
+    the activations only and reads no pointer (see the next test)."""
+    import yaml
+
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    assert POINTER_FOLDER in stages["extract"]["do"]["deps"]
+    assert f"{ACTIVATIONS_FOLDER}/${{item}}" in stages["compare"]["do"]["deps"]
+    assert not any(dep.startswith(POINTER_FOLDER) for dep in stages["compare"]["do"]["deps"])
+
+
+def _stage_paths(entries, params: dict, item: str) -> list[str]:
+    """dvc.yaml `deps`/`outs` entries (strings or {path: options}) with ${item} and ${a.b} filled in."""
+    import re
+
+    def fill(match):
+        value = params
+        for part in match.group(1).split("."):
+            value = item if part == "item" and value is params else value[part]
+        return str(value)
+
+    paths = [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
+    return [re.sub(r"\$\{([^}]+)\}", fill, path).rstrip("/") for path in paths]
+
+
+def test_compare_opens_only_data_its_dvc_stage_depends_on(study, repo_root):
+    """Every file compare reads inside the study folder lies under a `deps` path of its dvc.yaml stage (or is one
+    of its own outputs, read back to log them): nothing DVC does not know of can change its results."""
+    import os
+
+    import yaml
+
     if not (study.root / "activations" / DATASET / "manifest.json").is_file():
         run_extract(study, DATASET)
-    path = pointer_path(study, DATASET, "medical", REGIME)
-    original = path.read_text()
-    record = json.loads(original)
-    record["source_version"] = "9"  # the search registered a new source version since extract ran
-    path.write_text(json.dumps(record))
+    stage = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]["compare"]["do"]
+    params = yaml.safe_load(study.source_file.read_text())
+    deps = _stage_paths(stage["deps"], params, DATASET)
+    outputs = _stage_paths([*stage["outs"], *stage.get("plots", [])], params, DATASET)
+    assert stage["params"] == [f"analysis.{key}" for key in
+                               ("measures", "channel_sample", "channel_repeats", "bootstrap_resamples", "seed")]
+    root = study.root.resolve()
+    opened: list[Path] = []
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+
+    def record(event: str, args: tuple) -> None:
+        if event != "open" or not RECORDING or not isinstance(args[0], (str, bytes, os.PathLike)):
+            return
+        path, mode, flags = args
+        if isinstance(mode, str) and any(letter in mode for letter in "wax+") or flags & writing:
+            return
+        if os.path.isdir(path):
+            return  # a folder listed or removed (the previous outputs, replaced atomically), not data read
+        try:
+            opened.append(Path(os.fsdecode(path)).resolve().relative_to(root))
+        except ValueError:
+            pass  # outside the study: code, libraries
+
+    _install_open_recorder(record)
+    RECORDING.append(True)
     try:
-        with pytest.raises(DataError) as error:
-            run_compare(study, DATASET)
-        assert "\n" not in str(error.value) and "medtransfer extract --dataset target" in str(error.value)
+        run_compare(study, DATASET)
     finally:
-        path.write_text(original)
+        RECORDING.clear()
+    # The MLflow run compare logs goes to the tracking store: an output of the step, never read for its results.
+    store = [Path("mlflow.db"), Path("mlartifacts"), Path("mlruns")]
+    read = sorted({path for path in opened if not any(path.is_relative_to(folder) for folder in store)})
+    assert any(path.is_relative_to(f"{ACTIVATIONS_FOLDER}/{DATASET}") for path in read), read
+    outside = [path for path in read
+               if not any(path.is_relative_to(dep) for dep in deps + outputs)]
+    assert not outside, f"compare read files its dvc.yaml stage does not depend on: {outside}"
+
+
+#: The audit hook below stays installed for the process (Python cannot remove one): it records only while this
+#: list is non-empty, and is installed once.
+RECORDING: list[bool] = []
+_RECORDERS: list = []
+
+
+def _install_open_recorder(record) -> None:
+    import sys
+
+    if not _RECORDERS:
+        sys.addaudithook(lambda event, args: _RECORDERS[-1](event, args))
+    _RECORDERS.append(record)
 
 
 def test_user_errors_are_one_line(tmp_path, write_params, monkeypatch):

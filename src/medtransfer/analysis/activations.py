@@ -34,14 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from medtransfer.layout import ACTIVATIONS_FOLDER, CONV1_FOLDER, PREDICTIONS_FOLDER
+from medtransfer.layout import ACTIVATIONS_FOLDER, ACTIVATIONS_MANIFEST_FILE, CONV1_FOLDER, PREDICTIONS_FOLDER
 from medtransfer.errors import DataError, ModelError
-from medtransfer.models.backbones import STAGE_NAMES
 from medtransfer.models.preprocessing import Preprocessing
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = ACTIVATIONS_MANIFEST_FILE
 ACTIVATIONS_FORMAT = "medtransfer-activations-v1"
-LAYERS: tuple[str, ...] = STAGE_NAMES
 
 
 @dataclass(frozen=True)
@@ -116,16 +114,16 @@ def plan_layers(
 def stage_hooks(model: nn.Module, on_output) -> Iterator[None]:
     """Call `on_output(layer, tensor (B, C, H, W))` for each named stage output while the context is open.
 
-    `model` must expose `stage_modules()` (a `Classifier` or a backbone); the hooks are removed on exit, also on
-    error.
+    `model` must expose `stage_modules()` (a `Classifier` or a backbone): its names, in forward order, are the
+    layers of the analysis (the architecture says them; `extract` writes them into the manifest). The hooks are
+    removed on exit, also on error.
     """
-    modules = model.stage_modules()
-    missing = [name for name in LAYERS if name not in modules]
-    if missing:
-        raise ModelError(f"the model exposes no stage '{missing[0]}' to hook", fix="use a medtransfer backbone")
+    modules = getattr(model, "stage_modules", lambda: {})()
+    if not modules:
+        raise ModelError("the model exposes no stages to hook", fix="use a medtransfer backbone")
     handles = [
-        modules[name].register_forward_hook(lambda _module, _inputs, output, name=name: on_output(name, output))
-        for name in LAYERS
+        module.register_forward_hook(lambda _module, _inputs, output, name=name: on_output(name, output))
+        for name, module in modules.items()
     ]
     try:
         yield
@@ -282,7 +280,7 @@ def read_manifest(folder: Path, dataset: str) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         if manifest.get("format") != ACTIVATIONS_FORMAT:
             raise ValueError(f"unknown format {manifest.get('format')!r}")
-        for key in ("dataset", "folds", "models", "random_baselines"):
+        for key in ("dataset", "layers", "folds", "models", "random_baselines"):
             if key not in manifest:
                 raise ValueError(f"no '{key}'")
     except (OSError, ValueError, AttributeError) as error:
@@ -298,3 +296,13 @@ def read_manifest(folder: Path, dataset: str) -> dict[str, Any]:
             fix=f"run 'medtransfer extract --dataset {dataset}' again",
         )
     return manifest
+
+
+def manifest_layers(manifest: dict[str, Any], folder: Path) -> list[str]:
+    """The layer names of the manifest, in forward order: the stages of the architecture the models share, as
+    `extract` found them (never a global list: another architecture names other stages)."""
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(layer, str) for layer in layers):
+        raise DataError(f"the activations manifest names no layers (found {layers!r})", where=str(folder),
+                        fix=f"run 'medtransfer extract --dataset {manifest.get('dataset', '<dataset>')}' again")
+    return list(layers)

@@ -7,8 +7,8 @@ against the registry (`pointers.verify_pointer`) and against the prepared data's
 refused with one line. `pairs.plan_pairs` decides which fold's images each model goes through (see pairs.py).
 
 Each model is loaded once, applies its own preprocessing to the same uint8 images, and runs in eval mode under
-`torch.inference_mode`, in batches of `analysis.batch_size`; hooks on the five backbone stages keep only the
-sampled positions (see activations.py). Besides the activations, the folder holds the first convolution's weights
+`torch.inference_mode`, in batches of `analysis.batch_size`; hooks on the backbone's named stages (five for the
+ResNet family) keep only the sampled positions (see activations.py). Besides the activations, the folder holds the first convolution's weights
 of every source (`conv1/<source>.npy`, for the filter pictures) and each fine-tuned model's test predictions
 (`predictions/<model_key>.csv`, copied from its run), and `manifest.json`:
 
@@ -39,7 +39,7 @@ from medtransfer.analysis.activations import (
     ACTIVATIONS_FOLDER,
     ACTIVATIONS_FORMAT,
     CONV1_FOLDER,
-    LAYERS,
+    MANIFEST_NAME,
     PREDICTIONS_FOLDER,
     activations_path,
     extract_stage_activations,
@@ -61,6 +61,7 @@ from medtransfer.analysis.pairs import (
     study_folds,
     study_models,
 )
+from medtransfer.layout import POINTER_FOLDER, Tag
 from medtransfer.progress import item_line, progress_line
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.config import Config
@@ -94,9 +95,9 @@ def run_extract(config: Config, dataset: str) -> Path:
     if not pointers:
         raise ModelError(
             f"no model pointers for dataset '{dataset}'",
-            where=str(config.resolve("results/models")),
+            where=str(config.resolve(POINTER_FOLDER)),
             fix=f"run the search first ('medtransfer search --dataset {dataset} ...' or 'dvc repro'), which writes "
-            f"results/models/{dataset}.<source>.<regime>.json",
+            f"{POINTER_FOLDER}/{dataset}.<source>.<regime>.json",
         )
     prepared = load_prepared(config, dataset)
     use_tracking_store(config)
@@ -145,10 +146,7 @@ def run_extract(config: Config, dataset: str) -> Path:
         write_manifest(staging, manifest)
     _log_extract_run(config, dataset, prepared, manifest, folder)
     elapsed = time.perf_counter() - started
-    sizes = ", ".join(
-        f"{layer} {fold_plans[folds[0]][layer].images} img × {fold_plans[folds[0]][layer].positions} pos"
-        for layer in LAYERS
-    )
+    sizes = ", ".join(f"{layer} {plan.images} img × {plan.positions} pos" for layer, plan in fold_plans[folds[0]].items())
     print(f"extract {dataset}: {len(run_models)} models, {len(folds)} fold(s), {len(pairs)} pairs planned; "
           f"fold {folds[0]}: {sizes}; {elapsed:.0f} s\n  -> {folder}")
     return folder
@@ -169,7 +167,7 @@ def _check_sampling_settings(config: Config) -> None:
 
 def _registered_random_sources(config: Config, client) -> list[RandomSource]:
     """The `default` version of every source of kind random, in params order."""
-    from medtransfer.registry import ALIAS_DEFAULT, Tag, model_uri, resolve_model_version, source_model_name
+    from medtransfer.registry import ALIAS_DEFAULT, model_uri, resolve_model_version, source_model_name
 
     found = []
     for name, source in config.sources.items():
@@ -203,15 +201,21 @@ def _extract_model(
         )
     network = loaded.model.to(_device()).eval()
     preprocessing = loaded.spec.preprocessing
-    shapes = stage_shapes(network, preprocessing, prepared.images[int(orders[folds[0]][0])])
+    shapes = stage_shapes(network, preprocessing, prepared.images[int(orders[folds[0]][0])])  # the stages, in order
     for fold in folds:
         plans = fold_plans.get(fold)
         if plans is None:
             plans = fold_plans[fold] = plan_layers(
-                {layer: shapes[layer][1:] for layer in LAYERS},
+                {layer: shape[1:] for layer, shape in shapes.items()},
                 len(orders[fold]),
                 positions_per_layer=config.analysis.positions_per_layer,
                 fixed_images=config.analysis.images,
+            )
+        if list(shapes) != list(plans):
+            raise ModelError(
+                f"{model.key} ({loaded.spec.arch}) names the stages {', '.join(shapes)}, other models "
+                f"{', '.join(plans)}; only models with the same stages can be paired layer by layer",
+                fix="compare models of architectures that name the same stages (the ResNet family does)",
             )
         for layer, plan in plans.items():
             if shapes[layer][1:] != (plan.height, plan.width):
@@ -239,7 +243,7 @@ def _extract_model(
         **model.to_dict(),
         "arch": loaded.spec.arch,
         "preprocessing": preprocessing.name,
-        "channels": {layer: int(shapes[layer][0]) for layer in LAYERS},
+        "channels": {layer: int(shape[0]) for layer, shape in shapes.items()},
         "predictions": predictions_file,
     }
     del network, loaded
@@ -325,7 +329,8 @@ def build_manifest(
             "seed": config.analysis.seed,
             "batch_size": config.analysis.batch_size,
         },
-        "layers": list(LAYERS),
+        # The architecture's stage names in forward order (every extracted model has the same): compare's layers.
+        "layers": list(next(iter(fold_plans.values()))),
         "random_baselines": baselines,
         "pointers": [
             {
@@ -359,11 +364,11 @@ def _log_extract_run(config: Config, dataset: str, prepared, manifest: dict[str,
 
     from medtransfer.tracking import log_prepared_dataset, step_run
 
-    tags = {"dataset": dataset}
+    tags = {Tag.DATASET: dataset}
     tags.update({f"model.{key}": str(record["version"]) for key, record in manifest["models"].items()
                  if record.get("channels")})
     with step_run(config, step="extract", run_name=f"extract {dataset}", tags=tags):
         mlflow.log_params({**{f"analysis.{k}": v for k, v in manifest["sampling"].items()},
                            "models": len(manifest["models"]), "folds": len(manifest["folds"])})
         log_prepared_dataset(prepared.manifest, prepared.folder, context="analysis")
-        mlflow.log_artifact(str(folder / "manifest.json"), artifact_path="analysis")
+        mlflow.log_artifact(str(folder / MANIFEST_NAME), artifact_path="analysis")

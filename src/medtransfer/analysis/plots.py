@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
+from medtransfer.layout import RANDOM_VS_RANDOM, SHUFFLED, pair_kind_title
 from medtransfer.atomic_files import atomic_write_bytes
 
 
@@ -65,7 +66,7 @@ def plot_layer_curves(
     figure, axis = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     x = np.arange(len(layers))
     rows = [row for row in summary if row["measure"] == measure]
-    colours = {"random_vs_random": "tab:grey", "shuffled": "tab:brown"}
+    colours = {RANDOM_VS_RANDOM: "tab:grey", SHUFFLED: "tab:brown"}
     for kind in floor_kinds:
         means, sds = [], []
         for layer in layers:
@@ -76,7 +77,7 @@ def plot_layer_curves(
         means, sds = np.asarray(means), np.nan_to_num(np.asarray(sds))
         if np.isfinite(means).any():
             axis.fill_between(x, means - sds, means + sds, color=colours.get(kind, "grey"), alpha=0.25,
-                              label=f"{kind.replace('_', ' ')} (noise floor)")
+                              label=pair_kind_title(kind))
             axis.plot(x, means, color=colours.get(kind, "grey"), linewidth=0.8, linestyle=":")
     groups: dict[tuple[str, str, str], dict[str, tuple[float, float, bool]]] = {}
     for row in rows:
@@ -90,7 +91,7 @@ def plot_layer_curves(
         means = np.array([values.get(layer, (math.nan, math.nan, False))[0] for layer in layers])
         sds = np.nan_to_num(np.array([values.get(layer, (math.nan, math.nan, False))[1] for layer in layers]))
         hollow = np.array([values.get(layer, (math.nan, math.nan, False))[2] for layer in layers])
-        label = f"{kind.replace('_', ' ')}: {pair}" + (f" ({regime})" if regime else "")
+        label = f"{pair_kind_title(kind)}: {pair}" + (f" ({regime})" if regime else "")
         colour = palette(index % 20)
         axis.errorbar(x, means, yerr=sds, marker="o", markersize=3, linewidth=1.2, capsize=2, label=label,
                       color=colour, linestyle=("-", "--", "-.")[index // 20 % 3], markevery=list(np.flatnonzero(~hollow)))

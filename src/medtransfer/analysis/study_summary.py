@@ -24,8 +24,17 @@ from typing import Any
 
 import numpy as np
 
+from medtransfer.analysis.summaries import pearson
 from medtransfer.layout import (
+    ANALYSIS_FOLDER,
+    FINETUNED_VS_FINETUNED,
+    GAIN_FILE,
+    PRETRAINED_VS_PRETRAINED,
+    RANDOM_VS_RANDOM,
+    SIMILARITY_SUMMARY_FILE,
+    SOURCE_VS_FINETUNED,
     SUMMARY_FOLDER,
+    pair_kind_title,
     GAIN_CORRELATION_FILE,
     CROSS_TARGET_FILE,
     AUC_TABLE_FILE,
@@ -45,16 +54,8 @@ AUC_TABLE_COLUMNS = ["target", "source", "regime", "protocol", "folds", "test_au
 #: The regime of the authors' baseline: random init fine-tuned without freezing.
 BASELINE_REGIME = "full"
 GAIN_MEASURES = ("cca", "cka")
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson's r over the pairs where both are finite; NaN with fewer than 3 points or no spread."""
-    points = np.array([(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)], dtype=np.float64)
-    if len(points) < 3:
-        return math.nan
-    centred = points - points.mean(axis=0)
-    denominator = math.sqrt(float((centred[:, 0] ** 2).sum()) * float((centred[:, 1] ** 2).sum()))
-    return float((centred[:, 0] * centred[:, 1]).sum() / denominator) if denominator > 0 else math.nan
+#: The pair groups of the metrics and figures (the floor last).
+MAIN_KINDS = (SOURCE_VS_FINETUNED, PRETRAINED_VS_PRETRAINED, FINETUNED_VS_FINETUNED, RANDOM_VS_RANDOM)
 
 
 def pooled_gain_correlations(gain_tables: dict[str, list[dict[str, str]]]) -> list[dict[str, Any]]:
@@ -136,8 +137,7 @@ def summary_metrics(correlations: Sequence[dict], cross_target: Sequence[dict]) 
         if math.isfinite(row["pearson_r"]):
             metrics[f"gain_r_{row['measure']}_{row['layer']}_{row['source']}_{row['regime']}"] = row["pearson_r"]
     for row in cross_target:
-        if row["pair_kind"] in ("source_vs_finetuned", "pretrained_vs_pretrained", "finetuned_vs_finetuned",
-                                "random_vs_random") and math.isfinite(row["mean"]):
+        if row["pair_kind"] in MAIN_KINDS and math.isfinite(row["mean"]):
             label = "_".join(part for part in (row["pair_kind"], row["pair"].replace(" vs ", "_vs_"), row["regime"])
                              if part)
             metrics[f"cross_target_{row['measure']}_{row['layer']}_{label}"] = row["mean"]
@@ -160,16 +160,16 @@ def write_summary(config: Config) -> tuple[Path, dict[str, float]]:
     targets = list(config.study.targets)
     if not targets:
         raise DataError("the study names no targets", where=f"{config.source_file}: study.targets")
-    analysis_root = config.resolve("results/analysis")
+    analysis_root = config.resolve(ANALYSIS_FOLDER)
     summaries, gains = {}, {}
     for target in targets:
         folder = analysis_root / target
-        for name in ("similarity_summary.csv", "similarity_vs_gain.csv"):
+        for name in (SIMILARITY_SUMMARY_FILE, GAIN_FILE):
             if not (folder / name).is_file():
                 raise DataError(f"no analysis table {name} for target '{target}'", where=str(folder),
                                 fix=f"run 'medtransfer compare --dataset {target}' (or 'dvc repro')")
-        summaries[target] = read_table(folder / "similarity_summary.csv")
-        gains[target] = read_table(folder / "similarity_vs_gain.csv")
+        summaries[target] = read_table(folder / SIMILARITY_SUMMARY_FILE)
+        gains[target] = read_table(folder / GAIN_FILE)
     pointers = {target: pointers_for_dataset(config, target) for target in targets}
     correlations = pooled_gain_correlations(gains)
     cross_target = cross_target_similarity(summaries)
@@ -200,9 +200,8 @@ def _write_figures(staging: Path, cross_target: Sequence[dict]) -> None:
     for measure in sorted({row["measure"] for row in cross_target}):
         series: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
         for row in cross_target:
-            if row["measure"] == measure and row["pair_kind"] in (
-                    "source_vs_finetuned", "pretrained_vs_pretrained", "finetuned_vs_finetuned", "random_vs_random"):
-                label = row["pair_kind"].replace("_", " ") + (f": {row['pair']}" if row["pair"] else "") + \
+            if row["measure"] == measure and row["pair_kind"] in MAIN_KINDS:
+                label = pair_kind_title(row["pair_kind"]) + (f": {row['pair']}" if row["pair"] else "") + \
                     (f" ({row['regime']})" if row["regime"] else "")
                 series[label][row["layer"]] = (row["mean"], row["sd"])
         if not series:
@@ -212,7 +211,7 @@ def _write_figures(staging: Path, cross_target: Sequence[dict]) -> None:
         for label, by_layer in sorted(series.items()):
             means = np.array([by_layer.get(layer, (math.nan, math.nan))[0] for layer in layers])
             sds = np.nan_to_num(np.array([by_layer.get(layer, (math.nan, math.nan))[1] for layer in layers]))
-            style = {"linestyle": ":", "color": "grey"} if label.startswith("random vs random") else {}
+            style = {"linestyle": ":", "color": "grey"} if label.startswith(pair_kind_title(RANDOM_VS_RANDOM)) else {}
             axis.errorbar(positions, means, yerr=sds, marker="o", capsize=3, label=label, **style)
         axis.set(xticks=positions, xticklabels=layers, xlabel="layer", ylabel=f"{measure}, mean over targets",
                  ylim=(0, 1.05), title=f"{measure} across targets (error bars: sd over targets)")

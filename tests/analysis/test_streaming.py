@@ -1,25 +1,15 @@
-"""compare's parts on synthetic activations: controls (identity, shuffled images), channel sampling, streaming,
-the summary and the similarity-vs-gain table. No registry, no network file."""
+"""The pair × layer engine (analysis/streaming.py) on synthetic activations: controls (identity, shuffled images),
+channel sampling, streaming in chunks. No registry, no network file."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import torch
 
-import medtransfer.analysis.compare as compare
+import medtransfer.analysis.streaming as streaming
 from medtransfer.analysis.activations import extract_stage_activations, plan_layers, stage_shapes
-from medtransfer.analysis.compare import (
-    channel_draws,
-    compare_pair_layer,
-    image_derangement,
-    layer_curve_rows,
-    similarity_vs_gain,
-    summarise,
-)
-from medtransfer.analysis.pairs import StudyModel
+from medtransfer.analysis.streaming import channel_draws, compare_pair_layer, image_derangement
 from medtransfer.models.backbones import Classifier, keras_like_init_
 from medtransfer.models.preprocessing import IMAGENET
 
@@ -70,12 +60,12 @@ def test_shuffling_moves_whole_images():
 
             return SimilarityResult(n=15, p=2, q=2, p_kept=2, q_kept=2, mean_cca=0.0)
 
-    original = compare.SimilarityAccumulator
-    compare.SimilarityAccumulator = Recorder
+    original = streaming.SimilarityAccumulator
+    streaming.SimilarityAccumulator = Recorder
     try:
         compare_pair_layer(x, x, positions, ["cca"], shuffle_rng=np.random.default_rng(2))
     finally:
-        compare.SimilarityAccumulator = original
+        streaming.SimilarityAccumulator = original
     a = np.vstack([chunk[0] for chunk in seen])
     b = np.vstack([chunk[1] for chunk in seen])
     np.testing.assert_array_equal(a[:, 1], b[:, 1])  # same positions
@@ -168,58 +158,7 @@ def test_streaming_in_small_chunks_gives_the_same_values(monkeypatch):
     x = rng.normal(size=(3000, 12)).astype(np.float32) + 5.0
     y = (x[:, :10] * 2.0 + rng.normal(size=(3000, 10))).astype(np.float32)
     whole = compare_pair_layer(x, y, 6, MEASURES, shuffle_rng=np.random.default_rng(0))
-    monkeypatch.setattr(compare, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 1000)
     chunked = compare_pair_layer(x, y, 6, MEASURES, shuffle_rng=np.random.default_rng(0))
     for measure in MEASURES:
         assert chunked.values[measure] == pytest.approx(whole.values[measure], rel=1e-8, abs=1e-10)
-
-
-def _row(kind, pair, fold, layer, value, model_b="m", measure="cca"):
-    return {"pair_kind": kind, "pair": pair, "model_a": "a", "model_b": model_b, "fold": fold, "regime": "full",
-            "layer": layer, "measure": measure, "value": value, "reliable": True, "rows_per_channel": 10.0}
-
-
-def test_summary_gives_mean_and_sd_over_folds_with_the_noise_floors():
-    rows = [_row("source_vs_finetuned", "natural", fold, "stem", value) for fold, value in enumerate([0.8, 0.9, 1.0])]
-    rows += [_row("random_vs_random", "random vs random_b", fold, "stem", value) for fold, value in enumerate([0.4, 0.5, 0.6])]
-    rows += [_row("shuffled", "natural", fold, "stem", value) for fold, value in enumerate([0.1, 0.2, math.nan])]
-    summary = {(r["pair_kind"], r["layer"]): r for r in summarise(rows)}
-    main = summary[("source_vs_finetuned", "stem")]
-    assert main["mean"] == pytest.approx(0.9) and main["sd"] == pytest.approx(0.1) and main["count"] == 3
-    assert main["random_vs_random_mean"] == pytest.approx(0.5) and main["random_vs_random_sd"] == pytest.approx(0.1)
-    assert main["shuffled_mean"] == pytest.approx(0.15)  # NaN rows (undefined values) are left out
-
-
-def test_layer_curves_list_each_pair_group_and_noise_floor_in_layer_order():
-    rows = []
-    for layer, offset in (("stage1", 0.0), ("stem", 0.1)):  # given out of order
-        rows += [_row("source_vs_finetuned", "natural", f, layer, 0.7 + offset + 0.1 * f) for f in range(2)]
-        rows += [_row("identity", "natural", f, layer, 1.0) for f in range(2)]
-        rows += [_row("random_vs_random", "random vs random_b", f, layer, 0.3) for f in range(2)]
-        rows += [_row("shuffled", "natural", f, layer, 0.05) for f in range(2)]
-    rows.append(_row("source_vs_finetuned", "natural", 0, "stem", 0.5, measure="cka"))
-    curves = layer_curve_rows(summarise(rows), "cca")
-    assert [c["layer"] for c in curves] == ["stem"] * 3 + ["stage1"] * 3
-    assert [c["series"] for c in curves[:3]] == [
-        "source vs finetuned: natural (full)", "noise floor: random vs random", "noise floor: shuffled images"]
-    assert curves[0]["similarity"] == pytest.approx(0.85) and curves[3]["similarity"] == pytest.approx(0.75)
-    assert curves[1]["similarity"] == pytest.approx(0.3) and curves[2]["similarity"] == pytest.approx(0.05)
-
-
-def _finetuned(source, fold, auc, random_init=False):
-    return StudyModel(f"t.{source}.v{fold}", f"t.{source}", str(fold), "h", "finetuned", source, random_init,
-                      regime="full", fold=fold, seed=0, seed_index=0, init_key=f"source.{source}.v1", test_auc=auc)
-
-
-def test_similarity_vs_gain_is_relative_to_the_random_init_model_of_the_same_fold():
-    models = [_finetuned("natural", 0, 0.9), _finetuned("natural", 1, 0.8), _finetuned("random", 0, 0.6, True),
-              _finetuned("random", 1, 0.5, True)]
-    by_key = {m.key: m for m in models}
-    rows = [_row("source_vs_finetuned", "natural", fold, layer, 0.5 + 0.1 * fold, model_b=f"t.natural.v{fold}", measure=m)
-            for fold in (0, 1) for layer in ("stem", "stage1", "stage2", "stage3", "stage4") for m in ("cca", "cka")]
-    points = similarity_vs_gain(rows, by_key)
-    assert len(points) == 2 * 5
-    first = next(p for p in points if p["fold"] == 0 and p["layer"] == "stem")
-    assert first["relative_gain"] == pytest.approx((0.9 - 0.6) / 0.6) and first["cca"] == pytest.approx(0.5)
-    assert first["random_init_model"] == "t.random.v0" and first["points_layer"] == 2
-    assert math.isnan(first["pearson_cca_layer"])  # fewer than 3 points

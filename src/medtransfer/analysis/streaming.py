@@ -1,0 +1,182 @@
+"""The pair × layer engine of `compare`: two memory-mapped activation matrices streamed in row chunks through
+`similarity.SimilarityAccumulator` (float64 statistics, memory O(channels²), not O(rows)), with the controls and
+the channel sampling that `compare` describes.
+
+`compare_pair_layer` works on any two (n, p) and (n, q) arrays; `pair_rows` opens one planned pair's matrices
+from `activations/<dataset>/` for every layer the manifest names and returns its `similarity.csv` rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtransfer.analysis.activations import open_activations
+from medtransfer.analysis.pairs import Pair
+from medtransfer.analysis.similarity import SimilarityAccumulator
+from medtransfer.config import AnalysisConfig
+from medtransfer.errors import DataError
+
+__all__ = ["CHUNK_BYTES", "LayerComparison", "channel_draws", "compare_pair_layer", "image_derangement", "pair_rows"]
+
+#: Bytes of each side's rows read per streamed chunk; module-level so tests can shrink it.
+CHUNK_BYTES = 32 << 20
+
+
+def channel_draws(
+    channels_a: int, channels_b: int, sample: int, repeats: int, rng: np.random.Generator
+) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+    """Column selections [(indices_a, indices_b)], None = all channels.
+
+    `sample` = 0, or no side larger than `sample`: one draw of all channels. Otherwise `repeats` draws of
+    min(sample, C) sorted channel indices per side, the same indices on both sides when the counts match.
+    """
+    if sample <= 0 or max(channels_a, channels_b) <= sample:
+        return [(None, None)]
+    draws = []
+    for _ in range(max(1, repeats)):
+        a = np.sort(rng.choice(channels_a, size=min(sample, channels_a), replace=False)) if channels_a > sample else None
+        if channels_b == channels_a:
+            b = a
+        else:
+            b = np.sort(rng.choice(channels_b, size=min(sample, channels_b), replace=False)) if channels_b > sample else None
+        draws.append((a, b))
+    return draws
+
+
+def image_derangement(images: int, rng: np.random.Generator) -> np.ndarray | None:
+    """A permutation of `images` with no fixed point (image i meets image π(i) ≠ i); None for a single image."""
+    if images < 2:
+        return None
+    cycle = rng.permutation(images)
+    permutation = np.empty(images, dtype=np.int64)
+    permutation[cycle] = np.roll(cycle, -1)  # one cycle through all images: nobody stays in place
+    return permutation
+
+
+@dataclass(frozen=True)
+class LayerComparison:
+    """The measures of one pair on one layer (averaged over channel draws; None = undefined)."""
+
+    values: dict[str, float | None]
+    n: int
+    images: int
+    c_a: int
+    c_b: int
+    channels_a: int
+    channels_b: int
+    draws: int
+    reliable: bool
+    note: str
+
+
+def compare_pair_layer(
+    x: np.ndarray,
+    y: np.ndarray,
+    positions: int,
+    measures: Sequence[str],
+    *,
+    channel_sample: int = 0,
+    channel_repeats: int = 1,
+    rng_channels: np.random.Generator | None = None,
+    shuffle_rng: np.random.Generator | None = None,
+) -> LayerComparison:
+    """Stream (n, p) `x` and (n, q) `y` (memory maps are read chunk by chunk) through the similarity engine.
+
+    positions: rows per image (H·W); rows r of x and y belong to the same image and position, unless
+    `shuffle_rng` is given: then y's images are permuted (`image_derangement`) and image i of x meets image π(i)
+    of y at the same positions.
+    """
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"paired activation matrices have {x.shape[0]} and {y.shape[0]} rows",
+                        fix="run 'medtransfer extract' again")
+    n, p, q = x.shape[0], x.shape[1], y.shape[1]
+    images = n // positions
+    draws = channel_draws(p, q, channel_sample, channel_repeats, rng_channels or np.random.default_rng(0))
+    permutation = None
+    if shuffle_rng is not None:
+        permutation = image_derangement(images, shuffle_rng)
+        if permutation is None:
+            return LayerComparison({m: None for m in measures}, n, images, p, q, p, q, 0, False,
+                                   "one image only: nothing to shuffle")
+    accumulators = [SimilarityAccumulator(p if a is None else len(a), q if b is None else len(b)) for a, b in draws]
+    step = max(1, CHUNK_BYTES // (positions * 4 * max(p, q)))  # images per chunk
+    offsets = np.arange(positions)
+    for first in range(0, images, step):
+        last = min(first + step, images)
+        x_rows = np.asarray(x[first * positions : last * positions])
+        if permutation is None:
+            y_rows = np.asarray(y[first * positions : last * positions])
+        else:
+            y_rows = y[(permutation[first:last, None] * positions + offsets[None, :]).ravel()]
+        for accumulator, (a, b) in zip(accumulators, draws):
+            accumulator.update(x_rows if a is None else x_rows[:, a], y_rows if b is None else y_rows[:, b])
+    results = [accumulator.finalize(measures) for accumulator in accumulators]
+    values: dict[str, float | None] = {}
+    notes = []
+    for measure in measures:
+        got = [r.value(measure) for r in results if r.value(measure) is not None]
+        values[measure] = float(np.mean(got)) if got else None
+        if not got:
+            reasons = {r.undefined.get(measure, "undefined") for r in results}
+            notes.append(f"{measure}: {'; '.join(sorted(reasons))}")
+    warnings = {r.warning for r in results if r.warning}
+    reliable = all(r.reliable for r in results)
+    if warnings and not notes:
+        notes.extend(sorted(warnings))
+    first_draw = draws[0]
+    c_a = p if first_draw[0] is None else len(first_draw[0])
+    c_b = q if first_draw[1] is None else len(first_draw[1])
+    return LayerComparison(values, n, images, c_a, c_b, p, q, len(draws), reliable, " | ".join(notes))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------------------------
+
+
+
+def pair_rows(folder: Path, manifest: dict[str, Any], pair: Pair, measures: Sequence[str], analysis: AnalysisConfig,
+              layers: Sequence[str]) -> list[dict]:
+    """The `similarity.csv` rows of one pair: every layer of `layers` (the manifest's, in forward order) × measure.
+
+    The channel draws and the shuffle of a layer are seeded by (analysis.seed, fold, the layer's index in
+    `layers`), so every pair of a fold and layer uses the same draws."""
+    rows = []
+    fold_info = manifest["folds"][str(pair.fold)]
+    for layer_index, layer in enumerate(layers):
+        layer_info = fold_info["layers"][layer]
+        x = open_activations(folder, pair.fold, pair.model_a, layer)
+        y = x if pair.model_b == pair.model_a else open_activations(folder, pair.fold, pair.model_b, layer)
+        positions = int(layer_info["height"]) * int(layer_info["width"])
+        if x.shape[0] != int(layer_info["rows"]) or y.shape[0] != int(layer_info["rows"]):
+            raise DataError(
+                f"{layer} of {pair.model_a} / {pair.model_b} has {x.shape[0]} / {y.shape[0]} rows, the manifest "
+                f"says {layer_info['rows']}",
+                where=str(folder),
+                fix="run 'medtransfer extract' again",
+            )
+        seed = [analysis.seed, pair.fold, layer_index]
+        result = compare_pair_layer(
+            x, y, positions, measures,
+            channel_sample=analysis.channel_sample, channel_repeats=analysis.channel_repeats,
+            rng_channels=np.random.default_rng(seed),
+            shuffle_rng=np.random.default_rng([*seed, 1]) if pair.shuffled else None,
+        )
+        del x, y
+        for measure in measures:
+            value = result.values[measure]
+            rows.append({
+                "pair_kind": pair.kind, "pair": pair.label, "model_a": pair.model_a, "model_b": pair.model_b,
+                "fold": pair.fold, "regime": pair.regime, "layer": layer, "measure": measure,
+                "value": math.nan if value is None else value, "n": result.n, "images": result.images,
+                "c_a": result.c_a, "c_b": result.c_b, "channels_a": result.channels_a, "channels_b": result.channels_b,
+                "channel_draws": result.draws, "rows_per_channel": result.n / max(result.c_a, result.c_b),
+                "reliable": result.reliable, "note": result.note,
+            })
+    return rows

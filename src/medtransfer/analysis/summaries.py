@@ -1,0 +1,232 @@
+"""The tables of `compare` built from the similarity rows: the summary over folds with its noise floors, the
+plot-ready layer curves, similarity against transfer gain with Pearson's r, and the few numbers logged to MLflow.
+Pure functions on lists of row dicts (the columns below); the step writes them with `medtransfer.tables`."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from medtransfer.analysis.pairs import (
+    CONTROL_KINDS,
+    FINETUNED_VS_FINETUNED,
+    PRETRAINED_VS_PRETRAINED,
+    RANDOM_VS_RANDOM,
+    ROLE_FINETUNED,
+    SHUFFLED,
+    SOURCE_VS_FINETUNED,
+    StudyModel,
+)
+
+__all__ = [
+    "CURVE_COLUMNS",
+    "GAIN_COLUMNS",
+    "GAIN_MEASURES",
+    "SIMILARITY_COLUMNS",
+    "SUMMARY_COLUMNS",
+    "layer_curve_rows",
+    "metric_name",
+    "pearson",
+    "similarity_vs_gain",
+    "summarise",
+    "summary_metrics",
+]
+
+#: Plot-ready layer curves for `dvc plots show` (one CSV per measure), outside the analysis folder so that DVC
+#: can declare them as plots of their own.
+CURVE_COLUMNS = ["layer", "series", "similarity", "sd"]
+#: Measures of the similarity-vs-gain table and figure.
+GAIN_MEASURES = ("cca", "cka")
+
+SIMILARITY_COLUMNS = [
+    "pair_kind", "pair", "model_a", "model_b", "fold", "regime", "layer", "measure", "value", "n", "images",
+    "c_a", "c_b", "channels_a", "channels_b", "channel_draws", "rows_per_channel", "reliable", "note",
+]
+SUMMARY_COLUMNS = [
+    "pair_kind", "pair", "regime", "layer", "measure", "mean", "sd", "count", "reliable_share", "rows_per_channel",
+    "random_vs_random_mean", "random_vs_random_sd", "shuffled_mean", "shuffled_sd",
+]
+GAIN_COLUMNS = [
+    "source", "regime", "fold", "layer", "model", "source_model", "random_init_model", "cca", "cka", "test_auc",
+    "random_init_test_auc", "relative_gain", "pearson_cca_layer", "pearson_cka_layer", "points_layer",
+    "pearson_cca_layer_source", "pearson_cka_layer_source", "points_layer_source",
+]
+
+
+def stats(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, sd with ddof 1 (NaN for one value), count) of the finite values."""
+    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if finite.size == 0:
+        return math.nan, math.nan, 0
+    sd = float(finite.std(ddof=1)) if finite.size > 1 else math.nan
+    return float(finite.mean()), sd, int(finite.size)
+
+
+def summarise(rows: Sequence[dict]) -> list[dict]:
+    """Mean ± sd over folds (and seeds) per (pair_kind, pair, regime, layer, measure), with the layer's noise
+    floors (random-vs-random and shuffled, over all their rows of that layer and measure) alongside."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["pair_kind"], row["pair"], row["regime"], row["layer"], row["measure"]), []).append(row)
+    floors: dict[tuple, tuple[float, float, int]] = {}
+    for kind in (RANDOM_VS_RANDOM, SHUFFLED):
+        for layer, measure in {(r["layer"], r["measure"]) for r in rows}:
+            floors[(kind, layer, measure)] = stats(
+                [r["value"] for r in rows if r["pair_kind"] == kind and r["layer"] == layer and r["measure"] == measure])
+    summary = []
+    for (kind, pair, regime, layer, measure), members in groups.items():
+        mean, sd, count = stats([r["value"] for r in members])
+        random_floor = floors[(RANDOM_VS_RANDOM, layer, measure)]
+        shuffled_floor = floors[(SHUFFLED, layer, measure)]
+        summary.append({
+            "pair_kind": kind, "pair": pair, "regime": regime, "layer": layer, "measure": measure,
+            "mean": mean, "sd": sd, "count": count,
+            "reliable_share": float(np.mean([bool(r["reliable"]) for r in members])),
+            "rows_per_channel": float(np.mean([r["rows_per_channel"] for r in members])),
+            "random_vs_random_mean": random_floor[0], "random_vs_random_sd": random_floor[1],
+            "shuffled_mean": shuffled_floor[0], "shuffled_sd": shuffled_floor[1],
+        })
+    return summary
+
+
+
+def layer_curve_rows(summary: Sequence[dict], measure: str, layers: Sequence[str]) -> list[dict]:
+    """One row per (layer, series) of `measure`, in the order of `layers` (the manifest's): the mean over folds of every pair group (identity
+    controls left out) and the two noise floors, as one long table that a plot can colour by `series`."""
+    rows = [row for row in summary if row["measure"] == measure]
+    curves = []
+    for layer in layers:
+        at_layer = [row for row in rows if row["layer"] == layer]
+        for row in sorted(at_layer, key=lambda r: (r["pair_kind"], r["pair"], r["regime"])):
+            if row["pair_kind"] in CONTROL_KINDS:
+                continue
+            series = f"{row['pair_kind'].replace('_', ' ')}: {row['pair']}" + (f" ({row['regime']})" if row["regime"] else "")
+            curves.append({"layer": layer, "series": series, "similarity": row["mean"], "sd": row["sd"]})
+        for kind, label in ((RANDOM_VS_RANDOM, "noise floor: random vs random"), (SHUFFLED, "noise floor: shuffled images")):
+            values = [row for row in at_layer if _finite(row.get(f"{kind}_mean"))]
+            if values:
+                curves.append({"layer": layer, "series": label, "similarity": values[0][f"{kind}_mean"],
+                               "sd": values[0][f"{kind}_sd"]})
+    return curves
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r over the finite pairs; NaN with fewer than 3 points or no spread."""
+    points = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    if len(points) < 3:
+        return math.nan
+    a, b = (np.asarray(v, dtype=np.float64) for v in zip(*points))
+    a, b = a - a.mean(), b - b.mean()
+    scale = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / scale if scale > 0.0 else math.nan
+
+
+def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], layers: Sequence[str], *,
+                       predictions_loader: Callable[[StudyModel], Any] | None = None) -> list[dict]:
+    """Points (non-random source, regime, fold, layer): similarity of the fine-tuned primary to its source, and the
+    relative test-AUC gain over the random-init fine-tuned primary of the same fold and regime, plus Pearson's r
+    per layer (all points; and per source), for each of `layers` (the manifest's). AUCs come from the pointer facts
+    that `extract` copied into the manifest, else from the saved predictions (`predictions_loader`)."""
+    similarity: dict[tuple, float] = {}
+    for row in rows:
+        if row["pair_kind"] == SOURCE_VS_FINETUNED and row["measure"] in GAIN_MEASURES:
+            similarity[(row["model_b"], row["layer"], row["measure"])] = row["value"]
+    finetuned = [m for m in by_key.values() if m.role == ROLE_FINETUNED and (m.seed_index or 0) == 0]
+    references = {}
+    for m in sorted(finetuned, key=lambda m: m.source):
+        if m.random_init:
+            references.setdefault((m.fold, m.regime), m)
+
+    def auc(model: StudyModel) -> float:
+        if model.test_auc is not None and math.isfinite(float(model.test_auc)):
+            return float(model.test_auc)
+        loaded = predictions_loader(model) if predictions_loader else None
+        if loaded is None:
+            return math.nan
+        from medtransfer.train.metrics import roc_auc
+
+        _, labels, probabilities = loaded
+        return float(roc_auc(labels, probabilities)["auc"])
+
+    points = []
+    for m in sorted(finetuned, key=lambda m: (m.source, m.regime or "", m.fold)):
+        reference = references.get((m.fold, m.regime))
+        if m.random_init or reference is None:
+            continue
+        auc_model, auc_reference = auc(m), auc(reference)
+        gain = (auc_model - auc_reference) / auc_reference if auc_reference and math.isfinite(auc_reference) else math.nan
+        for layer in layers:
+            points.append({
+                "source": m.source, "regime": m.regime or "", "fold": m.fold, "layer": layer, "model": m.key,
+                "source_model": m.init_key, "random_init_model": reference.key,
+                **{measure: similarity.get((m.key, layer, measure), math.nan) for measure in GAIN_MEASURES},
+                "test_auc": auc_model, "random_init_test_auc": auc_reference, "relative_gain": gain,
+            })
+    for layer in layers:
+        here = [p for p in points if p["layer"] == layer]
+        _annotate_correlation(here, "layer")
+        for _source, group in itertools.groupby(sorted(here, key=lambda p: p["source"]), key=lambda p: p["source"]):
+            _annotate_correlation(list(group), "layer_source")
+    return points
+
+
+def _annotate_correlation(group: list[dict], scope: str) -> None:
+    """Give every point of `group` Pearson's r between each gain measure and the relative gain over the group
+    (`pearson_<measure>_<scope>`) and the group's size (`points_<scope>`)."""
+    for measure in GAIN_MEASURES:
+        r = pearson([p[measure] for p in group], [p["relative_gain"] for p in group])
+        for p in group:
+            p[f"pearson_{measure}_{scope}"] = r
+    for p in group:
+        p[f"points_{scope}"] = len(group)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Figures, tracking, the printed summary
+# --------------------------------------------------------------------------------------------------------------
+
+
+def metric_name(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-/]", "_", "_".join(part.replace(" vs ", "_vs_") for part in parts if part))
+
+
+def summary_metrics(summary: Sequence[dict], predictions: Sequence[dict]) -> dict[str, float]:
+    """A few numbers for the MLflow run: mean CCA and CKA per layer of the main pair groups and noise floors, and
+    the error agreement (observed and chance) per pair of fine-tuned models."""
+    metrics = {}
+    main = (SOURCE_VS_FINETUNED, PRETRAINED_VS_PRETRAINED, FINETUNED_VS_FINETUNED, RANDOM_VS_RANDOM, SHUFFLED)
+    for row in summary:
+        if row["measure"] not in GAIN_MEASURES or row["pair_kind"] not in main:
+            continue
+        label = "" if row["pair_kind"] in (RANDOM_VS_RANDOM, SHUFFLED) else row["pair"]
+        name = metric_name(row["measure"], row["layer"], row["pair_kind"], label, row["regime"] if label else "")
+        if math.isfinite(row["mean"]):
+            if row["pair_kind"] == SHUFFLED:  # one floor per layer: the shuffled rows' overall mean
+                metrics[name] = row["shuffled_mean"]
+            else:
+                metrics[name] = row["mean"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in predictions:
+        groups.setdefault((row["pair"], row["regime"]), []).append(row)
+    for (pair, regime), rows in groups.items():
+        for key in ("error_agreement", "error_agreement_chance", "error_consistency"):
+            mean, _, count = stats([r[key] for r in rows])
+            if count:
+                metrics[metric_name(key, pair, regime)] = mean
+    return metrics
+
