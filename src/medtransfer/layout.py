@@ -107,11 +107,16 @@ PAIR_KIND_TITLES: dict[str, str] = {
     FOLD_TO_FOLD: "fold-to-fold (same source and regime)",
     SEED_TO_SEED: "seed-to-seed (same source, regime and fold)",
     IDENTITY: "identity: a model against itself",
-    SHUFFLED: "shuffled rows: a pair with its image order broken",
+    SHUFFLED: "noise floor: shuffled images",
 }
 PAIR_KINDS: tuple[str, ...] = tuple(PAIR_KIND_TITLES)
 #: The rows that say what "no similarity" and "full similarity" look like.
 CONTROL_KINDS: tuple[str, ...] = (IDENTITY, RANDOM_VS_RANDOM, SHUFFLED)
+
+
+#: The pair groups the layer figures draw, one panel each, in this order (the floors are drawn in every panel).
+FIGURE_PAIR_KINDS: tuple[str, ...] = (SOURCE_VS_FINETUNED, PRETRAINED_VS_PRETRAINED, FINETUNED_VS_FINETUNED,
+                                      PRETRAINED_VS_RANDOM, FINETUNED_VS_RANDOM_INIT, FOLD_TO_FOLD, SEED_TO_SEED)
 
 
 def pair_kind_title(kind: str) -> str:
@@ -123,7 +128,8 @@ def pair_kind_title(kind: str) -> str:
 ACTIVATIONS_MANIFEST_FILE = "manifest.json"
 #: Figures of results/analysis/<dataset>/ (compare draws them, the report embeds them): str.format patterns.
 LAYER_FIGURE_FILE = "layers_{measure}.png"
-CONV1_FIGURE_FILE = "conv1_{source}.png"
+#: the first-layer filters of every source and random initialisation, side by side
+CONV1_FIGURE_FILE = "conv1_filters.png"
 PREDICTION_FIGURE_FILE = "prediction_agreement.png"
 GAIN_FIGURE_FILE = "similarity_vs_gain.png"
 #: reports/figures/: the analysis figures the report embeds, copied beside it.

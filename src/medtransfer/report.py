@@ -209,7 +209,7 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
                 floors[row["layer"]] = _mean_sd([_float(row["shuffled_mean"])], sd=_float(row["shuffled_sd"])) \
                     + _unreliable_mark(row)
         if floors:
-            lines.append("| noise floor: shuffled images | – | " + " | ".join(floors.get(layer, "–") for layer in layers) + " |")
+            lines.append(f"| {PAIR_KIND_TITLES[SHUFFLED]} | – | " + " | ".join(floors.get(layer, "–") for layer in layers) + " |")
         lines += _unreliable_legend(selected)
         lines += _embed_figure(folder / LAYER_FIGURE_FILE.format(measure=measure), target, figures, f"{title} per layer, {target}")
     return "\n".join(lines)
@@ -263,10 +263,8 @@ def _gain_section(target: str, folder: Path, figures: Path) -> str:
     if not seen:
         lines.append("| (needs fine-tuned models from a random initialisation) | | | |")
     lines += _embed_figure(folder / GAIN_FIGURE_FILE, target, figures, f"similarity vs gain, {target}")
-    prefix, suffix = CONV1_FIGURE_FILE.split("{source}")
-    for conv1 in sorted(folder.glob(CONV1_FIGURE_FILE.format(source="*"))):
-        source = conv1.name.removeprefix(prefix).removesuffix(suffix)
-        lines += _embed_figure(conv1, target, figures, f"first-layer filters: {source}")
+    lines += _embed_figure(folder / CONV1_FIGURE_FILE, target, figures,
+                           f"first-layer filters of every source and random initialisation, {target}")
     return "\n".join(lines)
 
 

@@ -301,7 +301,7 @@ def test_compare_writes_every_table_figure_and_one_run(study, capsys):
         assert float(row["p"]) == pytest.approx(2 * scipy.stats.t.sf(abs(t), 1), rel=1e-5)
 
     pngs = {path.name for path in folder.glob("*.png")}
-    assert {"layers_cca.png", "layers_cka.png", "prediction_agreement.png", "conv1_natural.png", "conv1_medical.png",
+    assert {"layers_cca.png", "layers_cka.png", "prediction_agreement.png", "conv1_filters.png",
             "similarity_vs_gain.png"} <= pngs
 
     use_tracking_store(study)

@@ -42,7 +42,9 @@ def test_unreliable_values_are_drawn_hollow_and_the_legend_says_why(monkeypatch,
              "mean": 0.9 - 0.1 * index, "sd": 0.01, "reliable_share": 0.0 if layer == "stage4" else 1.0,
              "random_vs_random_mean": 0.4, "random_vs_random_sd": 0.02}
             for index, layer in enumerate(layers)]
-    plots.plot_layer_curves(rows, "cca", layers, tmp_path / "curves.png", title="t", floor_kinds=("random_vs_random",))
+    plots.plot_layer_panels(rows, "cca", layers, tmp_path / "curves.png", title="t",
+                            groups=[("source_vs_finetuned", "fine-tuned vs its initialisation")],
+                            floor_kinds=("random_vs_random",))
     axis = drawn["figure"].axes[0]
     hollow = [line for line in axis.get_lines()
               if line.get_marker() == "o" and line.get_markerfacecolor() in ("white", (1.0, 1.0, 1.0, 1.0))

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from medtransfer.analysis.activations import manifest_layers, read_manifest
-from medtransfer.analysis.pairs import CONTROL_KINDS, IDENTITY, RANDOM_VS_RANDOM, SEED_TO_SEED, SHUFFLED, StudyModel, plan_pairs
+from medtransfer.analysis.pairs import CONTROL_KINDS, RANDOM_VS_RANDOM, SEED_TO_SEED, SHUFFLED, StudyModel, plan_pairs
 from medtransfer.analysis.prediction_table import PREDICTION_COLUMNS, load_predictions, prediction_rows
 from medtransfer.analysis.similarity import ALL_MEASURES
 from medtransfer.analysis.source_comparison import (
@@ -63,6 +63,7 @@ from medtransfer.analysis.streaming import pair_rows
 from medtransfer.analysis.summaries import (
     CURVE_COLUMNS,
     GAIN_COLUMNS,
+    GAIN_MEASURES,
     SIMILARITY_COLUMNS,
     SUMMARY_COLUMNS,
     layer_curve_rows,
@@ -80,9 +81,11 @@ from medtransfer.layout import (
     AUC_INTERVAL_FILE,
     CONV1_FIGURE_FILE,
     CURVES_FOLDER,
+    FIGURE_PAIR_KINDS,
     GAIN_FIGURE_FILE,
     GAIN_FILE,
     LAYER_FIGURE_FILE,
+    PAIR_KIND_TITLES,
     PAIRED_FILE,
     PREDICTION_FIGURE_FILE,
     PREDICTIONS_FILE,
@@ -182,24 +185,33 @@ def _write_figures(staging: Path, folder: Path, manifest: dict[str, Any], datase
                    layers: Sequence[str], summary: list[dict], predictions: list[dict], gain: list[dict]) -> None:
     from medtransfer.analysis import plots
 
+    groups = [(kind, PAIR_KIND_TITLES[kind]) for kind in FIGURE_PAIR_KINDS]
     for measure in measures:
-        plots.plot_layer_curves(summary, measure, layers, staging / LAYER_FIGURE_FILE.format(measure=measure),
-                                title=f"{dataset}: {measure} per layer (mean ± sd over folds)",
-                                floor_kinds=(RANDOM_VS_RANDOM, SHUFFLED), skip_kinds=(IDENTITY,))
+        plots.plot_layer_panels(summary, measure, layers, staging / LAYER_FIGURE_FILE.format(measure=measure),
+                                title=f"{dataset}: {plots.MEASURE_NAMES.get(measure, measure)} per layer",
+                                groups=groups, floor_kinds=(RANDOM_VS_RANDOM, SHUFFLED))
     plots.plot_prediction_agreement(predictions, staging / PREDICTION_FIGURE_FILE,
                                     title=f"{dataset}: error agreement of fine-tuned models")
-    for source, record in sorted(manifest.get("conv1", {}).items()):
+    filters = []
+    records = manifest.get("conv1", {})
+    # the pretrained sources first, then the random initialisations, each group by name
+    for source in sorted(records, key=lambda name: (bool(manifest["models"].get(records[name]["model_key"], {})
+                                                         .get("random_init")), name)):
+        record = records[source]
         model = manifest["models"].get(record["model_key"], {})
-        if model.get("random_init"):
-            continue
         weights = np.load(folder / record["file"], allow_pickle=False)
         # Manifests written before the channel order was recorded: the model's named preprocessing says it.
         order = record.get("channel_order") or PREPROCESSING.get(model.get("preprocessing"), IMAGENET).channel_order
-        plots.plot_conv1_filters(weights, staging / CONV1_FIGURE_FILE.format(source=source), channel_order=order,
-                                 title=f"{source} ({record['model_key']}): {record['module']}, drawn in RGB")
-    measure = "cca" if "cca" in measures else "cka"
-    plots.plot_similarity_vs_gain(gain, layers, measure, staging / GAIN_FIGURE_FILE,
-                                  title=f"{dataset}: {measure}(fine-tuned, its source) vs relative AUC gain over random init")
+        filters.append((f"{source} (random init)" if model.get("random_init") else source, weights, order))
+    if filters:
+        module = next(iter(records.values()))["module"]
+        plots.plot_conv1_panels(filters, staging / CONV1_FIGURE_FILE, title=f"{dataset}: first-layer filters ({module})",
+                                caption="each filter min-max normalised on its own and drawn in RGB order, whatever "
+                                        "channel order the network reads (Keras-converted sources read BGR)")
+    gain_measures = [measure for measure in GAIN_MEASURES if measure in measures]
+    plots.plot_similarity_vs_gain_by_measure(
+        gain, layers, gain_measures or list(GAIN_MEASURES[:1]), staging / GAIN_FIGURE_FILE,
+        title=f"{dataset}: similarity of each fine-tuned model to its source vs its relative AUC gain over random init")
 
 
 def _log_compare_run(config: Config, dataset: str, manifest: dict[str, Any], target: Path, measures: list[str],

@@ -1,11 +1,13 @@
 """The analysis figures, drawn from the tables `compare` writes (plain row dicts), never from a network.
 
-* `plot_layer_curves`: similarity per layer (x = stem … stage4), one line per pair group, with the random-vs-random
-  and shuffled-image baselines shaded as noise-floor bands (mean ± sd); unreliable values drawn hollow.
+* `plot_layer_panels`: similarity per layer, one panel per pair group, each with both noise floors (two random
+  initialisations; shuffled images) as bands; mean ± sd over folds cut at the measure's range; unreliable values
+  hollow.
 * `plot_prediction_agreement`: error agreement observed vs its chance level, per pair of fine-tuned models.
-* `plot_conv1_filters`: the first convolution's filters as an image grid in RGB order, each filter min-max
-  normalised.
-* `plot_similarity_vs_gain`: per layer, similarity to the source against the relative AUC gain over random init.
+* `plot_conv1_panels`: the first convolution's filters of every source and random initialisation, side by side, in
+  RGB order, each filter min-max normalised.
+* `plot_similarity_vs_gain_by_measure`: per measure and layer, similarity to the source against the relative AUC
+  gain over random init, coloured by source, Pearson's r in each panel's legend.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
-from medtransfer.layout import RANDOM_VS_RANDOM, SHUFFLED, pair_kind_title
+from medtransfer.layout import PAIR_KIND_TITLES, RANDOM_VS_RANDOM, SHUFFLED
 from medtransfer.atomic_files import atomic_write_bytes
 
 
@@ -55,58 +57,6 @@ def is_unreliable(row: dict) -> bool:
     """Whether a summary row's value rests, in some fold, on a comparison flagged unreliable (reliable_share < 1)."""
     share = _number(row.get("reliable_share"))
     return math.isfinite(share) and share < 1
-
-
-def plot_layer_curves(
-    summary: Sequence[dict], measure: str, layers: Sequence[str], path: Path, *, title: str, floor_kinds: Sequence[str],
-    skip_kinds: Sequence[str] = (),
-) -> None:
-    """Line per (pair_kind, pair, regime) group of `summary` rows for `measure`; `floor_kinds` drawn as bands."""
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7.5, 4.8), dpi=110)
-    x = np.arange(len(layers))
-    rows = [row for row in summary if row["measure"] == measure]
-    colours = {RANDOM_VS_RANDOM: "tab:grey", SHUFFLED: "tab:brown"}
-    for kind in floor_kinds:
-        means, sds = [], []
-        for layer in layers:
-            match = [row for row in rows if row["layer"] == layer]
-            floor = match[0] if match else {}
-            means.append(_number(floor.get(f"{kind}_mean")))
-            sds.append(_number(floor.get(f"{kind}_sd")))
-        means, sds = np.asarray(means), np.nan_to_num(np.asarray(sds))
-        if np.isfinite(means).any():
-            axis.fill_between(x, means - sds, means + sds, color=colours.get(kind, "grey"), alpha=0.25,
-                              label=pair_kind_title(kind))
-            axis.plot(x, means, color=colours.get(kind, "grey"), linewidth=0.8, linestyle=":")
-    groups: dict[tuple[str, str, str], dict[str, tuple[float, float, bool]]] = {}
-    for row in rows:
-        if row["pair_kind"] in floor_kinds or row["pair_kind"] in skip_kinds:
-            continue
-        key = (row["pair_kind"], row["pair"], row["regime"])
-        groups.setdefault(key, {})[row["layer"]] = (_number(row["mean"]), _number(row["sd"]), is_unreliable(row))
-    palette = plt.get_cmap("tab20")
-    any_hollow = False
-    for index, ((kind, pair, regime), values) in enumerate(sorted(groups.items())):
-        means = np.array([values.get(layer, (math.nan, math.nan, False))[0] for layer in layers])
-        sds = np.nan_to_num(np.array([values.get(layer, (math.nan, math.nan, False))[1] for layer in layers]))
-        hollow = np.array([values.get(layer, (math.nan, math.nan, False))[2] for layer in layers])
-        label = f"{pair_kind_title(kind)}: {pair}" + (f" ({regime})" if regime else "")
-        colour = palette(index % 20)
-        axis.errorbar(x, means, yerr=sds, marker="o", markersize=3, linewidth=1.2, capsize=2, label=label,
-                      color=colour, linestyle=("-", "--", "-.")[index // 20 % 3], markevery=list(np.flatnonzero(~hollow)))
-        if hollow.any():
-            any_hollow = True
-            axis.plot(x[hollow], means[hollow], linestyle="none", marker="o", markersize=5, markerfacecolor="white",
-                      markeredgecolor=colour, zorder=3)
-    if any_hollow:
-        axis.plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black",
-                  label=UNRELIABLE_LEGEND)
-    axis.set_xticks(x, list(layers))
-    axis.set(ylabel=measure, title=title, ylim=(-0.05 if measure == "cka_debiased" else 0.0, 1.02))
-    axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    figure.set_size_inches(10.5, 4.8)
-    _save(figure, path)
 
 
 def plot_prediction_agreement(rows: Sequence[dict], path: Path, *, title: str) -> None:
@@ -159,38 +109,6 @@ def filter_grid(weights: np.ndarray, channel_order: str = "RGB") -> np.ndarray:
     return grid
 
 
-def plot_conv1_filters(weights: np.ndarray, path: Path, *, title: str, channel_order: str = "RGB") -> None:
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(4.5, 4.8), dpi=110)
-    axis.imshow(filter_grid(weights, channel_order), interpolation="nearest")
-    axis.set_axis_off()
-    axis.set_title(title, fontsize=9)
-    _save(figure, path)
-
-
-def plot_similarity_vs_gain(points: Sequence[dict], layers: Sequence[str], measure: str, path: Path, *, title: str) -> None:
-    """One panel per layer: `measure` (fine-tuned vs its source) against the relative AUC gain over random init."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers), 3.0), dpi=110, sharey=True)
-    axes = np.atleast_1d(axes)
-    sources = sorted({row["source"] for row in points})
-    for axis, layer in zip(axes, layers):
-        here = [row for row in points if row["layer"] == layer]
-        for source in sources:
-            mine = [row for row in here if row["source"] == source]
-            axis.scatter([_number(r[measure]) for r in mine], [_number(r["relative_gain"]) for r in mine], s=14, label=source)
-        r_value = _number(here[0][f"pearson_{measure}_layer"]) if here else math.nan
-        axis.set_title(f"{layer}  r = {r_value:.2f}" if math.isfinite(r_value) else f"{layer}  r = n/a", fontsize=8)
-        axis.set_xlabel(measure, fontsize=8)
-        axis.axhline(0.0, color="grey", linewidth=0.6, linestyle=":")
-    axes[0].set_ylabel("relative AUC gain over random init", fontsize=8)
-    if not points:
-        axes[len(axes) // 2].text(0.5, 0.5, "no random-init baseline", ha="center", va="center",
-                                   transform=axes[len(axes) // 2].transAxes, fontsize=8)
-    elif sources:
-        axes[-1].legend(fontsize=6)
-    figure.suptitle(title, fontsize=9)
-    _save(figure, path)
 
 
 # -- Small multiples -----------------------------------------------------------------------------------------------
@@ -200,8 +118,8 @@ MEASURE_RANGES = {"cca": (0.0, 1.0), "svcca": (0.0, 1.0), "pwcca": (0.0, 1.0), "
                   "cka_debiased": (-1.0, 1.0)}
 MEASURE_NAMES = {"cca": "mean CCA", "svcca": "SVCCA", "pwcca": "PWCCA", "cka": "linear CKA",
                  "cka_debiased": "debiased linear CKA"}
-_FLOOR_STYLE = {"random_vs_random": ("tab:grey", "noise floor: two random initialisations"),
-                "shuffled": ("tab:brown", "noise floor: shuffled images")}
+_FLOOR_STYLE = {RANDOM_VS_RANDOM: ("tab:grey", PAIR_KIND_TITLES[RANDOM_VS_RANDOM]),
+                SHUFFLED: ("tab:brown", PAIR_KIND_TITLES[SHUFFLED])}
 
 
 def clipped_error(means: np.ndarray, sds: np.ndarray, measure: str) -> np.ndarray:
@@ -255,6 +173,10 @@ def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[st
                 any_hollow = True
                 axis.plot(x[hollow], means[hollow], linestyle="none", marker="o", markersize=5.5,
                           markerfacecolor="white", markeredgecolor=colour, zorder=3)
+        if any(bool(by_layer.get(layer)) and is_unreliable(by_layer[layer])
+               for by_layer in series.values() for layer in layers):
+            axis.plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black",
+                      label=UNRELIABLE_LEGEND)
         axis.set_title(name, fontsize=9)
         axis.set_xticks(x, list(layers), fontsize=7)
         axis.set_xlabel("layer", fontsize=8)
@@ -268,7 +190,7 @@ def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[st
         axes[0, 0].text(0.5, 0.5, "no pairs to draw", ha="center", va="center", transform=axes[0, 0].transAxes)
     caption = "mean ± sd over folds, bars cut at the measure's range; bands: noise floors (mean ± sd)"
     if any_hollow:
-        caption += f"; {UNRELIABLE_LEGEND}"
+        caption += "; hollow: unreliable"
     figure.suptitle(f"{title}\n{caption}", fontsize=9)
     _save(figure, path)
 
