@@ -687,7 +687,7 @@ def _check_study_and_search(sections: dict[str, Any], datasets: dict, sources: d
     for regime in study.regimes:
         if regime not in ("full", "freeze", "linear"):
             raise ConfigError(f"unknown regime '{regime}'", where=f"{where}: study.regimes", fix="use full, freeze or linear")
-    from medtransfer.train.presets import PROTOCOLS  # presets builds on this module's TrainConfig
+    from medtransfer.train.protocols import PROTOCOLS
 
     if study.protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol '{study.protocol}'", where=f"{where}: study.protocol",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medtransfer.config import Config
+from medtransfer.mlflow_project import check_launched_run, launched_by_mlflow_run
 
 CODE_REVISION_TAG = "code_revision"
 PROFILE_TAG = "profile"
@@ -31,11 +32,6 @@ def run_identity_tags(config: Config) -> dict[str, str]:
     from medtransfer.revision import code_revision
 
     return {CODE_REVISION_TAG: code_revision(config.root), PROFILE_TAG: config.project.profile}
-
-
-def launched_by_mlflow_run() -> bool:
-    """True inside an `mlflow run` entry point (the launcher exports the run id)."""
-    return bool(os.environ.get("MLFLOW_RUN_ID"))
 
 
 def study_run_id() -> str | None:
@@ -80,7 +76,6 @@ def use_tracking_store(config: Config) -> str:
     """Point MLflow at the configured store (or the launcher's) and return the URI in use."""
     import mlflow
 
-    from medtransfer.mlflow_project import check_launched_run
     from medtransfer.config import TRACKING_URI_ENV_VAR
     from medtransfer.relocate import check_store_location
     from medtransfer.store_check import check_sqlite_store

@@ -149,3 +149,12 @@ def test_pyfunc_returns_class_probabilities_for_a_classifier(config):
     probabilities = mlflow.pyfunc.load_model(uri).predict(grey)
     assert probabilities.shape == (4, 2)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_every_kind_params_may_name_has_an_entry_in_the_table_of_kinds():
+    import typing
+
+    from medtransfer.config import SourceConfig
+    from medtransfer.models.sources import SOURCE_KINDS
+
+    assert set(typing.get_args(typing.get_type_hints(SourceConfig)["kind"])) == set(SOURCE_KINDS)

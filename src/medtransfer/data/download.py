@@ -22,6 +22,7 @@ from pathlib import Path
 
 from medtransfer.atomic_files import current_umask
 from medtransfer.errors import DataError
+from medtransfer.hashing import file_md5
 
 MEDMNIST_RECORD_URL = "https://zenodo.org/records/10519652/files"
 MEDMNIST_SIZES = (28, 64, 128, 224)
@@ -171,11 +172,3 @@ def _open_with_deadline(url: str, timeout: float, destination: Path, by_hand: st
             fix=by_hand,
         )
     return outcome["response"]
-
-
-def file_md5(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.md5()  # noqa: S324 - integrity check against published MD5s
-    with Path(path).open("rb") as stream:
-        while chunk := stream.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -29,6 +29,7 @@ from medtransfer.data.dataset import SPLIT_CODES, ImageDataset, content_fingerpr
 from medtransfer.data.readers import read_dataset
 from medtransfer.data.splits import check_split_assignment, fold_indices, make_split_assignment, split_counts
 from medtransfer.errors import DataError
+from medtransfer.hashing import file_sha256
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "medtransfer-prepared-v1"
@@ -151,11 +152,3 @@ def load_prepared(config: Config, name: str) -> PreparedDataset:
             fix=f"run 'medtransfer prepare --dataset {name}' again",
         ) from None
     return PreparedDataset(name, folder, manifest, images, labels, groups, splits)
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as stream:
-        while chunk := stream.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()

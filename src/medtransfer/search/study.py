@@ -467,7 +467,7 @@ def _final_fits(config, request, settings, best_trial: str, best_params: dict, n
 
 def _registered_fit(client, registered_name: str, study: str, trial: str, fold: int, seed: int):
     """The version already registered for this study, trial, fold and seed (a resumed search reuses it)."""
-    from medtransfer.models.sources import registered_versions
+    from medtransfer.registry import registered_versions
 
     for version in registered_versions(client, registered_name):
         tags = version.tags

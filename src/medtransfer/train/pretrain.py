@@ -22,8 +22,8 @@ from medtransfer.errors import ConfigError
 from medtransfer.models.backbones import DEFAULT_PREPROCESSING, Classifier, keras_like_init_
 from medtransfer.models.packaging import ModelSpec
 from medtransfer.models.preprocessing import preprocessing_by_name
-from medtransfer.registry import (ROLE_SOURCE, Tag, source_model_description, source_model_name,
-                                  source_version_description)
+from medtransfer.registry import (ROLE_SOURCE, RegisteredSource, Tag, ensure_default_alias, registered_versions,
+                                  source_model_description, source_model_name, source_version_description)
 from medtransfer.train.augment import AugmentationSettings
 from medtransfer.train.finetune import fold_splits
 from medtransfer.train.loop import Trainer
@@ -44,12 +44,11 @@ def pretrain_recipe(config: Config, name: str) -> dict:
     }
 
 
-def pretrain_source(config: Config, name: str):
+def pretrain_source(config: Config, name: str) -> RegisteredSource:
     """Train and register `sources.<name>` (kind `pretrained`), or reuse the version with the same recipe."""
     import mlflow
 
     from medtransfer.models.mlflow_models import log_packaged_model, register_logged_model
-    from medtransfer.models.sources import RegisteredSource, ensure_default_alias, registered_versions
     from medtransfer.tracking import log_prepared_dataset, step_run, use_tracking_store
 
     source = config.source(name)
