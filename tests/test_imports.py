@@ -2,6 +2,7 @@
 
 Every import counts, the ones at the top of a module and the ones deferred into functions alike: a circle that
 only closes at call time still means two modules that cannot be understood (or moved) one without the other.
+Only imports under `if TYPE_CHECKING:` are left out: they never run, they name types for annotations.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
         if candidate and candidate != name:
             found.add(candidate)
 
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            node.body = []  # the walk below no longer enters the block
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] == PACKAGE:
@@ -56,6 +61,11 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
                 # `from medtransfer.x import y` imports the module medtransfer.x.y where y is one.
                 add(submodule if submodule in modules else base)
     return found
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -96,7 +106,8 @@ def test_the_graph_sees_deferred_relative_and_submodule_imports(tmp_path):
     (package / "__init__.py").write_text("")
     (package / "sub" / "__init__.py").write_text("")
     (package / "sub" / "leaf.py").write_text("def f():\n    from .. import top\n")
-    (package / "top.py").write_text("from medtransfer.sub import leaf\n")
+    (package / "top.py").write_text("from typing import TYPE_CHECKING\nfrom medtransfer.sub import leaf\n"
+                                    "if TYPE_CHECKING:\n    from medtransfer import sub\n")
     modules = {"medtransfer": package / "__init__.py", "medtransfer.sub": package / "sub" / "__init__.py",
                "medtransfer.sub.leaf": package / "sub" / "leaf.py", "medtransfer.top": package / "top.py"}
     graph = {name: imported_modules(name, path, modules) for name, path in modules.items()}
