@@ -13,6 +13,8 @@ from pathlib import Path
 
 from medtransfer import __version__
 from medtransfer.errors import UserError, as_user_error
+from medtransfer.layout import DEFAULT_REGIME, REGIMES
+from medtransfer.train.protocols import PRESET_NAMES
 
 
 class _OneLineArgumentParser(argparse.ArgumentParser):
@@ -43,8 +45,7 @@ def _add_prepare(commands) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from medtransfer.data.prepare import prepare_dataset
-    from medtransfer.tracking import launched_by_mlflow_run, study_run_id
+    from medtransfer.data.prepare import log_prepare_run, prepare_dataset
 
     config = _config(args)
     manifest = prepare_dataset(config, args.dataset)
@@ -58,27 +59,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
         f"{manifest['num_classes']} classes, train/val/test {counts}\n"
         f"  fingerprint {manifest['fingerprint']}\n  -> {folder}"
     )
-    if launched_by_mlflow_run() or study_run_id():
-        _log_prepare_to_mlflow(config, manifest, folder)
+    log_prepare_run(config, manifest, folder)
     return 0
-
-
-def _log_prepare_to_mlflow(config, manifest: dict, folder: Path) -> None:
-    import mlflow
-
-    from medtransfer.tracking import log_prepared_dataset, step_run
-
-    with step_run(config, step="prepare", run_name=f"prepare {manifest['dataset']}", tags={"dataset": manifest["dataset"]}):
-        mlflow.log_params(
-            {
-                "dataset": manifest["dataset"],
-                "split_scheme": manifest["split"]["scheme"],
-                "folds": manifest["split"]["folds"],
-                "num_images": manifest["num_images"],
-            }
-        )
-        mlflow.log_artifact(str(folder / "manifest.json"))
-        log_prepared_dataset(manifest, folder, context="prepare")
 
 
 # -- demo-data ---------------------------------------------------------------------------------------------------
@@ -125,30 +107,10 @@ def _add_download(commands) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    from medtransfer.data.download import download_medmnist, medmnist_file, medmnist_file_for_path
-    from medtransfer.errors import ConfigError
+    from medtransfer.data.download import download_medmnist, download_targets
 
     config = _config(args)
-    if args.subset:
-        file = medmnist_file(args.subset, args.size)
-        targets = [(file, config.raw_data_dir / "medmnist" / file.file_name)]
-    else:
-        names = [args.dataset] if args.dataset else [n for n, d in config.datasets.items() if d.format == "medmnist"]
-        targets = []
-        for name in names:
-            path = config.resolve(config.dataset(name).path)
-            file = medmnist_file_for_path(path)
-            if file is None:
-                if args.dataset:
-                    raise ConfigError(
-                        f"'{path.name}' is not a published MedMNIST file name (e.g. breastmnist.npz, dermamnist_224.npz)",
-                        where=f"{config.source_file}: datasets.{name}.path",
-                        fix="use --subset and --size, or name the file as MedMNIST does",
-                    )
-                continue
-            targets.append((file, path))
-        if not targets:
-            raise ConfigError("no dataset of params.yaml names a MedMNIST file", where=str(config.source_file))
+    targets = download_targets(config, dataset=args.dataset, subset=args.subset, size=args.size)
     for file, path in targets:
         outcome = download_medmnist(file, path, timeout=args.timeout)
         print(f"{file.file_name}: {outcome}, MD5 {file.md5} verified -> {path}")
@@ -205,17 +167,10 @@ def _add_pretrain(commands) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from medtransfer.errors import ConfigError
-    from medtransfer.train.pretrain import pretrain_source
+    from medtransfer.train.pretrain import check_pretrain_request, pretrain_source
 
     config = _config(args)
-    source = config.source(args.source_name)
-    if source.kind != "pretrained" or source.dataset != args.dataset:
-        raise ConfigError(
-            f"source '{args.source_name}' is not declared as pretrained on '{args.dataset}'",
-            where=f"{config.source_file}: sources.{args.source_name}",
-            fix=f"declare it with kind: pretrained and dataset: {args.dataset}",
-        )
+    check_pretrain_request(config, args.source_name, args.dataset)
     _report_source(config, args.source_name, pretrain_source(config, args.source_name))
     return 0
 
@@ -233,10 +188,10 @@ def _add_finetune(commands) -> None:
     )
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--source", required=True, help="a registered source (see 'medtransfer source')")
-    parser.add_argument("--regime", default="full", choices=["full", "freeze", "linear"])
+    parser.add_argument("--regime", default=DEFAULT_REGIME, choices=REGIMES)
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None, help="training seed (default: train.seed in params.yaml)")
-    parser.add_argument("--preset", choices=["paper"], help="a fixed protocol instead of params.yaml's 'train'")
+    parser.add_argument("--preset", choices=PRESET_NAMES, help="a fixed protocol instead of params.yaml's 'train'")
     parser.set_defaults(handler=_run_finetune)
 
 
@@ -277,7 +232,7 @@ def _add_search(commands) -> None:
     )
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--source", required=True)
-    parser.add_argument("--regime", default="full", choices=["full", "freeze", "linear"])
+    parser.add_argument("--regime", default=DEFAULT_REGIME, choices=REGIMES)
     parser.add_argument("--trials", type=optional_count,
                         help="COMPLETE trials wanted (default, or when empty: search.trials in params.yaml)")
     parser.add_argument("--protocol", help="'search' (Optuna) or a fixed preset fit on every fold, such as 'paper' "
@@ -287,15 +242,12 @@ def _add_search(commands) -> None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from medtransfer.errors import ConfigError
     from medtransfer.search.study import SearchRequest, run_search
-    from medtransfer.train.presets import PROTOCOLS, preset_of
+    from medtransfer.train.protocols import preset_for_protocol
 
     config = _config(args)
-    protocol = args.protocol or config.study.protocol
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol '{protocol}'", where="--protocol", fix=f"use one of: {', '.join(PROTOCOLS)}")
-    outcome = run_search(config, SearchRequest(args.dataset, args.source, args.regime, args.trials, preset_of(protocol)))
+    preset = preset_for_protocol(args.protocol or config.study.protocol, where="--protocol")
+    outcome = run_search(config, SearchRequest(args.dataset, args.source, args.regime, args.trials, preset))
     pointer = outcome.pointer
     versions = ", ".join(f"{fit.alias}=v{fit.version}" for fit in pointer.folds)
     auc = "n/a" if pointer.test_auc_mean is None else f"{pointer.test_auc_mean:.4f} ± {pointer.test_auc_sd:.4f}"
@@ -380,15 +332,12 @@ def _add_report(commands) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    import mlflow
-
     from medtransfer.report import run_report
-    from medtransfer.tracking import step_run
+    from medtransfer.tracking import log_report
 
     config = _config(args)
     report = run_report(config)
-    with step_run(config, step="report", run_name="report"):
-        mlflow.log_artifacts(str(report.parent), artifact_path="report")
+    log_report(config, report)
     print(f"wrote {report}")
     return 0
 
@@ -402,14 +351,14 @@ def _add_study(commands) -> None:
         "did not change are skipped.",
     )
     parser.add_argument("--force", action="store_true", help="rerun every stage (dvc repro --force)")
-    parser.set_defaults(handler=_run_study)
+    parser.set_defaults(handler=_run_pipeline)
 
 
-def _run_study(args: argparse.Namespace) -> int:
-    from medtransfer.pipeline import run_study
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from medtransfer.pipeline import run_pipeline
 
     config = _config(args)
-    outcome = run_study(config, force=args.force)
+    outcome = run_pipeline(config, force=args.force)
     if outcome.ran:
         print(f"study: ran {len(outcome.ran)} stage(s), {len(outcome.skipped)} up to date; MLflow run {outcome.run_id}")
     else:

@@ -1,8 +1,8 @@
-"""`study`: the whole pipeline of the active profile as one MLflow parent run, driven through DVC.
+"""`medtransfer study`: the whole pipeline of the active profile as one MLflow parent run, driven through DVC.
 
 `dvc repro` runs the stages (demo data → prepare → sources → searches → extract → compare → summary → report) and skips
-those whose inputs did not change. Every stage that runs logs a child of the study's run (the stages read the
-parent's id from the environment), the searches keep their trial children below their own parent, and the study
+those whose inputs did not change. Every stage that runs logs a child of the pipeline's run (the stages read the
+parent's id from the environment), the searches keep their trial children below their own parent, and the pipeline's
 run records which stages ran and which were up to date, DVC's log, and the report.
 """
 
@@ -18,13 +18,14 @@ from pathlib import Path
 
 from medtransfer.config import Config
 from medtransfer.errors import ConfigError, UserError
+from medtransfer.layout import REPORT_FILE, REPORT_FOLDER
 
 _RAN = re.compile(r"Running stage '([^']+)'")
 _SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
 
 
 @dataclass(frozen=True)
-class StudyOutcome:
+class PipelineOutcome:
     run_id: str
     ran: list[str]
     skipped: list[str]
@@ -35,11 +36,11 @@ class PipelineFailed(UserError):
     """A DVC stage failed; its own message is above in the output."""
 
 
-def run_study(config: Config, *, force: bool = False) -> StudyOutcome:
+def run_pipeline(config: Config, *, force: bool = False) -> PipelineOutcome:
+    """`dvc repro` of the whole pipeline under one MLflow run, each stage that runs a child of it."""
     import mlflow
 
-    from medtransfer.report import REPORT_FOLDER, REPORT_FILE
-    from medtransfer.tracking import STUDY_RUN_ENV, step_run
+    from medtransfer.tracking import PIPELINE_RUN_ENV, step_run
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
     if not Path(dvc).exists():
@@ -48,8 +49,8 @@ def run_study(config: Config, *, force: bool = False) -> StudyOutcome:
     with step_run(config, step="study", run_name=f"study {config.project.profile}") as run:
         mlflow.log_params({"profile": config.project.profile, "targets": ",".join(config.study.targets),
                            "sources": ",".join(config.study.sources), "regimes": ",".join(config.study.regimes)})
-        env = {**os.environ, STUDY_RUN_ENV: run.info.run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
-        env.pop("MLFLOW_RUN_ID", None)  # the stages are children of the study, not the study itself
+        env = {**os.environ, PIPELINE_RUN_ENV: run.info.run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+        env.pop("MLFLOW_RUN_ID", None)  # the stages are children of the pipeline's run, not that run itself
         command = [dvc, "repro", *(["--force"] if force else [])]
         output = _stream(command, cwd=config.root, env=env)
         ran, skipped = _RAN.findall(output.text), _SKIPPED.findall(output.text)
@@ -61,7 +62,7 @@ def run_study(config: Config, *, force: bool = False) -> StudyOutcome:
         report = config.resolve(REPORT_FOLDER) / REPORT_FILE
         if report.is_file():
             mlflow.log_artifacts(str(report.parent), artifact_path="report")
-    return StudyOutcome(run.info.run_id, ran, skipped, report if report.is_file() else None)
+    return PipelineOutcome(run.info.run_id, ran, skipped, report if report.is_file() else None)
 
 
 @dataclass(frozen=True)

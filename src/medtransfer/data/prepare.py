@@ -30,6 +30,7 @@ from medtransfer.data.readers import read_dataset
 from medtransfer.data.splits import check_split_assignment, fold_indices, make_split_assignment, split_counts
 from medtransfer.errors import DataError
 from medtransfer.hashing import file_sha256
+from medtransfer.layout import Tag
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "medtransfer-prepared-v1"
@@ -152,3 +153,29 @@ def load_prepared(config: Config, name: str) -> PreparedDataset:
             fix=f"run 'medtransfer prepare --dataset {name}' again",
         ) from None
     return PreparedDataset(name, folder, manifest, images, labels, groups, splits)
+
+
+def log_prepare_run(config: Config, manifest: dict, folder: Path) -> bool:
+    """Under `mlflow run` or the whole pipeline, record the prepared dataset in a `prepare` step run (parameters, the
+    manifest, the dataset as an input); a plain `medtransfer prepare` logs nothing. Returns whether it logged."""
+    from medtransfer.tracking import launched_by_mlflow_run, pipeline_run_id
+
+    if not (launched_by_mlflow_run() or pipeline_run_id()):
+        return False
+    import mlflow
+
+    from medtransfer.tracking import log_prepared_dataset, step_run
+
+    with step_run(config, step="prepare", run_name=f"prepare {manifest['dataset']}",
+                  tags={Tag.DATASET: manifest["dataset"]}):
+        mlflow.log_params(
+            {
+                "dataset": manifest["dataset"],
+                "split_scheme": manifest["split"]["scheme"],
+                "folds": manifest["split"]["folds"],
+                "num_images": manifest["num_images"],
+            }
+        )
+        mlflow.log_artifact(str(folder / "manifest.json"))
+        log_prepared_dataset(manifest, folder, context="prepare")
+    return True

@@ -32,6 +32,17 @@ RECIPE_TAG = "recipe_sha256"
 _CODE_FOLDERS = ("train", "models")
 
 
+def check_pretrain_request(config: Config, name: str, dataset: str) -> None:
+    """`medtransfer pretrain --dataset D --source-name N` must name a source declared as pretrained on D."""
+    source = config.source(name)
+    if source.kind != "pretrained" or source.dataset != dataset:
+        raise ConfigError(
+            f"source '{name}' is not declared as pretrained on '{dataset}'",
+            where=f"{config.source_file}: sources.{name}",
+            fix=f"declare it with kind: pretrained and dataset: {dataset}",
+        )
+
+
 def pretrain_recipe(config: Config, name: str) -> dict:
     source = config.source(name)
     prepared = load_prepared(config, source.dataset)

@@ -6,6 +6,8 @@ builds on the configuration's `TrainConfig`.
 
 from __future__ import annotations
 
+from medtransfer.errors import ConfigError
+
 #: An Optuna search around `train`.
 PROTOCOL_SEARCH = "search"
 #: The original study's fixed protocol (../shared/PAPER.md, v1 runs).
@@ -26,3 +28,10 @@ PROTOCOL_DESCRIPTIONS = {
 def preset_of(protocol: str) -> str | None:
     """The preset a protocol names; None for a search."""
     return None if protocol == PROTOCOL_SEARCH else protocol
+
+
+def preset_for_protocol(protocol: str, where: str) -> str | None:
+    """The preset a protocol names (None for a search), or a ConfigError for a protocol that does not exist."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol '{protocol}'", where=where, fix=f"use one of: {', '.join(PROTOCOLS)}")
+    return preset_of(protocol)
