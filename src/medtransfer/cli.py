@@ -30,9 +30,6 @@ def _config(args: argparse.Namespace):
     return load_step_config(args.params)
 
 
-# -- prepare -----------------------------------------------------------------------------------------------------
-
-
 def _add_prepare(commands) -> None:
     parser = commands.add_parser(
         "prepare",
@@ -45,25 +42,14 @@ def _add_prepare(commands) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from medtransfer.data.prepare import log_prepare_run, prepare_dataset
+    from medtransfer.data.prepare import describe_prepared, log_prepare_run, prepare_dataset
 
     config = _config(args)
     manifest = prepare_dataset(config, args.dataset)
     folder = config.prepared_data_dir / args.dataset
-    counts = ", ".join(
-        f"fold {fold['fold']}: " + "/".join(f"{fold['counts'][part]}" for part in ("train", "val", "test"))
-        for fold in manifest["folds"]
-    )
-    print(
-        f"prepared {args.dataset}: {manifest['num_images']} images {tuple(manifest['image_shape'])}, "
-        f"{manifest['num_classes']} classes, train/val/test {counts}\n"
-        f"  fingerprint {manifest['fingerprint']}\n  -> {folder}"
-    )
+    print(describe_prepared(manifest, folder))
     log_prepare_run(config, manifest, folder)
     return 0
-
-
-# -- demo-data ---------------------------------------------------------------------------------------------------
 
 
 def _add_demo_data(commands) -> None:
@@ -85,9 +71,6 @@ def _run_demo_data(args: argparse.Namespace) -> int:
     for name, path in write_demo_datasets(folder, seed=config.project.seed).items():
         print(f"wrote {name} -> {path}")
     return 0
-
-
-# -- download ----------------------------------------------------------------------------------------------------
 
 
 def _add_download(commands) -> None:
@@ -117,9 +100,6 @@ def _run_download(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- source ------------------------------------------------------------------------------------------------------
-
-
 def _add_source(commands) -> None:
     parser = commands.add_parser(
         "source",
@@ -145,12 +125,7 @@ def _report_source(config, name: str, registered) -> None:
     from medtransfer.models.sources import write_source_pointer
 
     pointer = write_source_pointer(config, name, registered)
-    verb = "reused" if registered.reused else "registered"
-    print(f"{verb} {registered.name} version {registered.version} (alias default), weights sha256 "
-          f"{registered.weights_sha256}\n  -> {pointer}")
-
-
-# -- pretrain ----------------------------------------------------------------------------------------------------
+    print(f"{registered.describe()}\n  -> {pointer}")
 
 
 def _add_pretrain(commands) -> None:
@@ -173,9 +148,6 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     check_pretrain_request(config, args.source_name, args.dataset)
     _report_source(config, args.source_name, pretrain_source(config, args.source_name))
     return 0
-
-
-# -- finetune ----------------------------------------------------------------------------------------------------
 
 
 def _add_finetune(commands) -> None:
@@ -208,14 +180,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
         settings=train_settings(config.train, args.preset, args.seed),
         preset=args.preset,
     )
-    result = run_finetune(config, request)
-    metrics = ", ".join(f"{key} {value:.4f}" for key, value in sorted(result.test_metrics.items()))
-    print(f"fine-tuned {args.dataset} from source.{args.source} v{result.source_version} ({args.regime}, fold "
-          f"{args.fold}): {metrics}\n  run {result.run_id}, model {result.model_uri}")
+    print(run_finetune(config, request).describe(request))
     return 0
-
-
-# -- search ------------------------------------------------------------------------------------------------------
 
 
 def _add_search(commands) -> None:
@@ -248,16 +214,8 @@ def _run_search(args: argparse.Namespace) -> int:
     config = _config(args)
     preset = preset_for_protocol(args.protocol or config.study.protocol, where="--protocol")
     outcome = run_search(config, SearchRequest(args.dataset, args.source, args.regime, args.trials, preset))
-    pointer = outcome.pointer
-    versions = ", ".join(f"{fit.alias}=v{fit.version}" for fit in pointer.folds)
-    auc = "n/a" if pointer.test_auc_mean is None else f"{pointer.test_auc_mean:.4f} ± {pointer.test_auc_sd:.4f}"
-    print(f"study {outcome.study}: {outcome.complete_trials} complete trials, best {outcome.best_params or 'preset'}\n"
-          f"  registered {pointer.registered_model}: {versions}; champion v{pointer.champion_version}; "
-          f"test AUC {auc}\n  -> {outcome.pointer_path}")
+    print(outcome.describe())
     return 0
-
-
-# -- extract / compare -------------------------------------------------------------------------------------------
 
 
 def _add_extract(commands) -> None:
@@ -318,9 +276,6 @@ def _run_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- report / study ----------------------------------------------------------------------------------------------
-
-
 def _add_report(commands) -> None:
     parser = commands.add_parser(
         "report",
@@ -358,17 +313,8 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     from medtransfer.pipeline import run_pipeline
 
     config = _config(args)
-    outcome = run_pipeline(config, force=args.force)
-    if outcome.ran:
-        print(f"study: ran {len(outcome.ran)} stage(s), {len(outcome.skipped)} up to date; MLflow run {outcome.run_id}")
-    else:
-        print(f"study: every step was up to date ({len(outcome.skipped)} stages); MLflow run {outcome.run_id}")
-    if outcome.report is not None:
-        print(f"report: {outcome.report}")
+    print(run_pipeline(config, force=args.force).describe())
     return 0
-
-
-# -- convert-keras -----------------------------------------------------------------------------------------------
 
 
 def _add_convert_keras(commands) -> None:
@@ -392,51 +338,16 @@ def _run_convert_keras(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- profile -----------------------------------------------------------------------------------------------------
-
-
 def _add_profile(commands) -> None:
+    from medtransfer import profiles
+
     parser = commands.add_parser(
         "profile",
         help="list profiles or make one the active params.yaml",
         description="Profiles live in profiles/NAME.yaml. DVC reads only params.yaml, so 'use' validates a "
         "profile and copies it over params.yaml.",
     )
-    actions = parser.add_subparsers(dest="action", required=True, parser_class=_OneLineArgumentParser)
-    listing = actions.add_parser("list", help="show the profiles and which one is active")
-    listing.set_defaults(handler=_run_profile_list)
-    use = actions.add_parser("use", help="make profiles/NAME.yaml the active params.yaml")
-    use.add_argument("name")
-    use.set_defaults(handler=_run_profile_use)
-
-
-def _profile_root(args: argparse.Namespace) -> Path:
-    from medtransfer.profiles import find_repository_root
-
-    return Path(args.params).resolve().parent if args.params else find_repository_root()
-
-
-def _run_profile_list(args: argparse.Namespace) -> int:
-    from medtransfer.profiles import active_profile, available_profiles
-
-    root = _profile_root(args)
-    active = active_profile(root)
-    for name in available_profiles(root):
-        print(f"{'*' if name == active else ' '} {name}")
-    if active is None:
-        print("(params.yaml matches no profile: it was edited or written by hand)")
-    return 0
-
-
-def _run_profile_use(args: argparse.Namespace) -> int:
-    from medtransfer.profiles import activate_profile
-
-    target = activate_profile(_profile_root(args), args.name)
-    print(f"active profile: {args.name} -> {target}")
-    return 0
-
-
-# -- similarity --------------------------------------------------------------------------------------------------
+    profiles.add_arguments(parser, parser_class=_OneLineArgumentParser)
 
 
 def _add_similarity(commands) -> None:
@@ -450,9 +361,6 @@ def _add_similarity(commands) -> None:
     )
     similarity_command.add_arguments(parser)
     parser.set_defaults(handler=similarity_command.run)
-
-
-# -- relocate ----------------------------------------------------------------------------------------------------
 
 
 def _add_relocate(commands) -> None:
@@ -472,21 +380,8 @@ def _add_relocate(commands) -> None:
 # -- entry -------------------------------------------------------------------------------------------------------
 
 _SUBCOMMANDS: tuple[Callable, ...] = (
-    _add_compare,
-    _add_convert_keras,
-    _add_demo_data,
-    _add_download,
-    _add_extract,
-    _add_finetune,
-    _add_prepare,
-    _add_pretrain,
-    _add_profile,
-    _add_relocate,
-    _add_report,
-    _add_search,
-    _add_similarity,
-    _add_source,
-    _add_study,
+    _add_compare, _add_convert_keras, _add_demo_data, _add_download, _add_extract, _add_finetune, _add_prepare,
+    _add_pretrain, _add_profile, _add_relocate, _add_report, _add_search, _add_similarity, _add_source, _add_study,
     _add_summary,
 )
 

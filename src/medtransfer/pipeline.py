@@ -31,6 +31,14 @@ class PipelineOutcome:
     skipped: list[str]
     report: Path | None
 
+    def describe(self) -> str:
+        """What `medtransfer study` prints: how many stages ran, the pipeline's MLflow run, the report."""
+        if self.ran:
+            text = f"study: ran {len(self.ran)} stage(s), {len(self.skipped)} up to date; MLflow run {self.run_id}"
+        else:
+            text = f"study: every step was up to date ({len(self.skipped)} stages); MLflow run {self.run_id}"
+        return text if self.report is None else f"{text}\nreport: {self.report}"
+
 
 class PipelineFailed(UserError):
     """A DVC stage failed; its own message is above in the output."""

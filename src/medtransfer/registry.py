@@ -92,6 +92,10 @@ class RegisteredSource:
     weights_sha256: str
     reused: bool
 
+    def describe(self) -> str:
+        verb = "reused" if self.reused else "registered"
+        return f"{verb} {self.name} version {self.version} (alias {ALIAS_DEFAULT}), weights sha256 {self.weights_sha256}"
+
 
 def registered_versions(client, model_name: str) -> list:
     """Every version of `model_name`, oldest first (empty when the model does not exist)."""

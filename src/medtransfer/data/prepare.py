@@ -179,3 +179,16 @@ def log_prepare_run(config: Config, manifest: dict, folder: Path) -> bool:
         mlflow.log_artifact(str(folder / "manifest.json"))
         log_prepared_dataset(manifest, folder, context="prepare")
     return True
+
+
+def describe_prepared(manifest: dict, folder: Path) -> str:
+    """What `medtransfer prepare` prints: the images, classes, each fold's train/val/test counts, the fingerprint."""
+    counts = ", ".join(
+        f"fold {fold['fold']}: " + "/".join(f"{fold['counts'][part]}" for part in ("train", "val", "test"))
+        for fold in manifest["folds"]
+    )
+    return (
+        f"prepared {manifest['dataset']}: {manifest['num_images']} images {tuple(manifest['image_shape'])}, "
+        f"{manifest['num_classes']} classes, train/val/test {counts}\n"
+        f"  fingerprint {manifest['fingerprint']}\n  -> {folder}"
+    )

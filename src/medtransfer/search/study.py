@@ -58,6 +58,15 @@ class SearchOutcome:
     pointer: ModelPointer
     pointer_path: str
 
+    def describe(self) -> str:
+        """What `medtransfer search` prints: the trials, the registered versions, the test AUC, the pointer."""
+        pointer = self.pointer
+        versions = ", ".join(f"{fit.alias}=v{fit.version}" for fit in pointer.folds)
+        auc = "n/a" if pointer.test_auc_mean is None else f"{pointer.test_auc_mean:.4f} ± {pointer.test_auc_sd:.4f}"
+        return (f"study {self.study}: {self.complete_trials} complete trials, best {self.best_params or 'preset'}\n"
+                f"  registered {pointer.registered_model}: {versions}; champion v{pointer.champion_version}; "
+                f"test AUC {auc}\n  -> {self.pointer_path}")
+
 
 def study_name(config: Config, request: SearchRequest) -> str:
     base = f"{config.stores.experiment}/{finetuned_model_name(request.dataset, request.source, request.regime)}"

@@ -51,6 +51,12 @@ class FinetuneResult:
     phases: list[PhaseResult]
     model: Classifier
 
+    def describe(self, request: FinetuneRequest) -> str:
+        """What `medtransfer finetune` prints: the source version, the test metrics, the run and the model."""
+        metrics = ", ".join(f"{key} {value:.4f}" for key, value in sorted(self.test_metrics.items()))
+        return (f"fine-tuned {request.dataset} from source.{request.source} v{self.source_version} ({request.regime}, "
+                f"fold {request.fold}): {metrics}\n  run {self.run_id}, model {self.model_uri}")
+
 
 def fold_splits(prepared: PreparedDataset, fold: int) -> dict[str, tuple[np.ndarray, Split]]:
     """{'train'|'val'|'test': (dataset indices, Split)} of one fold, images loaded into memory."""
