@@ -18,7 +18,7 @@ from pathlib import Path
 
 from medtransfer.config import Config
 from medtransfer.errors import ConfigError, UserError
-from medtransfer.layout import REPORT_FILE, REPORT_FOLDER
+from medtransfer.layout import REPORT_ARTIFACT_FOLDER, REPORT_FILE, REPORT_FOLDER, STEP_PIPELINE
 
 _RAN = re.compile(r"Running stage '([^']+)'")
 _SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
@@ -54,7 +54,7 @@ def run_pipeline(config: Config, *, force: bool = False) -> PipelineOutcome:
     if not Path(dvc).exists():
         raise ConfigError("the 'dvc' command is not installed", fix="install medtransfer's dependencies (make install)")
     # step_run tags it (as every run) with the profile and the code revision.
-    with step_run(config, step="study", run_name=f"study {config.project.profile}") as run:
+    with step_run(config, step=STEP_PIPELINE, run_name=f"study {config.project.profile}") as run:
         mlflow.log_params({"profile": config.project.profile, "targets": ",".join(config.study.targets),
                            "sources": ",".join(config.study.sources), "regimes": ",".join(config.study.regimes)})
         env = {**os.environ, PIPELINE_RUN_ENV: run.info.run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
@@ -69,7 +69,7 @@ def run_pipeline(config: Config, *, force: bool = False) -> PipelineOutcome:
                                  fix="read the stage's error above; fix it and run again (finished stages are kept)")
         report = config.resolve(REPORT_FOLDER) / REPORT_FILE
         if report.is_file():
-            mlflow.log_artifacts(str(report.parent), artifact_path="report")
+            mlflow.log_artifacts(str(report.parent), artifact_path=REPORT_ARTIFACT_FOLDER)
     return PipelineOutcome(run.info.run_id, ran, skipped, report if report.is_file() else None)
 
 

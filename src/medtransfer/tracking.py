@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medtransfer.config import Config
-from medtransfer.layout import Tag
+from medtransfer.layout import REPORT_ARTIFACT_FOLDER, STEP_REPORT, Tag
 from medtransfer.mlflow_project import check_launched_run, launched_by_mlflow_run
 
 CODE_REVISION_TAG = "code_revision"
@@ -165,5 +165,5 @@ def log_report(config: Config, report: Path) -> None:
     """Log a written report's folder (Markdown, HTML, figures) as the `report` artifacts of a `report` step run."""
     import mlflow
 
-    with step_run(config, step="report", run_name="report"):
-        mlflow.log_artifacts(str(report.parent), artifact_path="report")
+    with step_run(config, step=STEP_REPORT, run_name="report"):
+        mlflow.log_artifacts(str(report.parent), artifact_path=REPORT_ARTIFACT_FOLDER)

@@ -30,7 +30,7 @@ from medtransfer.data.readers import read_dataset
 from medtransfer.data.splits import check_split_assignment, fold_indices, make_split_assignment, split_counts
 from medtransfer.errors import DataError
 from medtransfer.hashing import file_sha256
-from medtransfer.layout import Tag
+from medtransfer.layout import STEP_PREPARE, Tag
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "medtransfer-prepared-v1"
@@ -166,7 +166,7 @@ def log_prepare_run(config: Config, manifest: dict, folder: Path) -> bool:
 
     from medtransfer.tracking import log_prepared_dataset, step_run
 
-    with step_run(config, step="prepare", run_name=f"prepare {manifest['dataset']}",
+    with step_run(config, step=STEP_PREPARE, run_name=f"prepare {manifest['dataset']}",
                   tags={Tag.DATASET: manifest["dataset"]}):
         mlflow.log_params(
             {

@@ -22,7 +22,7 @@ from medtransfer.models.backbones import DEFAULT_PREPROCESSING, Classifier, kera
 from medtransfer.models.packaging import ModelSpec, state_dict_bytes
 from medtransfer.models.preprocessing import Preprocessing, preprocessing_by_name
 from medtransfer.hashing import file_sha256
-from medtransfer.layout import SOURCE_POINTER_FOLDER
+from medtransfer.layout import SOURCE_POINTER_FOLDER, STEP_SOURCE
 from medtransfer.registry import (ROLE_SOURCE, RegisteredSource, Tag, ensure_default_alias, source_model_description,
                                   source_model_name, source_version_description, version_with_weights)
 
@@ -90,7 +90,7 @@ def register_source(config: Config, name: str) -> RegisteredSource:
         Tag.WEIGHTS_SHA256: digest,
         Tag.PREPROCESSING: built.spec.preprocessing.name,
     }
-    with step_run(config, step="source", run_name=f"source {name}", tags={Tag.SOURCE: name, Tag.ROLE: ROLE_SOURCE}):
+    with step_run(config, step=STEP_SOURCE, run_name=f"source {name}", tags={Tag.SOURCE: name, Tag.ROLE: ROLE_SOURCE}):
         mlflow.log_params({"source": name, "kind": source.kind, "arch": source.arch, "seed": source.seed,
                            "preprocessing": built.spec.preprocessing.name})
         model_uri, logged_digest = log_packaged_model(built.model, built.spec)

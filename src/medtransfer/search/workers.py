@@ -14,7 +14,7 @@ import socket
 import time
 
 from medtransfer.config import Config
-from medtransfer.layout import STEP_FINAL_FIT, STEP_SEARCH, Tag
+from medtransfer.layout import LOCK_FOLDER, STEP_FINAL_FIT, STEP_SEARCH, Tag
 from medtransfer.search.storage import advisory_lock, is_postgresql, lock_key, supports_heartbeats
 
 #: Trial user attributes: the worker running it ({"host", "pid"}), its MLflow run, and whether it was surplus.
@@ -22,8 +22,6 @@ WORKER_ATTR = "worker"
 RUN_ATTR = "mlflow_run_id"
 SURPLUS_ATTR = "surplus"
 ELECTION_PAUSE_SECONDS = 0.5
-#: Under the repository: the lock files of workers on one host.
-LOCK_FOLDER = ".medtransfer-locks"
 
 
 # -- the parent run ------------------------------------------------------------------------------------------------

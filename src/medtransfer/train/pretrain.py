@@ -19,6 +19,7 @@ import torch
 from medtransfer.config import Config
 from medtransfer.data.prepare import load_prepared
 from medtransfer.errors import ConfigError
+from medtransfer.layout import STEP_PRETRAIN
 from medtransfer.models.backbones import DEFAULT_PREPROCESSING, Classifier, keras_like_init_
 from medtransfer.models.packaging import ModelSpec
 from medtransfer.models.preprocessing import preprocessing_by_name
@@ -84,7 +85,7 @@ def pretrain_source(config: Config, name: str) -> RegisteredSource:
     torch.manual_seed(source.seed)
     augmentation = AugmentationSettings(horizontal_flip=config.dataset(source.dataset).horizontal_flip)
     origin = f"pretrained(dataset={source.dataset}, seed={source.seed})"
-    with step_run(config, step="pretrain", run_name=f"pretrain {name} on {source.dataset}",
+    with step_run(config, step=STEP_PRETRAIN, run_name=f"pretrain {name} on {source.dataset}",
                   tags={Tag.SOURCE: name, Tag.DATASET: source.dataset, Tag.ROLE: ROLE_SOURCE}):
         mlflow.log_params({"source": name, "arch": source.arch, "seed": source.seed, "dataset": source.dataset,
                            **{f"train_{k}": v for k, v in dataclasses.asdict(settings).items()}})
