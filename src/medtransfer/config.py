@@ -385,12 +385,7 @@ def config_from_mapping(raw: dict[str, Any], *, source_file: Path) -> Config:
         for name, entry in named_entries(raw, "sources", where).items()
     }
     for name, source in sources.items():
-        check_source(source, f"sources.{name}", where)
-        if source.kind == "pretrained" and source.dataset not in datasets:
-            raise ConfigError(
-                f"pretrained source needs a dataset declared under 'datasets', got {source.dataset!r}",
-                where=f"{where}: sources.{name}.dataset",
-            )
+        check_source(source, f"sources.{name}", where, datasets)
     check_distinct_initialisations(sources, where)
     check_train(sections["train"], "train", where)
     for name, source in sources.items():

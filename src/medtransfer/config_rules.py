@@ -81,7 +81,7 @@ def check_dataset(dataset: DatasetConfig, key: str, where: str) -> None:
         )
 
 
-def check_source(source: SourceConfig, key: str, where: str) -> None:
+def check_source(source: SourceConfig, key: str, where: str, datasets: dict[str, DatasetConfig]) -> None:
     if source.arch not in ARCHITECTURES:
         raise ConfigError(
             f"unknown architecture '{source.arch}'", where=f"{where}: {key}.arch", fix=f"use one of: {', '.join(ARCHITECTURES)}"
@@ -104,6 +104,11 @@ def check_source(source: SourceConfig, key: str, where: str) -> None:
     if source.kind == "timm" and source.arch == KERAS_RESNET50:
         raise ConfigError(
             "timm has no keras_resnet50 weights", where=f"{where}: {key}.kind", fix="use kind keras_h5 with the Keras file"
+        )
+    if source.kind == "pretrained" and source.dataset not in datasets:
+        raise ConfigError(
+            f"pretrained source needs a dataset declared under 'datasets', got {source.dataset!r}",
+            where=f"{where}: {key}.dataset",
         )
 
 
