@@ -18,11 +18,11 @@ import torch
 
 from medtransfer.config import Config, SourceConfig
 from medtransfer.errors import ModelError
+from medtransfer.hashing import file_sha256
+from medtransfer.layout import SOURCE_POINTER_FOLDER, STEP_SOURCE
 from medtransfer.models.backbones import DEFAULT_PREPROCESSING, Classifier, keras_like_init_
 from medtransfer.models.packaging import ModelSpec, state_dict_bytes
 from medtransfer.models.preprocessing import Preprocessing, preprocessing_by_name
-from medtransfer.hashing import file_sha256
-from medtransfer.layout import SOURCE_POINTER_FOLDER, STEP_SOURCE
 from medtransfer.registry import (ROLE_SOURCE, RegisteredSource, Tag, ensure_default_alias, source_model_description,
                                   source_model_name, source_version_description, version_with_weights)
 
