@@ -13,6 +13,8 @@ from pathlib import Path
 
 from medtransfer import __version__
 from medtransfer.errors import UserError, as_user_error
+from medtransfer.layout import DEFAULT_REGIME, REGIMES
+from medtransfer.train.protocols import PRESET_NAMES
 
 
 class _OneLineArgumentParser(argparse.ArgumentParser):
@@ -28,9 +30,6 @@ def _config(args: argparse.Namespace):
     return load_step_config(args.params)
 
 
-# -- prepare -----------------------------------------------------------------------------------------------------
-
-
 def _add_prepare(commands) -> None:
     parser = commands.add_parser(
         "prepare",
@@ -43,45 +42,14 @@ def _add_prepare(commands) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from medtransfer.data.prepare import prepare_dataset
-    from medtransfer.tracking import launched_by_mlflow_run, study_run_id
+    from medtransfer.data.prepare import describe_prepared, log_prepare_run, prepare_dataset
 
     config = _config(args)
     manifest = prepare_dataset(config, args.dataset)
     folder = config.prepared_data_dir / args.dataset
-    counts = ", ".join(
-        f"fold {fold['fold']}: " + "/".join(f"{fold['counts'][part]}" for part in ("train", "val", "test"))
-        for fold in manifest["folds"]
-    )
-    print(
-        f"prepared {args.dataset}: {manifest['num_images']} images {tuple(manifest['image_shape'])}, "
-        f"{manifest['num_classes']} classes, train/val/test {counts}\n"
-        f"  fingerprint {manifest['fingerprint']}\n  -> {folder}"
-    )
-    if launched_by_mlflow_run() or study_run_id():
-        _log_prepare_to_mlflow(config, manifest, folder)
+    print(describe_prepared(manifest, folder))
+    log_prepare_run(config, manifest, folder)
     return 0
-
-
-def _log_prepare_to_mlflow(config, manifest: dict, folder: Path) -> None:
-    import mlflow
-
-    from medtransfer.tracking import log_prepared_dataset, step_run
-
-    with step_run(config, step="prepare", run_name=f"prepare {manifest['dataset']}", tags={"dataset": manifest["dataset"]}):
-        mlflow.log_params(
-            {
-                "dataset": manifest["dataset"],
-                "split_scheme": manifest["split"]["scheme"],
-                "folds": manifest["split"]["folds"],
-                "num_images": manifest["num_images"],
-            }
-        )
-        mlflow.log_artifact(str(folder / "manifest.json"))
-        log_prepared_dataset(manifest, folder, context="prepare")
-
-
-# -- demo-data ---------------------------------------------------------------------------------------------------
 
 
 def _add_demo_data(commands) -> None:
@@ -105,9 +73,6 @@ def _run_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- download ----------------------------------------------------------------------------------------------------
-
-
 def _add_download(commands) -> None:
     parser = commands.add_parser(
         "download",
@@ -125,37 +90,14 @@ def _add_download(commands) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    from medtransfer.data.download import download_medmnist, medmnist_file, medmnist_file_for_path
-    from medtransfer.errors import ConfigError
+    from medtransfer.data.download import download_medmnist, download_targets
 
     config = _config(args)
-    if args.subset:
-        file = medmnist_file(args.subset, args.size)
-        targets = [(file, config.raw_data_dir / "medmnist" / file.file_name)]
-    else:
-        names = [args.dataset] if args.dataset else [n for n, d in config.datasets.items() if d.format == "medmnist"]
-        targets = []
-        for name in names:
-            path = config.resolve(config.dataset(name).path)
-            file = medmnist_file_for_path(path)
-            if file is None:
-                if args.dataset:
-                    raise ConfigError(
-                        f"'{path.name}' is not a published MedMNIST file name (e.g. breastmnist.npz, dermamnist_224.npz)",
-                        where=f"{config.source_file}: datasets.{name}.path",
-                        fix="use --subset and --size, or name the file as MedMNIST does",
-                    )
-                continue
-            targets.append((file, path))
-        if not targets:
-            raise ConfigError("no dataset of params.yaml names a MedMNIST file", where=str(config.source_file))
+    targets = download_targets(config, dataset=args.dataset, subset=args.subset, size=args.size)
     for file, path in targets:
         outcome = download_medmnist(file, path, timeout=args.timeout)
         print(f"{file.file_name}: {outcome}, MD5 {file.md5} verified -> {path}")
     return 0
-
-
-# -- source ------------------------------------------------------------------------------------------------------
 
 
 def _add_source(commands) -> None:
@@ -183,12 +125,7 @@ def _report_source(config, name: str, registered) -> None:
     from medtransfer.models.sources import write_source_pointer
 
     pointer = write_source_pointer(config, name, registered)
-    verb = "reused" if registered.reused else "registered"
-    print(f"{verb} {registered.name} version {registered.version} (alias default), weights sha256 "
-          f"{registered.weights_sha256}\n  -> {pointer}")
-
-
-# -- pretrain ----------------------------------------------------------------------------------------------------
+    print(f"{registered.describe()}\n  -> {pointer}")
 
 
 def _add_pretrain(commands) -> None:
@@ -205,22 +142,12 @@ def _add_pretrain(commands) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from medtransfer.errors import ConfigError
-    from medtransfer.train.pretrain import pretrain_source
+    from medtransfer.train.pretrain import check_pretrain_request, pretrain_source
 
     config = _config(args)
-    source = config.source(args.source_name)
-    if source.kind != "pretrained" or source.dataset != args.dataset:
-        raise ConfigError(
-            f"source '{args.source_name}' is not declared as pretrained on '{args.dataset}'",
-            where=f"{config.source_file}: sources.{args.source_name}",
-            fix=f"declare it with kind: pretrained and dataset: {args.dataset}",
-        )
+    check_pretrain_request(config, args.source_name, args.dataset)
     _report_source(config, args.source_name, pretrain_source(config, args.source_name))
     return 0
-
-
-# -- finetune ----------------------------------------------------------------------------------------------------
 
 
 def _add_finetune(commands) -> None:
@@ -233,10 +160,10 @@ def _add_finetune(commands) -> None:
     )
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--source", required=True, help="a registered source (see 'medtransfer source')")
-    parser.add_argument("--regime", default="full", choices=["full", "freeze", "linear"])
+    parser.add_argument("--regime", default=DEFAULT_REGIME, choices=REGIMES)
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None, help="training seed (default: train.seed in params.yaml)")
-    parser.add_argument("--preset", choices=["paper"], help="a fixed protocol instead of params.yaml's 'train'")
+    parser.add_argument("--preset", choices=PRESET_NAMES, help="a fixed protocol instead of params.yaml's 'train'")
     parser.set_defaults(handler=_run_finetune)
 
 
@@ -253,14 +180,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
         settings=train_settings(config.train, args.preset, args.seed),
         preset=args.preset,
     )
-    result = run_finetune(config, request)
-    metrics = ", ".join(f"{key} {value:.4f}" for key, value in sorted(result.test_metrics.items()))
-    print(f"fine-tuned {args.dataset} from source.{args.source} v{result.source_version} ({args.regime}, fold "
-          f"{args.fold}): {metrics}\n  run {result.run_id}, model {result.model_uri}")
+    print(run_finetune(config, request).describe(request))
     return 0
-
-
-# -- search ------------------------------------------------------------------------------------------------------
 
 
 def _add_search(commands) -> None:
@@ -277,7 +198,7 @@ def _add_search(commands) -> None:
     )
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--source", required=True)
-    parser.add_argument("--regime", default="full", choices=["full", "freeze", "linear"])
+    parser.add_argument("--regime", default=DEFAULT_REGIME, choices=REGIMES)
     parser.add_argument("--trials", type=optional_count,
                         help="COMPLETE trials wanted (default, or when empty: search.trials in params.yaml)")
     parser.add_argument("--protocol", help="'search' (Optuna) or a fixed preset fit on every fold, such as 'paper' "
@@ -287,25 +208,14 @@ def _add_search(commands) -> None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from medtransfer.errors import ConfigError
     from medtransfer.search.study import SearchRequest, run_search
-    from medtransfer.train.presets import PROTOCOLS, preset_of
+    from medtransfer.train.protocols import preset_for_protocol
 
     config = _config(args)
-    protocol = args.protocol or config.study.protocol
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol '{protocol}'", where="--protocol", fix=f"use one of: {', '.join(PROTOCOLS)}")
-    outcome = run_search(config, SearchRequest(args.dataset, args.source, args.regime, args.trials, preset_of(protocol)))
-    pointer = outcome.pointer
-    versions = ", ".join(f"{fit.alias}=v{fit.version}" for fit in pointer.folds)
-    auc = "n/a" if pointer.test_auc_mean is None else f"{pointer.test_auc_mean:.4f} ± {pointer.test_auc_sd:.4f}"
-    print(f"study {outcome.study}: {outcome.complete_trials} complete trials, best {outcome.best_params or 'preset'}\n"
-          f"  registered {pointer.registered_model}: {versions}; champion v{pointer.champion_version}; "
-          f"test AUC {auc}\n  -> {outcome.pointer_path}")
+    preset = preset_for_protocol(args.protocol or config.study.protocol, where="--protocol")
+    outcome = run_search(config, SearchRequest(args.dataset, args.source, args.regime, args.trials, preset))
+    print(outcome.describe())
     return 0
-
-
-# -- extract / compare -------------------------------------------------------------------------------------------
 
 
 def _add_extract(commands) -> None:
@@ -366,9 +276,6 @@ def _run_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- report / study ----------------------------------------------------------------------------------------------
-
-
 def _add_report(commands) -> None:
     parser = commands.add_parser(
         "report",
@@ -380,15 +287,12 @@ def _add_report(commands) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    import mlflow
-
     from medtransfer.report import run_report
-    from medtransfer.tracking import step_run
+    from medtransfer.tracking import log_report
 
     config = _config(args)
     report = run_report(config)
-    with step_run(config, step="report", run_name="report"):
-        mlflow.log_artifacts(str(report.parent), artifact_path="report")
+    log_report(config, report)
     print(f"wrote {report}")
     return 0
 
@@ -402,24 +306,15 @@ def _add_study(commands) -> None:
         "did not change are skipped.",
     )
     parser.add_argument("--force", action="store_true", help="rerun every stage (dvc repro --force)")
-    parser.set_defaults(handler=_run_study)
+    parser.set_defaults(handler=_run_pipeline)
 
 
-def _run_study(args: argparse.Namespace) -> int:
-    from medtransfer.pipeline import run_study
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from medtransfer.pipeline import run_pipeline
 
     config = _config(args)
-    outcome = run_study(config, force=args.force)
-    if outcome.ran:
-        print(f"study: ran {len(outcome.ran)} stage(s), {len(outcome.skipped)} up to date; MLflow run {outcome.run_id}")
-    else:
-        print(f"study: every step was up to date ({len(outcome.skipped)} stages); MLflow run {outcome.run_id}")
-    if outcome.report is not None:
-        print(f"report: {outcome.report}")
+    print(run_pipeline(config, force=args.force).describe())
     return 0
-
-
-# -- convert-keras -----------------------------------------------------------------------------------------------
 
 
 def _add_convert_keras(commands) -> None:
@@ -443,51 +338,16 @@ def _run_convert_keras(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- profile -----------------------------------------------------------------------------------------------------
-
-
 def _add_profile(commands) -> None:
+    from medtransfer import profiles
+
     parser = commands.add_parser(
         "profile",
         help="list profiles or make one the active params.yaml",
         description="Profiles live in profiles/NAME.yaml. DVC reads only params.yaml, so 'use' validates a "
         "profile and copies it over params.yaml.",
     )
-    actions = parser.add_subparsers(dest="action", required=True, parser_class=_OneLineArgumentParser)
-    listing = actions.add_parser("list", help="show the profiles and which one is active")
-    listing.set_defaults(handler=_run_profile_list)
-    use = actions.add_parser("use", help="make profiles/NAME.yaml the active params.yaml")
-    use.add_argument("name")
-    use.set_defaults(handler=_run_profile_use)
-
-
-def _profile_root(args: argparse.Namespace) -> Path:
-    from medtransfer.profiles import find_repository_root
-
-    return Path(args.params).resolve().parent if args.params else find_repository_root()
-
-
-def _run_profile_list(args: argparse.Namespace) -> int:
-    from medtransfer.profiles import active_profile, available_profiles
-
-    root = _profile_root(args)
-    active = active_profile(root)
-    for name in available_profiles(root):
-        print(f"{'*' if name == active else ' '} {name}")
-    if active is None:
-        print("(params.yaml matches no profile: it was edited or written by hand)")
-    return 0
-
-
-def _run_profile_use(args: argparse.Namespace) -> int:
-    from medtransfer.profiles import activate_profile
-
-    target = activate_profile(_profile_root(args), args.name)
-    print(f"active profile: {args.name} -> {target}")
-    return 0
-
-
-# -- similarity --------------------------------------------------------------------------------------------------
+    profiles.add_arguments(parser, parser_class=_OneLineArgumentParser)
 
 
 def _add_similarity(commands) -> None:
@@ -501,9 +361,6 @@ def _add_similarity(commands) -> None:
     )
     similarity_command.add_arguments(parser)
     parser.set_defaults(handler=similarity_command.run)
-
-
-# -- relocate ----------------------------------------------------------------------------------------------------
 
 
 def _add_relocate(commands) -> None:
@@ -523,21 +380,8 @@ def _add_relocate(commands) -> None:
 # -- entry -------------------------------------------------------------------------------------------------------
 
 _SUBCOMMANDS: tuple[Callable, ...] = (
-    _add_compare,
-    _add_convert_keras,
-    _add_demo_data,
-    _add_download,
-    _add_extract,
-    _add_finetune,
-    _add_prepare,
-    _add_pretrain,
-    _add_profile,
-    _add_relocate,
-    _add_report,
-    _add_search,
-    _add_similarity,
-    _add_source,
-    _add_study,
+    _add_compare, _add_convert_keras, _add_demo_data, _add_download, _add_extract, _add_finetune, _add_prepare,
+    _add_pretrain, _add_profile, _add_relocate, _add_report, _add_search, _add_similarity, _add_source, _add_study,
     _add_summary,
 )
 

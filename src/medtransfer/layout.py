@@ -134,3 +134,17 @@ PREDICTION_FIGURE_FILE = "prediction_agreement.png"
 GAIN_FIGURE_FILE = "similarity_vs_gain.png"
 #: reports/figures/: the analysis figures the report embeds, copied beside it.
 REPORT_FIGURES_FOLDER = "figures"
+
+# Added for the core split -----------------------------------------------------------------------------------------
+#: Values of Tag.STEP for the steps that log one run each (a search's runs are STEP_SEARCH/TRIAL/FINAL_FIT above).
+STEP_PREPARE = "prepare"
+STEP_SOURCE = "source"
+STEP_PRETRAIN = "pretrain"
+STEP_FINETUNE = "finetune"
+STEP_REPORT = "report"
+#: The whole pipeline's run (`medtransfer study`), the parent of every stage's run.
+STEP_PIPELINE = "study"
+#: The artifact folder a logged report goes to, in its report run and in the pipeline's run.
+REPORT_ARTIFACT_FOLDER = "report"
+#: Under the repository: the lock files by which the workers of one host take turns at a search's final fits.
+LOCK_FOLDER = ".medtransfer-locks"

@@ -18,6 +18,11 @@ from medtransfer.config import Config, load_config, resolve_store_url
 from medtransfer.errors import ConfigError, warn
 
 
+def launched_by_mlflow_run() -> bool:
+    """True inside an `mlflow run` entry point (the launcher exports the run id)."""
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
 def load_step_config(params_file: str | None) -> Config:
     """The validated params of a step; under `mlflow run`, refused unless the launcher's run is the profile's."""
     config = load_config(params_file)
@@ -29,8 +34,6 @@ def check_launched_run(config: Config) -> None:
     """Under `mlflow run`: raise `ConfigError` when the launcher's run is in another store or experiment than the
     profile names; warn when its artifacts fall outside the profile's artifact root."""
     import mlflow
-
-    from medtransfer.tracking import launched_by_mlflow_run
 
     if not launched_by_mlflow_run():
         return

@@ -1,8 +1,8 @@
-"""`study`: the whole pipeline of the active profile as one MLflow parent run, driven through DVC.
+"""`medtransfer study`: the whole pipeline of the active profile as one MLflow parent run, driven through DVC.
 
 `dvc repro` runs the stages (demo data → prepare → sources → searches → extract → compare → summary → report) and skips
-those whose inputs did not change. Every stage that runs logs a child of the study's run (the stages read the
-parent's id from the environment), the searches keep their trial children below their own parent, and the study
+those whose inputs did not change. Every stage that runs logs a child of the pipeline's run (the stages read the
+parent's id from the environment), the searches keep their trial children below their own parent, and the pipeline's
 run records which stages ran and which were up to date, DVC's log, and the report.
 """
 
@@ -18,38 +18,47 @@ from pathlib import Path
 
 from medtransfer.config import Config
 from medtransfer.errors import ConfigError, UserError
+from medtransfer.layout import REPORT_ARTIFACT_FOLDER, REPORT_FILE, REPORT_FOLDER, STEP_PIPELINE
 
 _RAN = re.compile(r"Running stage '([^']+)'")
 _SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
 
 
 @dataclass(frozen=True)
-class StudyOutcome:
+class PipelineOutcome:
     run_id: str
     ran: list[str]
     skipped: list[str]
     report: Path | None
+
+    def describe(self) -> str:
+        """What `medtransfer study` prints: how many stages ran, the pipeline's MLflow run, the report."""
+        if self.ran:
+            text = f"study: ran {len(self.ran)} stage(s), {len(self.skipped)} up to date; MLflow run {self.run_id}"
+        else:
+            text = f"study: every step was up to date ({len(self.skipped)} stages); MLflow run {self.run_id}"
+        return text if self.report is None else f"{text}\nreport: {self.report}"
 
 
 class PipelineFailed(UserError):
     """A DVC stage failed; its own message is above in the output."""
 
 
-def run_study(config: Config, *, force: bool = False) -> StudyOutcome:
+def run_pipeline(config: Config, *, force: bool = False) -> PipelineOutcome:
+    """`dvc repro` of the whole pipeline under one MLflow run, each stage that runs a child of it."""
     import mlflow
 
-    from medtransfer.report import REPORT_FOLDER, REPORT_FILE
-    from medtransfer.tracking import STUDY_RUN_ENV, step_run
+    from medtransfer.tracking import PIPELINE_RUN_ENV, step_run
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
     if not Path(dvc).exists():
         raise ConfigError("the 'dvc' command is not installed", fix="install medtransfer's dependencies (make install)")
     # step_run tags it (as every run) with the profile and the code revision.
-    with step_run(config, step="study", run_name=f"study {config.project.profile}") as run:
+    with step_run(config, step=STEP_PIPELINE, run_name=f"study {config.project.profile}") as run:
         mlflow.log_params({"profile": config.project.profile, "targets": ",".join(config.study.targets),
                            "sources": ",".join(config.study.sources), "regimes": ",".join(config.study.regimes)})
-        env = {**os.environ, STUDY_RUN_ENV: run.info.run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
-        env.pop("MLFLOW_RUN_ID", None)  # the stages are children of the study, not the study itself
+        env = {**os.environ, PIPELINE_RUN_ENV: run.info.run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+        env.pop("MLFLOW_RUN_ID", None)  # the stages are children of the pipeline's run, not that run itself
         command = [dvc, "repro", *(["--force"] if force else [])]
         output = _stream(command, cwd=config.root, env=env)
         ran, skipped = _RAN.findall(output.text), _SKIPPED.findall(output.text)
@@ -60,8 +69,8 @@ def run_study(config: Config, *, force: bool = False) -> StudyOutcome:
                                  fix="read the stage's error above; fix it and run again (finished stages are kept)")
         report = config.resolve(REPORT_FOLDER) / REPORT_FILE
         if report.is_file():
-            mlflow.log_artifacts(str(report.parent), artifact_path="report")
-    return StudyOutcome(run.info.run_id, ran, skipped, report if report.is_file() else None)
+            mlflow.log_artifacts(str(report.parent), artifact_path=REPORT_ARTIFACT_FOLDER)
+    return PipelineOutcome(run.info.run_id, ran, skipped, report if report.is_file() else None)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ DVC reads only `params.yaml` and cannot pick a file by flag, so switching profil
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from medtransfer.atomic_files import atomic_write_text
@@ -76,3 +77,35 @@ def render_active_params(name: str, profile_text: str) -> str:
         "# read this file; edit the profile and re-run that command, or edit here for a one-off experiment.\n"
     )
     return header + profile_text
+
+
+# -- `medtransfer profile list | use NAME` ----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser, parser_class: type[argparse.ArgumentParser]) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, parser_class=parser_class)
+    listing = actions.add_parser("list", help="show the profiles and which one is active")
+    listing.set_defaults(handler=run_list)
+    use = actions.add_parser("use", help="make profiles/NAME.yaml the active params.yaml")
+    use.add_argument("name")
+    use.set_defaults(handler=run_use)
+
+
+def _root(args: argparse.Namespace) -> Path:
+    return Path(args.params).resolve().parent if args.params else find_repository_root()
+
+
+def run_list(args: argparse.Namespace) -> int:
+    root = _root(args)
+    active = active_profile(root)
+    for name in available_profiles(root):
+        print(f"{'*' if name == active else ' '} {name}")
+    if active is None:
+        print("(params.yaml matches no profile: it was edited or written by hand)")
+    return 0
+
+
+def run_use(args: argparse.Namespace) -> int:
+    target = activate_profile(_root(args), args.name)
+    print(f"active profile: {args.name} -> {target}")
+    return 0

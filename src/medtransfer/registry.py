@@ -85,6 +85,44 @@ def resolve_model_version(client, uri: str):
         ) from None
 
 
+@dataclass(frozen=True)
+class RegisteredSource:
+    name: str  # registered model name
+    version: str
+    weights_sha256: str
+    reused: bool
+
+    def describe(self) -> str:
+        verb = "reused" if self.reused else "registered"
+        return f"{verb} {self.name} version {self.version} (alias {ALIAS_DEFAULT}), weights sha256 {self.weights_sha256}"
+
+
+def registered_versions(client, model_name: str) -> list:
+    """Every version of `model_name`, oldest first (empty when the model does not exist)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return sorted(client.search_model_versions(f"name = '{model_name}'"), key=lambda v: int(v.version))
+    except MlflowException:
+        return []
+
+
+def version_with_weights(client, model_name: str, digest: str):
+    """The oldest version of `model_name` whose weights hash is `digest`, or None."""
+    matching = [v for v in registered_versions(client, model_name) if v.tags.get(Tag.WEIGHTS_SHA256) == digest]
+    return matching[0] if matching else None
+
+
+def ensure_default_alias(client, model_name: str, version: str) -> None:
+    """Point alias `default` of `model_name` at `version` (a no-op when it already does)."""
+    try:
+        current = client.get_model_version_by_alias(model_name, ALIAS_DEFAULT).version
+    except Exception:  # noqa: BLE001 - no alias yet
+        current = None
+    if str(current) != str(version):
+        client.set_registered_model_alias(model_name, ALIAS_DEFAULT, str(version))
+
+
 def _how_to_create(name: str) -> str:
     if name.startswith(SOURCE_PREFIX):
         return f"register it with 'medtransfer source --name {name[len(SOURCE_PREFIX):]}'"

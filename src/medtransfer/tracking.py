@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from medtransfer.config import Config
+from medtransfer.layout import REPORT_ARTIFACT_FOLDER, STEP_REPORT, Tag
+from medtransfer.mlflow_project import check_launched_run, launched_by_mlflow_run
 
 CODE_REVISION_TAG = "code_revision"
 PROFILE_TAG = "profile"
-STUDY_RUN_ENV = "MEDTRANSFER_STUDY_RUN_ID"  # set by `medtransfer study` for the steps it runs through DVC
+#: Set by `medtransfer study` (the whole pipeline) for the steps it runs through DVC: the pipeline's run id.
+PIPELINE_RUN_ENV = "MEDTRANSFER_STUDY_RUN_ID"
 
 # MLflow digests are limited to 36 characters; the full sha256 goes into a tag.
 _DIGEST_LENGTH = 32
@@ -33,14 +36,12 @@ def run_identity_tags(config: Config) -> dict[str, str]:
     return {CODE_REVISION_TAG: code_revision(config.root), PROFILE_TAG: config.project.profile}
 
 
-def launched_by_mlflow_run() -> bool:
-    """True inside an `mlflow run` entry point (the launcher exports the run id)."""
-    return bool(os.environ.get("MLFLOW_RUN_ID"))
+def pipeline_run_id() -> str | None:
+    """The parent run of the whole pipeline (`medtransfer study`), when this step runs inside one."""
+    return os.environ.get(PIPELINE_RUN_ENV) or None
 
 
-def study_run_id() -> str | None:
-    """The parent run of `medtransfer study`, when this step runs inside one."""
-    return os.environ.get(STUDY_RUN_ENV) or None
+study_run_id = pipeline_run_id  # the older name, for callers not yet renamed (analysis.study_summary)
 
 
 @contextlib.contextmanager
@@ -49,21 +50,21 @@ def step_run(config: Config, *, step: str, run_name: str, tags: dict[str, str] |
 
     - inside an active run (the caller's): a nested child of it;
     - under `mlflow run` (the launcher exported MLFLOW_RUN_ID): the launcher's run;
-    - under `medtransfer study`: a child of the study's parent run, in its experiment;
+    - under `medtransfer study` (the whole pipeline): a child of the pipeline's run, in its experiment;
     - otherwise a new run in the configured experiment.
     """
     import mlflow
 
     use_tracking_store(config)
-    tags = {"step": step, **run_identity_tags(config), **(tags or {})}
+    tags = {Tag.STEP: step, **run_identity_tags(config), **(tags or {})}
     active = mlflow.active_run()
     resumes_launcher = active is None and launched_by_mlflow_run()  # read now: start_run() consumes MLFLOW_RUN_ID
     if active is not None:
         context = mlflow.start_run(experiment_id=active.info.experiment_id, nested=True, run_name=run_name, tags=tags)
     elif launched_by_mlflow_run():
         context = mlflow.start_run()
-    elif study_run_id():
-        parent = mlflow.MlflowClient().get_run(study_run_id())
+    elif pipeline_run_id():
+        parent = mlflow.MlflowClient().get_run(pipeline_run_id())
         context = mlflow.start_run(
             experiment_id=parent.info.experiment_id, run_name=run_name, parent_run_id=parent.info.run_id, tags=tags
         )
@@ -80,7 +81,6 @@ def use_tracking_store(config: Config) -> str:
     """Point MLflow at the configured store (or the launcher's) and return the URI in use."""
     import mlflow
 
-    from medtransfer.mlflow_project import check_launched_run
     from medtransfer.config import TRACKING_URI_ENV_VAR
     from medtransfer.relocate import check_store_location
     from medtransfer.store_check import check_sqlite_store
@@ -160,3 +160,10 @@ def log_prepared_dataset(manifest: dict[str, Any], folder: Path, context: str) -
     )
     mlflow.set_tag(f"{DATA_FINGERPRINT_TAG}.{manifest['dataset']}", manifest["fingerprint"])
 
+
+def log_report(config: Config, report: Path) -> None:
+    """Log a written report's folder (Markdown, HTML, figures) as the `report` artifacts of a `report` step run."""
+    import mlflow
+
+    with step_run(config, step=STEP_REPORT, run_name="report"):
+        mlflow.log_artifacts(str(report.parent), artifact_path=REPORT_ARTIFACT_FOLDER)

@@ -32,7 +32,7 @@ def dvc_project(tmp_path, repo_root, medmnist_npz):
     shutil.copytree(repo_root / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     medmnist_npz(project / "data/raw/d.npz", sizes=(40, 10, 10))
     params = {
-        "project": {"profile": "test", "seed": 0},
+        "project": {"profile": "test", "seed": 0, "description": ""},
         "paths": {"raw_data": "data/raw", "prepared_data": "data/prepared"},
         "sources": {},  # dvc.yaml's foreach and matrix need the keys, even empty
         "study": {"targets": [], "sources": [], "regimes": ["full"], "protocol": "search"},

@@ -173,3 +173,11 @@ def test_a_missing_artifact_store_is_named_as_missing(config, tmp_path):
     message = str(info.value)
     assert "\n" not in message
     assert "missing" in message and "registered by medtransfer" not in message
+
+def test_every_kind_params_may_name_has_an_entry_in_the_table_of_kinds():
+    import typing
+
+    from medtransfer.config import SourceConfig
+    from medtransfer.models.sources import SOURCE_KINDS
+
+    assert set(typing.get_args(typing.get_type_hints(SourceConfig)["kind"])) == set(SOURCE_KINDS)

@@ -280,7 +280,7 @@ def test_the_paper_protocol_of_the_study_reaches_the_trainer_on_every_fold(tmp_p
     import yaml
 
     from medtransfer import cli
-    from medtransfer.search import study as search_study
+    from medtransfer.search import promotion
     from medtransfer.train import presets
 
     blob_npz(tmp_path / "data/raw/target.npz", 0)
@@ -298,8 +298,8 @@ def test_the_paper_protocol_of_the_study_reaches_the_trainer_on_every_fold(tmp_p
     quick = dataclasses.replace(presets.PAPER, max_epochs=1, head_max_epochs=1, batch_size=16)
     monkeypatch.setitem(presets.PRESETS, "paper", quick)
     handed = []
-    real_finetune = search_study.run_finetune
-    monkeypatch.setattr(search_study, "run_finetune", lambda cfg, request, **kw: handed.append(request) or
+    real_finetune = promotion.run_finetune
+    monkeypatch.setattr(promotion, "run_finetune", lambda cfg, request, **kw: handed.append(request) or
                         real_finetune(cfg, request, **kw))
 
     stage = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]["search"]

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtransfer.atomic_files import current_umask
-from medtransfer.errors import DataError
+from medtransfer.config import Config
+from medtransfer.errors import ConfigError, DataError
+from medtransfer.hashing import file_md5
 
 MEDMNIST_RECORD_URL = "https://zenodo.org/records/10519652/files"
 MEDMNIST_SIZES = (28, 64, 128, 224)
@@ -173,9 +175,28 @@ def _open_with_deadline(url: str, timeout: float, destination: Path, by_hand: st
     return outcome["response"]
 
 
-def file_md5(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.md5()  # noqa: S324 - integrity check against published MD5s
-    with Path(path).open("rb") as stream:
-        while chunk := stream.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+def download_targets(config: Config, *, dataset: str | None = None, subset: str | None = None,
+                     size: int = 28) -> list[tuple[MedmnistFile, Path]]:
+    """What `medtransfer download` fetches, and where: a MedMNIST subset by name (into <raw_data>/medmnist/), one
+    medmnist dataset of the params, or (neither given) every medmnist dataset whose path is named after a MedMNIST
+    file."""
+    if subset:
+        file = medmnist_file(subset, size)
+        return [(file, config.raw_data_dir / "medmnist" / file.file_name)]
+    names = [dataset] if dataset else [n for n, d in config.datasets.items() if d.format == "medmnist"]
+    targets = []
+    for name in names:
+        path = config.resolve(config.dataset(name).path)
+        file = medmnist_file_for_path(path)
+        if file is None:
+            if dataset:
+                raise ConfigError(
+                    f"'{path.name}' is not a published MedMNIST file name (e.g. breastmnist.npz, dermamnist_224.npz)",
+                    where=f"{config.source_file}: datasets.{name}.path",
+                    fix="use --subset and --size, or name the file as MedMNIST does",
+                )
+            continue
+        targets.append((file, path))
+    if not targets:
+        raise ConfigError("no dataset of params.yaml names a MedMNIST file", where=str(config.source_file))
+    return targets

@@ -29,6 +29,8 @@ from medtransfer.data.dataset import SPLIT_CODES, ImageDataset, content_fingerpr
 from medtransfer.data.readers import read_dataset
 from medtransfer.data.splits import check_split_assignment, fold_indices, make_split_assignment, split_counts
 from medtransfer.errors import DataError
+from medtransfer.hashing import file_sha256
+from medtransfer.layout import STEP_PREPARE, Tag
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "medtransfer-prepared-v1"
@@ -153,9 +155,40 @@ def load_prepared(config: Config, name: str) -> PreparedDataset:
     return PreparedDataset(name, folder, manifest, images, labels, groups, splits)
 
 
-def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as stream:
-        while chunk := stream.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+def log_prepare_run(config: Config, manifest: dict, folder: Path) -> bool:
+    """Under `mlflow run` or the whole pipeline, record the prepared dataset in a `prepare` step run (parameters, the
+    manifest, the dataset as an input); a plain `medtransfer prepare` logs nothing. Returns whether it logged."""
+    from medtransfer.tracking import launched_by_mlflow_run, pipeline_run_id
+
+    if not (launched_by_mlflow_run() or pipeline_run_id()):
+        return False
+    import mlflow
+
+    from medtransfer.tracking import log_prepared_dataset, step_run
+
+    with step_run(config, step=STEP_PREPARE, run_name=f"prepare {manifest['dataset']}",
+                  tags={Tag.DATASET: manifest["dataset"]}):
+        mlflow.log_params(
+            {
+                "dataset": manifest["dataset"],
+                "split_scheme": manifest["split"]["scheme"],
+                "folds": manifest["split"]["folds"],
+                "num_images": manifest["num_images"],
+            }
+        )
+        mlflow.log_artifact(str(folder / "manifest.json"))
+        log_prepared_dataset(manifest, folder, context="prepare")
+    return True
+
+
+def describe_prepared(manifest: dict, folder: Path) -> str:
+    """What `medtransfer prepare` prints: the images, classes, each fold's train/val/test counts, the fingerprint."""
+    counts = ", ".join(
+        f"fold {fold['fold']}: " + "/".join(f"{fold['counts'][part]}" for part in ("train", "val", "test"))
+        for fold in manifest["folds"]
+    )
+    return (
+        f"prepared {manifest['dataset']}: {manifest['num_images']} images {tuple(manifest['image_shape'])}, "
+        f"{manifest['num_classes']} classes, train/val/test {counts}\n"
+        f"  fingerprint {manifest['fingerprint']}\n  -> {folder}"
+    )

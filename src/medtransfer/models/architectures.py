@@ -1,4 +1,5 @@
-"""The names of the backbones `backbones.create_backbone` builds, importable without PyTorch.
+"""Architecture facts: the backbones `backbones.create_backbone` builds and the stages they expose, importable
+without PyTorch.
 
 Configuration validation needs the names only; keeping them here spares every command that never builds a
 network (prepare, demo-data, report, study) the cost of importing torch and timm.
@@ -11,3 +12,6 @@ KERAS_RESNET50 = "keras_resnet50"
 #: timm ResNets built without their classifier.
 TIMM_RESNETS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 ARCHITECTURES: tuple[str, ...] = (KERAS_RESNET50, *TIMM_RESNETS)
+#: The stage outputs every backbone names alike, the layers the representation analysis compares: `stem` (after the
+#: stem ReLU, before max-pool) and `stage1` … `stage4` (after the last block of each residual stage).
+STAGE_NAMES: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3", "stage4")

@@ -19,10 +19,9 @@ import torch
 from torch import nn
 
 from medtransfer.errors import ModelError
-from medtransfer.models.architectures import KERAS_RESNET50, TIMM_RESNETS
+from medtransfer.models.architectures import KERAS_RESNET50, STAGE_NAMES, TIMM_RESNETS
 from medtransfer.models.preprocessing import CAFFE, IMAGENET, Preprocessing
 
-STAGE_NAMES: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3", "stage4")
 HEAD_DROPOUT = 0.5
 
 

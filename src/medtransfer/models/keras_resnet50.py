@@ -25,7 +25,7 @@ import re
 import torch
 from torch import nn
 
-from medtransfer.models.backbones import STAGE_NAMES
+from medtransfer.models.architectures import STAGE_NAMES
 
 KERAS_STAGE_OUTPUTS = {
     "stem": "conv1_relu",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +18,13 @@ import torch
 
 from medtransfer.config import Config, SourceConfig
 from medtransfer.errors import ModelError
+from medtransfer.hashing import file_sha256
+from medtransfer.layout import SOURCE_POINTER_FOLDER, STEP_SOURCE
 from medtransfer.models.backbones import DEFAULT_PREPROCESSING, Classifier, keras_like_init_
 from medtransfer.models.packaging import ModelSpec, state_dict_bytes
 from medtransfer.models.preprocessing import Preprocessing, preprocessing_by_name
-from medtransfer.registry import (ALIAS_DEFAULT, ROLE_SOURCE, Tag, source_model_description, source_model_name,
-                                  source_version_description)
+from medtransfer.registry import (ROLE_SOURCE, RegisteredSource, Tag, ensure_default_alias, source_model_description,
+                                  source_model_name, source_version_description, version_with_weights)
 
 TIMM_DOWNLOAD_TIMEOUT = 120.0
 
@@ -33,14 +36,6 @@ class BuiltSource:
     origin: str
 
 
-@dataclass(frozen=True)
-class RegisteredSource:
-    name: str  # registered model name
-    version: str
-    weights_sha256: str
-    reused: bool
-
-
 def source_preprocessing(source: SourceConfig) -> Preprocessing:
     if source.preprocessing is not None:
         return preprocessing_by_name(source.preprocessing)
@@ -50,31 +45,14 @@ def source_preprocessing(source: SourceConfig) -> Preprocessing:
 def build_source(config: Config, name: str) -> BuiltSource:
     """The headless model `sources.<name>` describes, with its weights."""
     source = config.source(name)
-    if source.kind == "pretrained":
+    kind = SOURCE_KINDS[source.kind]
+    if kind.build is None:
         raise ModelError(
             f"source '{name}' is made by pretraining, not built",
             fix=f"run 'medtransfer pretrain --dataset {source.dataset} --source-name {name}' (or 'medtransfer source --name {name}')",
         )
     model = Classifier(source.arch, num_classes=None)
-    if source.kind == "random":
-        keras_like_init_(model, torch.Generator().manual_seed(source.seed))
-        origin = f"random(seed={source.seed})"
-    elif source.kind == "timm" and source.file:
-        path = _existing_file(config, source, name, key="file")
-        _load_timm_file(model, source, path)
-        origin = f"timm_file:{_file_sha256(path)}"
-    elif source.kind == "timm":
-        origin = _load_timm_weights(model, source)
-    elif source.kind == "keras_h5":
-        from medtransfer.models.keras_h5 import load_keras_resnet50_h5
-
-        path = _existing_file(config, source, name)
-        model.backbone.load_state_dict(load_keras_resnet50_h5(path), strict=True)
-        origin = f"keras_h5:{_file_sha256(path)}"
-    else:
-        path = _existing_file(config, source, name)
-        _load_safetensors_backbone(model, path)
-        origin = f"safetensors:{_file_sha256(path)}"
+    origin = kind.build(model, config, name, source)
     spec = ModelSpec(
         arch=source.arch,
         num_classes=None,
@@ -91,16 +69,15 @@ def register_source(config: Config, name: str) -> RegisteredSource:
     from medtransfer.models.mlflow_models import log_packaged_model, register_logged_model
     from medtransfer.tracking import step_run, use_tracking_store
 
-    if config.source(name).kind == "pretrained":
-        from medtransfer.train.pretrain import pretrain_source
-
-        return pretrain_source(config, name)
+    kind = SOURCE_KINDS[config.source(name).kind]
+    if kind.register is not None:
+        return kind.register(config, name)
     use_tracking_store(config)
     built = build_source(config, name)
     digest = hashlib.sha256(state_dict_bytes(built.model)).hexdigest()
     model_name = source_model_name(name)
     client = mlflow.MlflowClient()
-    existing = _version_with_weights(client, model_name, digest)
+    existing = version_with_weights(client, model_name, digest)
     if existing is not None:
         ensure_default_alias(client, model_name, existing.version)
         return RegisteredSource(model_name, str(existing.version), digest, reused=True)
@@ -113,7 +90,7 @@ def register_source(config: Config, name: str) -> RegisteredSource:
         Tag.WEIGHTS_SHA256: digest,
         Tag.PREPROCESSING: built.spec.preprocessing.name,
     }
-    with step_run(config, step="source", run_name=f"source {name}", tags={Tag.SOURCE: name, Tag.ROLE: ROLE_SOURCE}):
+    with step_run(config, step=STEP_SOURCE, run_name=f"source {name}", tags={Tag.SOURCE: name, Tag.ROLE: ROLE_SOURCE}):
         mlflow.log_params({"source": name, "kind": source.kind, "arch": source.arch, "seed": source.seed,
                            "preprocessing": built.spec.preprocessing.name})
         model_uri, logged_digest = log_packaged_model(built.model, built.spec)
@@ -132,36 +109,11 @@ def write_source_pointer(config: Config, name: str, registered: RegisteredSource
 
     from medtransfer.atomic_files import atomic_write_text
 
-    pointer = config.resolve("results/sources") / f"{name}.json"
+    pointer = config.resolve(SOURCE_POINTER_FOLDER) / f"{name}.json"
     record = {"source": name, "registered_model": registered.name, "version": registered.version,
               "weights_sha256": registered.weights_sha256}
     atomic_write_text(pointer, json.dumps(record, indent=2) + "\n")
     return pointer
-
-
-def registered_versions(client, model_name: str) -> list:
-    """Every version of `model_name`, oldest first (empty when the model does not exist)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return sorted(client.search_model_versions(f"name = '{model_name}'"), key=lambda v: int(v.version))
-    except MlflowException:
-        return []
-
-
-def _version_with_weights(client, model_name: str, digest: str):
-    matching = [v for v in registered_versions(client, model_name) if v.tags.get(Tag.WEIGHTS_SHA256) == digest]
-    return matching[0] if matching else None
-
-
-def ensure_default_alias(client, model_name: str, version: str) -> None:
-    """Point alias `default` of `model_name` at `version` (a no-op when it already does)."""
-    try:
-        current = client.get_model_version_by_alias(model_name, ALIAS_DEFAULT).version
-    except Exception:  # noqa: BLE001 - no alias yet
-        current = None
-    if str(current) != str(version):
-        client.set_registered_model_alias(model_name, ALIAS_DEFAULT, str(version))
 
 
 def _existing_file(config: Config, source: SourceConfig, name: str, key: str = "path") -> Path:
@@ -173,14 +125,6 @@ def _existing_file(config: Config, source: SourceConfig, name: str, key: str = "
             fix=f"place the file there or fix sources.{name}.{key} in {config.source_file.name}",
         )
     return path
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_safetensors_backbone(model: Classifier, path: Path) -> None:
@@ -251,3 +195,62 @@ def _load_timm_file(model: Classifier, source: SourceConfig, path: Path) -> None
     except Exception as error:  # noqa: BLE001 - timm raises anything from pickle errors to shape mismatches
         detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
         raise ModelError(f"timm cannot load these weights into '{name}' ({detail})", where=str(path)) from None
+
+
+# -- the kinds of source: how each gets its weights ------------------------------------------------------------------
+
+
+def _build_random(model: Classifier, config: Config, name: str, source: SourceConfig) -> str:
+    keras_like_init_(model, torch.Generator().manual_seed(source.seed))
+    return f"random(seed={source.seed})"
+
+
+def _build_timm(model: Classifier, config: Config, name: str, source: SourceConfig) -> str:
+    if not source.file:
+        return _load_timm_weights(model, source)
+    path = _existing_file(config, source, name, key="file")
+    _load_timm_file(model, source, path)
+    return f"timm_file:{file_sha256(path)}"
+
+
+def _build_keras_h5(model: Classifier, config: Config, name: str, source: SourceConfig) -> str:
+    from medtransfer.models.keras_h5 import load_keras_resnet50_h5
+
+    path = _existing_file(config, source, name)
+    model.backbone.load_state_dict(load_keras_resnet50_h5(path), strict=True)
+    return f"keras_h5:{file_sha256(path)}"
+
+
+def _build_safetensors(model: Classifier, config: Config, name: str, source: SourceConfig) -> str:
+    path = _existing_file(config, source, name)
+    _load_safetensors_backbone(model, path)
+    return f"safetensors:{file_sha256(path)}"
+
+
+def _pretrain(config: Config, name: str) -> RegisteredSource:
+    from medtransfer.train.pretrain import pretrain_source  # torch training code, loaded only for this kind
+
+    return pretrain_source(config, name)
+
+
+#: Loads weights into a fresh headless model and returns their origin (provenance) string.
+SourceBuilder = Callable[[Classifier, Config, str, SourceConfig], str]
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """How one kind of source gets its weights: `build` loads them into a fresh model (None: the kind is made by a
+    training run, not built); `register` replaces build-then-register (None: the built weights are registered)."""
+
+    build: SourceBuilder | None
+    register: Callable[[Config, str], RegisteredSource] | None = None
+
+
+#: Every `sources.<name>.kind` params.yaml may name, with how a source of that kind is made.
+SOURCE_KINDS: dict[str, SourceKind] = {
+    "random": SourceKind(_build_random),
+    "timm": SourceKind(_build_timm),
+    "keras_h5": SourceKind(_build_keras_h5),
+    "safetensors": SourceKind(_build_safetensors),
+    "pretrained": SourceKind(build=None, register=_pretrain),
+}

@@ -9,6 +9,7 @@ from pathlib import Path
 from medtransfer.layout import OPTUNA_PLOTS_FOLDER
 from medtransfer.config import Config, SearchParameter
 from medtransfer.registry import finetuned_model_description, finetuned_version_description
+from medtransfer.search.trials import complete_trials
 
 
 
@@ -76,9 +77,8 @@ def log_optuna_plots(study) -> list[str]:
     import matplotlib.pyplot as plt
     import mlflow
     import optuna.visualization.matplotlib as optuna_plots
-    from optuna.trial import TrialState
 
-    complete = [trial for trial in study.get_trials(deepcopy=False) if trial.state == TrialState.COMPLETE]
+    complete = complete_trials(study)
     plots = {"optimization_history.png": optuna_plots.plot_optimization_history}
     if len(complete) >= 2 and any(trial.params for trial in complete):
         plots["param_importances.png"] = optuna_plots.plot_param_importances

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medtransfer.layout import PREDICTIONS_ARTIFACT_DIR
+from medtransfer.layout import PREDICTIONS_ARTIFACT_DIR, STEP_FINETUNE
 from medtransfer.config import Config, TrainConfig
 from medtransfer.data.prepare import PreparedDataset, load_prepared
 from medtransfer.errors import ConfigError
@@ -50,6 +50,12 @@ class FinetuneResult:
     best_val_loss: float
     phases: list[PhaseResult]
     model: Classifier
+
+    def describe(self, request: FinetuneRequest) -> str:
+        """What `medtransfer finetune` prints: the source version, the test metrics, the run and the model."""
+        metrics = ", ".join(f"{key} {value:.4f}" for key, value in sorted(self.test_metrics.items()))
+        return (f"fine-tuned {request.dataset} from source.{request.source} v{self.source_version} ({request.regime}, "
+                f"fold {request.fold}): {metrics}\n  run {self.run_id}, model {self.model_uri}")
 
 
 def fold_splits(prepared: PreparedDataset, fold: int) -> dict[str, tuple[np.ndarray, Split]]:
@@ -100,11 +106,11 @@ def run_finetune(
     augmentation = AugmentationSettings(horizontal_flip=dataset_config.horizontal_flip)
 
     tags = {
-        "step": "finetune",
+        Tag.STEP: STEP_FINETUNE,
         Tag.DATASET: request.dataset,
         Tag.SOURCE: request.source,
         Tag.REGIME: request.regime,
-        "fold": str(request.fold),
+        Tag.FOLD: str(request.fold),
         Tag.DATA_FINGERPRINT: prepared.fingerprint,
         **run_identity_tags(config),  # trials and final fits log into runs step_run did not open
         **(extra_tags or {}),
@@ -117,7 +123,7 @@ def run_finetune(
         mlflow.set_tags(tags)
         context = contextlib.nullcontext(active)
     else:
-        context = step_run(config, step=tags["step"], run_name=name, tags=tags)
+        context = step_run(config, step=tags[Tag.STEP], run_name=name, tags=tags)
     with context as run:
         mlflow.log_params(_run_params(request, source.version))
         log_prepared_dataset(prepared.manifest, prepared.folder, context="training")

@@ -1,4 +1,5 @@
-"""Fixed protocols. `paper` is the original study's fine-tuning protocol (../shared/PAPER.md, v1 runs)."""
+"""The settings of the fixed protocols (their names live in `train.protocols`). `paper` is the original study's
+fine-tuning protocol (../shared/PAPER.md, v1 runs)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import dataclasses
 
 from medtransfer.config import TrainConfig
 from medtransfer.errors import ConfigError
+from medtransfer.train.protocols import (PRESET_NAMES, PRESET_PAPER, PROTOCOL_DESCRIPTIONS, PROTOCOL_SEARCH,  # noqa: F401
+                                         PROTOCOLS, preset_of)
 
 PAPER = TrainConfig(
     optimizer="adam",
@@ -19,22 +22,8 @@ PAPER = TrainConfig(
     head_max_epochs=200,
     augment=True,
 )
-PRESETS: dict[str, TrainConfig] = {"paper": PAPER}
-#: What `study.protocol` may name: an Optuna search, or one of the fixed presets.
-PROTOCOL_SEARCH = "search"
-PROTOCOLS = (PROTOCOL_SEARCH, *PRESETS)
-#: How the report describes each protocol's AUCs.
-PROTOCOL_DESCRIPTIONS = {
-    PROTOCOL_SEARCH: "the best configuration of an Optuna search (params `search`, around `train`) on the search "
-    "fold, refit on every fold",
-    "paper": "the original study's fixed protocol, no search: Adam 1e-5, batch 128, up to 200 epochs, early "
-    "stopping with patience 3 (freeze regime: the head first, on a frozen backbone, at 1e-3)",
-}
-
-
-def preset_of(protocol: str) -> str | None:
-    """The preset a protocol names; None for a search."""
-    return None if protocol == PROTOCOL_SEARCH else protocol
+PRESETS: dict[str, TrainConfig] = {PRESET_PAPER: PAPER}
+assert tuple(PRESETS) == PRESET_NAMES, "every preset named in train.protocols has its settings here"
 
 
 def train_settings(base: TrainConfig, preset: str | None, seed: int | None = None) -> TrainConfig:

@@ -19,17 +19,29 @@ import torch
 from medtransfer.config import Config
 from medtransfer.data.prepare import load_prepared
 from medtransfer.errors import ConfigError
+from medtransfer.layout import STEP_PRETRAIN
 from medtransfer.models.backbones import DEFAULT_PREPROCESSING, Classifier, keras_like_init_
 from medtransfer.models.packaging import ModelSpec
 from medtransfer.models.preprocessing import preprocessing_by_name
-from medtransfer.registry import (ROLE_SOURCE, Tag, source_model_description, source_model_name,
-                                  source_version_description)
+from medtransfer.registry import (ROLE_SOURCE, RegisteredSource, Tag, ensure_default_alias, registered_versions,
+                                  source_model_description, source_model_name, source_version_description)
 from medtransfer.train.augment import AugmentationSettings
 from medtransfer.train.finetune import fold_splits
 from medtransfer.train.loop import Trainer
 
 RECIPE_TAG = "recipe_sha256"
 _CODE_FOLDERS = ("train", "models")
+
+
+def check_pretrain_request(config: Config, name: str, dataset: str) -> None:
+    """`medtransfer pretrain --dataset D --source-name N` must name a source declared as pretrained on D."""
+    source = config.source(name)
+    if source.kind != "pretrained" or source.dataset != dataset:
+        raise ConfigError(
+            f"source '{name}' is not declared as pretrained on '{dataset}'",
+            where=f"{config.source_file}: sources.{name}",
+            fix=f"declare it with kind: pretrained and dataset: {dataset}",
+        )
 
 
 def pretrain_recipe(config: Config, name: str) -> dict:
@@ -44,12 +56,11 @@ def pretrain_recipe(config: Config, name: str) -> dict:
     }
 
 
-def pretrain_source(config: Config, name: str):
+def pretrain_source(config: Config, name: str) -> RegisteredSource:
     """Train and register `sources.<name>` (kind `pretrained`), or reuse the version with the same recipe."""
     import mlflow
 
     from medtransfer.models.mlflow_models import log_packaged_model, register_logged_model
-    from medtransfer.models.sources import RegisteredSource, ensure_default_alias, registered_versions
     from medtransfer.tracking import log_prepared_dataset, step_run, use_tracking_store
 
     source = config.source(name)
@@ -74,7 +85,7 @@ def pretrain_source(config: Config, name: str):
     torch.manual_seed(source.seed)
     augmentation = AugmentationSettings(horizontal_flip=config.dataset(source.dataset).horizontal_flip)
     origin = f"pretrained(dataset={source.dataset}, seed={source.seed})"
-    with step_run(config, step="pretrain", run_name=f"pretrain {name} on {source.dataset}",
+    with step_run(config, step=STEP_PRETRAIN, run_name=f"pretrain {name} on {source.dataset}",
                   tags={Tag.SOURCE: name, Tag.DATASET: source.dataset, Tag.ROLE: ROLE_SOURCE}):
         mlflow.log_params({"source": name, "arch": source.arch, "seed": source.seed, "dataset": source.dataset,
                            **{f"train_{k}": v for k, v in dataclasses.asdict(settings).items()}})

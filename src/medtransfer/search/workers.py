@@ -1,0 +1,153 @@
+"""Several workers on one search: electing the parent run, reaping the trials of dead workers, and the lock under
+which one worker fits and registers the winner while the others wait.
+
+Workers meet only through the stores: the MLflow tracking store (the parent run, the final-fit runs) and Optuna's
+storage (the trials, with the worker's host and pid as a user attribute). Nothing here trains or registers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import time
+
+from medtransfer.config import Config
+from medtransfer.layout import LOCK_FOLDER, STEP_FINAL_FIT, STEP_SEARCH, Tag
+from medtransfer.search.storage import advisory_lock, is_postgresql, lock_key, supports_heartbeats
+
+#: Trial user attributes: the worker running it ({"host", "pid"}), its MLflow run, and whether it was surplus.
+WORKER_ATTR = "worker"
+RUN_ATTR = "mlflow_run_id"
+SURPLUS_ATTR = "surplus"
+ELECTION_PAUSE_SECONDS = 0.5
+
+
+# -- the parent run ------------------------------------------------------------------------------------------------
+def find_or_create_parent(client, experiment_id: str, study: str, tags: dict[str, str]) -> str:
+    """The study's parent run: the oldest active run tagged with the study, created if there is none.
+
+    Several workers may start at once; each creates a candidate if it sees none, then all elect the oldest
+    (ties broken by run id) and the losers delete their candidates, so every worker logs under one parent.
+    """
+    found = _parents(client, experiment_id, study)
+    if found:
+        return found[0].info.run_id
+    mine = client.create_run(experiment_id, tags=tags, run_name=f"search {study.split('/', 1)[-1]}").info.run_id
+    time.sleep(ELECTION_PAUSE_SECONDS)
+    winner = _parents(client, experiment_id, study)[0].info.run_id
+    if winner != mine:
+        client.delete_run(mine)
+    return winner
+
+
+def _parents(client, experiment_id: str, study: str):
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.{Tag.STUDY} = '{study}' and tags.{Tag.STEP} = '{STEP_SEARCH}'", max_results=100
+    )
+    return sorted(runs, key=lambda run: (run.info.start_time, run.info.run_id))
+
+
+# -- dead workers and their trials --------------------------------------------------------------------------------
+
+
+def mlflow_run_closer(client):
+    """A callback for a trial failed because its worker stopped: close the trial's MLflow run as FAILED."""
+
+    def close_mlflow_run(_study, trial) -> None:
+        run_id = trial.user_attrs.get(RUN_ATTR)
+        if run_id:
+            client.set_tag(run_id, "optuna_state", "FAIL (stale: its worker stopped)")
+            client.set_terminated(run_id, "FAILED")
+
+    return close_mlflow_run
+
+
+def reap_dead_trials(study, on_reaped) -> int:
+    """Mark FAIL the RUNNING trials whose worker process, on this host, no longer exists; returns how many."""
+    from optuna.trial import TrialState
+
+    reaped = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(WORKER_ATTR) or {}
+        if owner.get("host") == socket.gethostname() and not _process_alive(int(owner.get("pid", -1))):
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # noqa: SLF001
+            on_reaped(study, trial)
+            reaped += 1
+    return reaped
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def final_fit_lock(config: Config, study: str):
+    """An exclusive lock per study, so that parallel workers register the final fits once: a PostgreSQL advisory
+    lock when the Optuna storage is PostgreSQL (workers on several hosts), else an fcntl lock on a file under the
+    repository (workers on one host). Either is released by the operating system or the server when its holder
+    dies, so a killed worker never blocks the others."""
+    if is_postgresql(config.optuna_storage):
+        with advisory_lock(config.optuna_storage, lock_key(f"final-fit:{study}")):
+            yield
+        return
+    import fcntl
+
+    folder = config.resolve(LOCK_FOLDER)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha256(study.encode()).hexdigest()[:16]}.lock"
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def close_orphaned_fits(client, experiment_id: str, study: str) -> int:
+    """Close the final-fit runs of `study` left RUNNING by a worker that died; returns how many.
+
+    Called under the final-fit lock, so no live worker is fitting this study: a RUNNING fit is an orphan. A fit
+    whose model was registered before its worker died is complete (metrics and model precede registration) and
+    ends FINISHED; any other ends FAILED, and its fold is fit again."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.{Tag.STEP} = '{STEP_FINAL_FIT}' and tags.{Tag.STUDY} = '{study}' and attributes.status = 'RUNNING'",
+        max_results=1000,
+    )
+    for run in runs:
+        registered = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        if registered:
+            client.set_tag(run.info.run_id, "registered_version", registered[0].version)
+            client.set_terminated(run.info.run_id, "FINISHED")
+        else:
+            client.set_tag(run.info.run_id, "failure", "its worker stopped before registering the model")
+            client.set_terminated(run.info.run_id, "FAILED")
+    return len(runs)
+
+
+def wait_for_other_workers(study, client, poll_seconds: float = 2.0) -> None:
+    """Block until no other worker is running a trial, so that every worker picks the same best trial."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    close_mlflow_run = mlflow_run_closer(client)
+    while True:
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if not t.user_attrs.get(SURPLUS_ATTR)]
+        if not running:
+            return
+        if supports_heartbeats(study._storage):  # noqa: SLF001
+            fail_stale_trials(study)
+        else:
+            reap_dead_trials(study, close_mlflow_run)
+        time.sleep(poll_seconds)
