@@ -41,7 +41,6 @@ def pipeline_run_id() -> str | None:
     return os.environ.get(PIPELINE_RUN_ENV) or None
 
 
-study_run_id = pipeline_run_id  # the older name, for callers not yet renamed (analysis.study_summary)
 
 
 @contextlib.contextmanager

@@ -225,13 +225,13 @@ def _log_summary(config: Config, folder: Path, metrics: dict[str, float], target
     """Log to the summary's own run and, under `medtransfer study`, to the study's parent run too."""
     import mlflow
 
-    from medtransfer.tracking import step_run, study_run_id
+    from medtransfer.tracking import pipeline_run_id, step_run
 
     with step_run(config, step="summary", run_name="summary", tags={"targets": str(targets)}):
         if metrics:
             mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(folder), artifact_path="summary")
-    parent = study_run_id()
+    parent = pipeline_run_id()
     if parent and metrics:
         client = mlflow.MlflowClient()
         client.log_batch(parent, metrics=[mlflow.entities.Metric(key, value, 0, 0) for key, value in metrics.items()])
