@@ -89,12 +89,16 @@ def project(tmp_path_factory, repo_root, blob_npz, server, backend):
         "train": tiny,
         "search": {"trials": 1, "space": {"learning_rate": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}},
                    "startup_trials": 1, "pruner_startup_trials": 1, "pruner_warmup_epochs": 1},
-        "study": {"targets": ["target", "second"], "sources": ["tiny", "random"], "regimes": ["full"], "protocol": "search"},
+        "study": {"targets": ["target", "second"], "sources": ["tiny", "tiny_b", "random"], "regimes": ["full"],
+                  "protocol": "search"},
         "analysis": {"positions_per_layer": 200, "images": None, "channel_sample": 0, "channel_repeats": 5,
                      "bootstrap_resamples": 200,
                      "measures": ["cca", "cka"], "batch_size": 32, "seed": 0},
         "sources": {"tiny": {"kind": "pretrained", "arch": "resnet18", "dataset": "pretext", "seed": 5,
                              "train": {**tiny, "max_epochs": 1}},
+                    # a second pretrained source: the UI check compares three sources, as the paper's two + random
+                    "tiny_b": {"kind": "pretrained", "arch": "resnet18", "dataset": "pretext", "seed": 6,
+                               "train": {**tiny, "max_epochs": 1}},
                     "random": {"kind": "random", "arch": "resnet18", "seed": 0},
                     "random_b": {"kind": "random", "arch": "resnet18", "seed": 1}},
         "datasets": {
@@ -135,7 +139,7 @@ def test_the_study_runs_every_stage_and_writes_the_report(project, study, markdo
     assert not re.search(r"\bnan\b", report, re.IGNORECASE)
     (auc_row,) = [row for row in markdown_table(report, "## Test AUC ×100 (mean ± sd over folds)")
                   if row["target"] == "target"]
-    for source in ("tiny", "random"):  # each cell is its own pointer's folds, under its own column
+    for source in ("tiny", "tiny_b", "random"):  # each cell is its own pointer's folds, under its own column
         pointer = json.loads((project / f"results/models/target.{source}.full.json").read_text())
         aucs = [100 * fold["test_auc"] for fold in pointer["folds"]]
         assert len(aucs) == 2 and auc_row[source] == _mean_sd_cell(aucs, 1), (source, auc_row)
@@ -157,9 +161,13 @@ def test_the_study_runs_every_stage_and_writes_the_report(project, study, markdo
             row["measure"]) == ("source_vs_finetuned", "tiny", "stem", "cca")]
     assert len(stem) == 2 and finetuned["stem"].startswith(f"{statistics.mean(stem):.2f} ± ")
     predictions = markdown_table(report, "## Prediction similarity — target")
-    assert [(set(row["pair"].split(" vs ")), row["regime"]) for row in predictions] == [({"random", "tiny"}, "full")]
-    for cell in list(predictions[0].values())[2:]:  # numbers, not dashes
-        assert re.fullmatch(r"-?\d+\.\d+ ± \d+\.\d+", cell), predictions[0]
+    pairs = [frozenset(row["pair"].split(" vs ")) for row in predictions]
+    assert sorted(pairs, key=sorted) == sorted([frozenset({"random", "tiny"}), frozenset({"random", "tiny_b"}),
+                                                frozenset({"tiny", "tiny_b"})], key=sorted)  # one row per source pair
+    assert all(row["regime"] == "full" for row in predictions)
+    for row in predictions:
+        for cell in list(row.values())[2:]:  # numbers, not dashes
+            assert re.fullmatch(r"-?\d+\.\d+ ± \d+\.\d+", cell), row
 
 
 def test_runs_form_a_parent_with_a_child_per_step_and_trials_below_searches(server, study):
@@ -176,8 +184,8 @@ def test_runs_form_a_parent_with_a_child_per_step_and_trials_below_searches(serv
         assert by_step.get(step), f"no {step} run"
         assert all(_tags(run).get("mlflow.parentRunId") == study_id for run in by_step[step]), step
     searches = by_step["search"]
-    assert len(searches) == 4 and all(_tags(run)["mlflow.parentRunId"] == study_id for run in searches)
-    assert {_tags(run)["source"] for run in searches} == {"tiny", "random"}
+    assert len(searches) == 6 and all(_tags(run)["mlflow.parentRunId"] == study_id for run in searches)
+    assert {_tags(run)["source"] for run in searches} == {"tiny", "tiny_b", "random"}
     assert {_tags(run)["dataset"] for run in searches} == {"target", "second"}
     assert all(_tags(run)["regime"] == "full" for run in searches)
     search_ids = {run["info"]["run_id"] for run in searches}
@@ -223,7 +231,7 @@ def _dump_dom(chromium, project, url):
 
 def test_the_ui_pages_name_the_sources_and_link_the_source_version(project, server, study, require_tool):
     """Headless Chromium renders the MLflow UI (required under CI): the runs page lists the study; a comparison of
-    the final fits of fold 0 heads each column with its source; a fine-tuned version links to its source version."""
+    the final fits of fold 0 of three sources heads each column with its source; a fine-tuned version links to its source version."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         require_tool("Chromium is not installed (Debian package 'chromium')")
@@ -234,11 +242,11 @@ def test_the_ui_pages_name_the_sources_and_link_the_source_version(project, serv
     fits = _api(server, "runs/search", {"experiment_ids": [experiment_id], "max_results": 1000,
                                         "filter": "tags.step = 'final_fit' and tags.dataset = 'target' "
                                                   "and tags.fold = '0'"})["runs"]
-    assert {_tags(run)["source"] for run in fits} == {"tiny", "random"}
+    assert {_tags(run)["source"] for run in fits} == {"tiny", "tiny_b", "random"}
     run_ids = urllib.parse.quote(json.dumps([run["info"]["run_id"] for run in fits]))
     experiments = urllib.parse.quote(json.dumps([experiment_id]))
     comparison = _dump_dom(chromium, project, f"{server}/#/compare-runs?runs={run_ids}&experiments={experiments}")
-    for source in ("tiny", "random"):
+    for source in ("tiny", "tiny_b", "random"):  # three sources side by side, each column headed by its own
         assert f"fit {source}/full fold0" in comparison, source
 
     version = _api(server, "registered-models/alias?name=target.tiny.full&alias=fold0")["model_version"]
