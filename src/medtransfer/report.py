@@ -43,7 +43,7 @@ from medtransfer.layout import (
     SOURCE_VS_FINETUNED,
     SUMMARY_FOLDER,
 )
-from medtransfer.analysis.plots import is_unreliable
+from medtransfer.analysis.plots import UNRELIABLE_MARK, is_unreliable
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.report_paper import paper_section_for_study
@@ -55,8 +55,6 @@ from medtransfer.config import Config
 from medtransfer.errors import DataError
 from medtransfer.pointers import ModelPointer, pointer_path, pointers_for_dataset, verify_pointer
 
-#: Beside a similarity value computed from fewer than RELIABLE_ROWS_PER_CHANNEL rows per channel in some fold.
-UNRELIABLE_MARK = "†"
 SIMILARITY_GROUPS = tuple((kind, PAIR_KIND_TITLES[kind]) for kind in (
     SOURCE_VS_FINETUNED,
     PRETRAINED_VS_PRETRAINED,

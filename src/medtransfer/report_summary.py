@@ -19,6 +19,8 @@ from medtransfer.layout import (
     CROSS_TARGET_FILE,
     GAIN_CORRELATION_FILE,
 )
+from medtransfer.analysis.plots import UNRELIABLE_MARK, is_unreliable
+from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.errors import DataError
 from medtransfer.tables import read_table
 
@@ -116,8 +118,14 @@ def _cross_target_table(rows: list[dict[str, str]], measure: str, title: str, la
         for layer in layers:
             row = by_layer.get(layer)
             mean, sd = (_float(row["mean"]), _float(row["sd"])) if row else (math.nan, math.nan)
-            cells.append("–" if not math.isfinite(mean) else f"{mean:.2f}" + (f" ± {sd:.2f}" if math.isfinite(sd) else ""))
+            mark = UNRELIABLE_MARK if row and is_unreliable(row) else ""
+            cells.append("–" if not math.isfinite(mean)
+                         else f"{mean:.2f}" + (f" ± {sd:.2f}" if math.isfinite(sd) else "") + mark)
         lines.append(f"| {label} | {regime or '–'} | " + " | ".join(cells) + " |")
+    if any(is_unreliable(row) for row in selected):
+        lines += ["", f"{UNRELIABLE_MARK} unreliable: in at least one fold of at least one target the comparison had "
+                      f"fewer than {RELIABLE_ROWS_PER_CHANNEL} rows per compared channel, where canonical correlations "
+                      "are biased towards 1."]
     return lines
 
 

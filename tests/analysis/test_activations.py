@@ -154,3 +154,22 @@ def test_activation_files_are_written_whole_and_memory_mapped(tmp_path):
     save_array(path, array.astype(np.float64))
     with pytest.raises(DataError, match="float32"):
         open_activations(tmp_path, 0, "source.natural.v3", "stem")
+
+
+def test_image_draws_are_disjoint_blocks_while_the_layer_holds_them():
+    from medtransfer.analysis.activations import image_draws
+
+    assert image_draws(100, 20, 5) == [slice(0, 20), slice(20, 40), slice(40, 60), slice(60, 80), slice(80, 100)]
+    assert image_draws(50, 20, 5) == [slice(0, 20), slice(20, 40), slice(0, 20), slice(20, 40), slice(0, 20)]
+    assert image_draws(15, 20, 3) == [slice(0, 15)] * 3  # fewer images than one draw: all of them, every time
+    assert image_draws(20, 20, 1) == [slice(0, 20)]
+
+
+def test_plans_keep_an_image_block_per_draw_as_far_as_the_fold_allows():
+    from medtransfer.analysis.activations import plan_layers
+
+    plans = plan_layers({"stem": (10, 10), "stage4": (1, 1)}, 300, positions_per_layer=1000, draws=5)
+    assert (plans["stem"].images_per_draw, plans["stem"].images) == (10, 50)
+    assert (plans["stage4"].images_per_draw, plans["stage4"].images) == (300, 300)  # one draw's worth: shared
+    single = plan_layers({"stem": (10, 10)}, 300, positions_per_layer=1000)
+    assert (single["stem"].images_per_draw, single["stem"].images) == (10, 10)

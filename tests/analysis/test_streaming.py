@@ -162,3 +162,53 @@ def test_streaming_in_small_chunks_gives_the_same_values(monkeypatch):
     chunked = compare_pair_layer(x, y, 6, MEASURES, shuffle_rng=np.random.default_rng(0))
     for measure in MEASURES:
         assert chunked.values[measure] == pytest.approx(whole.values[measure], rel=1e-8, abs=1e-10)
+
+
+def test_each_channel_draw_takes_its_own_images_when_the_layer_holds_them():
+    # 3 draws of 2 of 5 channels over 3 disjoint blocks of 40 images (4 positions each): each draw's value must be
+    # the engine's value on exactly its block's rows and its channels, recomputed here block by block.
+    from medtransfer.analysis.similarity import compute_similarity
+
+    rng = np.random.default_rng(3)
+    positions, images, per_draw = 4, 120, 40
+    x = _images_with_positions(rng, images, positions, 5)
+    y = x @ rng.standard_normal((5, 5)) + 0.5 * _images_with_positions(rng, images, positions, 5)
+    result = compare_pair_layer(x, y, positions, ["cka"], channel_sample=2, channel_repeats=3,
+                                rng_channels=np.random.default_rng(11), images_per_draw=per_draw)
+    draws = channel_draws(5, 5, 2, 3, np.random.default_rng(11))
+    expected = []
+    for r, (a, b) in enumerate(draws):
+        rows = slice(r * per_draw * positions, (r + 1) * per_draw * positions)
+        expected.append(compute_similarity(x[rows][:, a].astype(np.float64), y[rows][:, b].astype(np.float64),
+                                           ["cka"]).value("cka"))
+    assert result.values["cka"] == pytest.approx(np.mean(expected), rel=1e-9)
+    assert result.n == per_draw * positions and result.images == per_draw and result.draws == 3
+    # the same draws all on the first block give another number: the blocks are really used
+    same = compare_pair_layer(x[: per_draw * positions], y[: per_draw * positions], positions, ["cka"],
+                              channel_sample=2, channel_repeats=3, rng_channels=np.random.default_rng(11))
+    assert same.values["cka"] != pytest.approx(result.values["cka"], rel=1e-6)
+    assert "share images" not in result.note
+
+
+def test_draws_share_images_when_the_layer_holds_one_draw_and_say_so():
+    rng = np.random.default_rng(4)
+    x = _images_with_positions(rng, 30, 1, 6)
+    y = x + 0.1 * _images_with_positions(rng, 30, 1, 6)
+    result = compare_pair_layer(x, y, 1, ["cka"], channel_sample=3, channel_repeats=5,
+                                rng_channels=np.random.default_rng(0), images_per_draw=30)
+    assert result.draws == 5 and result.images == 30
+    assert "the 5 channel draws share images: the layer holds 1 draw(s) of 30 images" in result.note
+
+
+def test_all_channels_in_one_draw_still_repeat_over_fresh_images():
+    # 4 channels, a sample of 64: one draw of every channel, repeated over the layer's 3 blocks of images
+    from medtransfer.analysis.similarity import compute_similarity
+
+    rng = np.random.default_rng(5)
+    x = _images_with_positions(rng, 60, 2, 4)
+    y = x @ rng.standard_normal((4, 4)) + _images_with_positions(rng, 60, 2, 4)
+    result = compare_pair_layer(x, y, 2, ["cka"], channel_sample=64, channel_repeats=5,
+                                rng_channels=np.random.default_rng(0), images_per_draw=20)
+    blocks = [compute_similarity(x[r * 40:(r + 1) * 40].astype(np.float64), y[r * 40:(r + 1) * 40].astype(np.float64),
+                                 ["cka"]).value("cka") for r in range(3)]
+    assert result.draws == 3 and result.values["cka"] == pytest.approx(np.mean(blocks), rel=1e-9)

@@ -126,3 +126,25 @@ def test_summary_writes_tables_metrics_and_the_auc_table_with_the_gain_over_rand
     metrics = (tmp_path / "results/summary_metrics.json").read_text()
     assert '"targets": 2' in metrics and "gain_r_cca_stem_natural_full" in metrics
     assert (folder / "cross_target_cca.png").is_file()
+
+
+def test_a_value_unreliable_on_one_target_is_marked_in_the_cross_target_table():
+    from medtransfer.report_summary import _cross_target_table
+
+    summaries = {target: _summary_rows(index) for index, target in enumerate(TARGETS)}
+    for rows in summaries.values():
+        for row in rows:
+            row["reliable_share"] = "1.0"
+    stage4 = next(r for r in summaries[TARGETS[1]] if r["layer"] == LAYERS[-1] and r["pair_kind"] == "source_vs_finetuned")
+    stage4["reliable_share"] = "0.5"  # one fold of one target had too few rows per channel
+    rows = cross_target_similarity(summaries)
+    marked = [r for r in rows if r["reliable_share"] < 1]
+    assert [(r["pair_kind"], r["pair"], r["layer"], r["measure"]) for r in marked] == [
+        (stage4["pair_kind"], stage4["pair"], LAYERS[-1], stage4["measure"])]
+    assert marked[0]["reliable_share"] == pytest.approx((1 + 0.5 + 1) / 3)
+    table = _cross_target_table([{k: str(v) for k, v in r.items()} for r in rows], stage4["measure"], "t",
+                                list(LAYERS), 3)
+    (line,) = [line for line in table if line.startswith("| fine-tuned vs its initialisation")]
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[-1].endswith("†") and not any(cell.endswith("†") for cell in cells[2:-1])
+    assert any(line.startswith("† unreliable") for line in table)

@@ -44,12 +44,20 @@ ACTIVATIONS_FORMAT = "medtransfer-activations-v1"
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How many images of the fold's order one layer keeps, and its spatial size."""
+    """How many images of the fold's order one layer keeps, and its spatial size.
+
+    `images_per_draw`: the images one channel draw uses. With several draws (channel sampling) the layer keeps up
+    to that many images per draw, so that each draw can see its own images (`image_draws`)."""
 
     layer: str
     images: int
     height: int
     width: int
+    images_per_draw: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.images_per_draw:
+            object.__setattr__(self, "images_per_draw", self.images)
 
     @property
     def positions(self) -> int:
@@ -95,14 +103,26 @@ def images_per_layer(positions: int, available: int, *, positions_per_layer: int
 
 
 def plan_layers(
-    spatial: Mapping[str, tuple[int, int]], available: int, *, positions_per_layer: int, fixed_images: int | None = None
+    spatial: Mapping[str, tuple[int, int]], available: int, *, positions_per_layer: int, fixed_images: int | None = None,
+    draws: int = 1,
 ) -> dict[str, LayerPlan]:
-    """{layer: LayerPlan} from each layer's (H, W) and the number of test images available."""
-    return {
-        layer: LayerPlan(layer, images_per_layer(h * w, available, positions_per_layer=positions_per_layer,
-                                                 fixed_images=fixed_images), h, w)
-        for layer, (h, w) in spatial.items()
-    }
+    """{layer: LayerPlan} from each layer's (H, W) and the number of test images available; with `draws` > 1
+    (channel repeats) each layer keeps `draws` times its images per draw, as far as the fold has them."""
+    plans = {}
+    for layer, (h, w) in spatial.items():
+        per_draw = images_per_layer(h * w, available, positions_per_layer=positions_per_layer, fixed_images=fixed_images)
+        plans[layer] = LayerPlan(layer, min(available, per_draw * max(1, draws)), h, w, per_draw)
+    return plans
+
+
+def image_draws(images: int, per_draw: int, draws: int) -> list[slice]:
+    """The images (a slice of the layer's kept images, which are in the fold's seeded random order) each of
+    `draws` channel draws uses: disjoint blocks of `per_draw` images while the layer holds enough, so that every
+    repeat sees a fresh draw of held-out images as in the original; with fewer than `draws` blocks the blocks are
+    reused in turn, and with one block or less every draw uses the same images."""
+    per_draw = max(1, min(per_draw, images))
+    blocks = max(1, images // per_draw)
+    return [slice((r % blocks) * per_draw, (r % blocks) * per_draw + per_draw) for r in range(max(1, draws))]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ channels, the CCA family's condition; CKA rows carry the same flag for the layer
 
 Channel sampling (`analysis.channel_sample` > 0): `channel_repeats` draws of that many channels per side (the same
 indices on both sides when the channel counts match), seeded by (analysis.seed, fold, layer) so that every pair
-of a fold and layer uses the same draws; the measures are averaged over the draws. 0 compares all channels.
+of a fold and layer uses the same draws; each draw takes its own block of the layer's images where extract kept
+enough (`activations.image_draws`); the measures are averaged over the draws. 0 compares all channels.
 
 Outputs, written together into `results/analysis/<NAME>/` (atomically):
 
@@ -30,7 +31,8 @@ Outputs, written together into `results/analysis/<NAME>/` (atomically):
   fine-tuned model vs its source against its relative test-AUC gain over the random-init fine-tuned model of the
   same fold and regime, (AUC − AUC_random) / AUC_random, with Pearson's r per layer over all points and per
   source (NaN with fewer than 3 points), columns `GAIN_COLUMNS`;
-* PNGs: `layers_<measure>.png`, `prediction_agreement.png`, `conv1_<source>.png`, `similarity_vs_gain.png`.
+* PNGs: `layers_<measure>.png` (a panel per pair group), `prediction_agreement.png`, `conv1_filters.png`,
+  `similarity_vs_gain.png` (a row per measure).
 
 All of it is logged to one MLflow run (nested under the active run, if any): tags `step=compare`, `dataset`, and
 `model.<model_key>=<version>` per model used; artifacts under `analysis/`; summary metrics such as

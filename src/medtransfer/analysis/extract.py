@@ -210,6 +210,7 @@ def _extract_model(
                 len(orders[fold]),
                 positions_per_layer=config.analysis.positions_per_layer,
                 fixed_images=config.analysis.images,
+                draws=config.analysis.channel_repeats if config.analysis.channel_sample > 0 else 1,
             )
         if list(shapes) != list(plans):
             raise ModelError(
@@ -311,7 +312,8 @@ def build_manifest(
             "val_images": int(prepared.fold(fold)["val"].size),
             "order": order.tolist(),
             "layers": {
-                layer: {"images": plan.images, "height": plan.height, "width": plan.width, "rows": plan.rows,
+                layer: {"images": plan.images, "images_per_draw": plan.images_per_draw, "height": plan.height,
+                        "width": plan.width, "rows": plan.rows,
                         "image_indices": order[: plan.images].tolist()}
                 for layer, plan in plans.items()
             },
@@ -326,6 +328,7 @@ def build_manifest(
         "sampling": {
             "positions_per_layer": config.analysis.positions_per_layer,
             "images": config.analysis.images,
+            "image_draws": config.analysis.channel_repeats if config.analysis.channel_sample > 0 else 1,
             "seed": config.analysis.seed,
             "batch_size": config.analysis.batch_size,
         },

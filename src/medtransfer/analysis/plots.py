@@ -49,6 +49,8 @@ def _number(value) -> float:
         return math.nan
 
 
+#: Beside a table value that rests, in some fold, on fewer than RELIABLE_ROWS_PER_CHANNEL rows per channel.
+UNRELIABLE_MARK = "†"
 #: The legend entry of hollow markers: values some fold computed from too few rows per channel.
 UNRELIABLE_LEGEND = f"hollow: unreliable, < {RELIABLE_ROWS_PER_CHANNEL} rows per channel in some fold"
 

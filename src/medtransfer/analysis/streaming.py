@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medtransfer.analysis.activations import open_activations
+from medtransfer.analysis.activations import image_draws, open_activations
 from medtransfer.analysis.pairs import Pair
 from medtransfer.analysis.similarity import SimilarityAccumulator
 from medtransfer.config import AnalysisConfig
@@ -85,12 +85,15 @@ def compare_pair_layer(
     channel_repeats: int = 1,
     rng_channels: np.random.Generator | None = None,
     shuffle_rng: np.random.Generator | None = None,
+    images_per_draw: int | None = None,
 ) -> LayerComparison:
     """Stream (n, p) `x` and (n, q) `y` (memory maps are read chunk by chunk) through the similarity engine.
 
     positions: rows per image (H·W); rows r of x and y belong to the same image and position, unless
     `shuffle_rng` is given: then y's images are permuted (`image_derangement`) and image i of x meets image π(i)
     of y at the same positions.
+    images_per_draw: the images one channel draw uses (None: all); each draw then takes its own block of images
+    (`activations.image_draws`), a fresh draw of held-out images per repeat as far as the layer holds them.
     """
     if x.shape[0] != y.shape[0]:
         raise DataError(f"paired activation matrices have {x.shape[0]} and {y.shape[0]} rows",
@@ -98,6 +101,10 @@ def compare_pair_layer(
     n, p, q = x.shape[0], x.shape[1], y.shape[1]
     images = n // positions
     draws = channel_draws(p, q, channel_sample, channel_repeats, rng_channels or np.random.default_rng(0))
+    if len(draws) == 1 and channel_sample > 0 and channel_repeats > 1 and images_per_draw:
+        # every channel fits in one draw, but the repeats still each take their own images where the layer has them
+        # (repeating a draw on the same images would only repeat the same number)
+        draws = draws * min(channel_repeats, max(1, images // max(1, images_per_draw)))
     permutation = None
     if shuffle_rng is not None:
         permutation = image_derangement(images, shuffle_rng)
@@ -105,17 +112,23 @@ def compare_pair_layer(
             return LayerComparison({m: None for m in measures}, n, images, p, q, p, q, 0, False,
                                    "one image only: nothing to shuffle")
     accumulators = [SimilarityAccumulator(p if a is None else len(a), q if b is None else len(b)) for a, b in draws]
+    blocks = image_draws(images, images_per_draw or images, len(draws))
     step = max(1, CHUNK_BYTES // (positions * 4 * max(p, q)))  # images per chunk
     offsets = np.arange(positions)
-    for first in range(0, images, step):
+    for first in range(min(b.start for b in blocks), max(b.stop for b in blocks), step):
         last = min(first + step, images)
         x_rows = np.asarray(x[first * positions : last * positions])
         if permutation is None:
             y_rows = np.asarray(y[first * positions : last * positions])
         else:
             y_rows = y[(permutation[first:last, None] * positions + offsets[None, :]).ravel()]
-        for accumulator, (a, b) in zip(accumulators, draws):
-            accumulator.update(x_rows if a is None else x_rows[:, a], y_rows if b is None else y_rows[:, b])
+        for accumulator, (a, b), block in zip(accumulators, draws, blocks):
+            start, stop = max(first, block.start), min(last, block.stop)
+            if start >= stop:
+                continue
+            rows = slice((start - first) * positions, (stop - first) * positions)
+            accumulator.update(x_rows[rows] if a is None else x_rows[rows][:, a],
+                               y_rows[rows] if b is None else y_rows[rows][:, b])
     results = [accumulator.finalize(measures) for accumulator in accumulators]
     values: dict[str, float | None] = {}
     notes = []
@@ -125,6 +138,10 @@ def compare_pair_layer(
         if not got:
             reasons = {r.undefined.get(measure, "undefined") for r in results}
             notes.append(f"{measure}: {'; '.join(sorted(reasons))}")
+    fresh = len({(block.start, block.stop) for block in blocks})
+    if len(draws) > 1 and fresh < len(draws):
+        notes.append(f"the {len(draws)} channel draws share images: the layer holds {fresh} draw(s) of "
+                     f"{blocks[0].stop - blocks[0].start} images")
     warnings = {r.warning for r in results if r.warning}
     reliable = all(r.reliable for r in results)
     if warnings and not notes:
@@ -132,7 +149,9 @@ def compare_pair_layer(
     first_draw = draws[0]
     c_a = p if first_draw[0] is None else len(first_draw[0])
     c_b = q if first_draw[1] is None else len(first_draw[1])
-    return LayerComparison(values, n, images, c_a, c_b, p, q, len(draws), reliable, " | ".join(notes))
+    per_draw = blocks[0].stop - blocks[0].start
+    return LayerComparison(values, per_draw * positions, per_draw, c_a, c_b, p, q, len(draws), reliable,
+                           " | ".join(notes))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,6 +186,7 @@ def pair_rows(folder: Path, manifest: dict[str, Any], pair: Pair, measures: Sequ
             channel_sample=analysis.channel_sample, channel_repeats=analysis.channel_repeats,
             rng_channels=np.random.default_rng(seed),
             shuffle_rng=np.random.default_rng([*seed, 1]) if pair.shuffled else None,
+            images_per_draw=int(layer_info.get("images_per_draw") or layer_info["images"]),
         )
         del x, y
         for measure in measures:

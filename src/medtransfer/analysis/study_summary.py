@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from medtransfer.analysis.plots import UNRELIABLE_LEGEND, clipped_error, is_unreliable
 from medtransfer.analysis.summaries import pearson
 from medtransfer.layout import (
     ANALYSIS_FOLDER,
@@ -48,7 +49,7 @@ from medtransfer.tables import read_table, write_table
 GAIN_CORRELATION_COLUMNS = ["source", "regime", "layer", "measure", "points", "targets", "pearson_r",
                             "mean_per_target_r", "baseline"]
 CROSS_TARGET_COLUMNS = ["pair_kind", "pair", "regime", "layer", "measure", "targets", "mean", "sd",
-                        "random_vs_random_mean", "random_vs_random_sd"]
+                        "random_vs_random_mean", "random_vs_random_sd", "reliable_share"]
 AUC_TABLE_COLUMNS = ["target", "source", "regime", "protocol", "folds", "test_auc_mean", "test_auc_sd", "random_init_source",
                      "relative_gain"]
 #: The regime of the authors' baseline: random init fine-tuned without freezing.
@@ -90,21 +91,26 @@ def pooled_gain_correlations(gain_tables: dict[str, list[dict[str, str]]]) -> li
 
 
 def cross_target_similarity(summaries: dict[str, list[dict[str, str]]]) -> list[dict[str, Any]]:
-    """Mean ± sd over targets of each target's fold-mean similarity, with the random-vs-random floor."""
-    groups: dict[tuple[str, str, str, str, str], dict[str, tuple[float, float]]] = defaultdict(dict)
+    """Mean ± sd over targets of each target's fold-mean similarity, with the random-vs-random floor, and the share
+    of reliable comparisons behind it (the mean of the targets' shares: below 1 when any fold of any target had
+    fewer than 10 rows per channel)."""
+    groups: dict[tuple[str, str, str, str, str], dict[str, tuple[float, float, float]]] = defaultdict(dict)
     for target, rows in summaries.items():
         for row in rows:
             key = (row["pair_kind"], row["pair"], row["regime"], row["layer"], row["measure"])
-            groups[key][target] = (_float(row["mean"]), _float(row["random_vs_random_mean"]))
+            groups[key][target] = (_float(row["mean"]), _float(row["random_vs_random_mean"]),
+                                   _float(row.get("reliable_share", "nan")))
     result = []
     for (kind, pair, regime, layer, measure), by_target in sorted(groups.items()):
-        means = [value for value, _ in by_target.values() if math.isfinite(value)]
-        floors = [floor for _, floor in by_target.values() if math.isfinite(floor)]
+        means = [value for value, _, _ in by_target.values() if math.isfinite(value)]
+        floors = [floor for _, floor, _ in by_target.values() if math.isfinite(floor)]
+        shares = [share for _, _, share in by_target.values() if math.isfinite(share)]
         mean, sd = _mean_sd(means)
         floor_mean, floor_sd = _mean_sd(floors)
         result.append({"pair_kind": kind, "pair": pair, "regime": regime, "layer": layer, "measure": measure,
                        "targets": len(means), "mean": mean, "sd": sd,
-                       "random_vs_random_mean": floor_mean, "random_vs_random_sd": floor_sd})
+                       "random_vs_random_mean": floor_mean, "random_vs_random_sd": floor_sd,
+                       "reliable_share": float(np.mean(shares)) if shares else math.nan})
     return result
 
 
@@ -203,16 +209,26 @@ def _write_figures(staging: Path, cross_target: Sequence[dict]) -> None:
             if row["measure"] == measure and row["pair_kind"] in MAIN_KINDS:
                 label = pair_kind_title(row["pair_kind"]) + (f": {row['pair']}" if row["pair"] else "") + \
                     (f" ({row['regime']})" if row["regime"] else "")
-                series[label][row["layer"]] = (row["mean"], row["sd"])
+                series[label][row["layer"]] = (row["mean"], row["sd"], is_unreliable(row))
         if not series:
             continue
         figure, axis = plt.subplots(figsize=(7, 4.5), dpi=110)
         positions = np.arange(len(layers))
+        any_hollow = False
         for label, by_layer in sorted(series.items()):
-            means = np.array([by_layer.get(layer, (math.nan, math.nan))[0] for layer in layers])
-            sds = np.nan_to_num(np.array([by_layer.get(layer, (math.nan, math.nan))[1] for layer in layers]))
+            means = np.array([by_layer.get(layer, (math.nan, math.nan, False))[0] for layer in layers])
+            sds = np.nan_to_num(np.array([by_layer.get(layer, (math.nan, math.nan, False))[1] for layer in layers]))
+            hollow = np.array([by_layer.get(layer, (math.nan, math.nan, False))[2] for layer in layers])
             style = {"linestyle": ":", "color": "grey"} if label.startswith(pair_kind_title(RANDOM_VS_RANDOM)) else {}
-            axis.errorbar(positions, means, yerr=sds, marker="o", capsize=3, label=label, **style)
+            line = axis.errorbar(positions, means, yerr=clipped_error(means, sds, measure), marker="o", capsize=3,
+                                 label=label, markevery=list(np.flatnonzero(~hollow)), **style)
+            if hollow.any():
+                any_hollow = True
+                axis.plot(positions[hollow], means[hollow], linestyle="none", marker="o", markerfacecolor="white",
+                          markeredgecolor=line.lines[0].get_color(), zorder=3)
+        if any_hollow:
+            axis.plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black",
+                      label=UNRELIABLE_LEGEND)
         axis.set(xticks=positions, xticklabels=layers, xlabel="layer", ylabel=f"{measure}, mean over targets",
                  ylim=(0, 1.05), title=f"{measure} across targets (error bars: sd over targets)")
         axis.legend(fontsize=7, loc="lower left")
