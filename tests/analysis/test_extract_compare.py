@@ -183,8 +183,10 @@ def test_extract_writes_paired_activations_and_a_manifest(study, capsys):
             layer_info = info["layers"][layer]
             indices = layer_info["image_indices"]
             assert indices == info["order"][: layer_info["images"]]  # a prefix of one seeded order
-            expected = min(max(1, round(200 / (layer_info["height"] * layer_info["width"]))), len(test))
-            assert layer_info["images"] == expected
+            per_draw = min(max(1, round(200 / (layer_info["height"] * layer_info["width"]))), len(test))
+            # channel_repeats 2: a block of images per draw, as far as the fold holds them
+            assert layer_info["images_per_draw"] == per_draw
+            assert layer_info["images"] == min(2 * per_draw, len(test))
             for key in info["models"]:
                 array = np.load(activations_path(folder, int(fold), key, layer), mmap_mode="r")
                 assert array.dtype == np.float32
@@ -343,6 +345,7 @@ def test_similarity_values_match_a_textbook_implementation_on_the_saved_activati
     folder = run_compare(every_channel, DATASET)
     _, rows = _read_csv(folder / "similarity.csv")
     activations = study.root / "activations" / DATASET
+    manifest = read_manifest(activations, DATASET)
     checked = 0
     for row in rows:
         if (row["pair_kind"] not in ("source_vs_finetuned", "pretrained_vs_pretrained", "finetuned_vs_finetuned")
@@ -350,6 +353,10 @@ def test_similarity_values_match_a_textbook_implementation_on_the_saved_activati
             continue
         x = np.load(activations_path(activations, int(row["fold"]), row["model_a"], row["layer"]))
         y = np.load(activations_path(activations, int(row["fold"]), row["model_b"], row["layer"]))
+        # one draw of every channel takes the first block of images (the images one draw needs)
+        layer_info = manifest["folds"][row["fold"]]["layers"][row["layer"]]
+        rows_per_draw = layer_info["images_per_draw"] * layer_info["height"] * layer_info["width"]
+        x, y = x[:rows_per_draw], y[:rows_per_draw]
         assert int(row["n"]) == len(x) and int(row["channels_a"]) == x.shape[1] and int(row["channels_b"]) == y.shape[1]
         mean_cca, cka, kept = _textbook_similarity(x, y)
         # Both are float64 computations of a well-posed quantity (n ≥ 200 rows, ≤ 128 channels, near-dead channels
