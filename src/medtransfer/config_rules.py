@@ -87,7 +87,8 @@ def check_architecture(source: SourceConfig, key: str, where: str) -> None:
     if source.arch in ARCHITECTURES:
         if source.model_args:
             raise ConfigError(f"'{source.arch}' is built with fixed arguments and takes no model_args",
-                              where=f"{where}: {key}.model_args", fix="remove model_args (they are for other timm models)")
+                              where=f"{where}: {key}.model_args",
+                              fix="remove model_args (they are for other timm models)")
         return
     if "." in source.arch:
         raise ConfigError(f"arch names the model only, not its pretrained weights tag ('{source.arch}')",

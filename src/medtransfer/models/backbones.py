@@ -16,13 +16,11 @@ built by `timm_backbone.TimmBackbone` with the source's `model_args`). Each expo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
-
-from collections.abc import Mapping
-from typing import Any
 
 from medtransfer.errors import ModelError
 from medtransfer.models.architectures import KERAS_RESNET50, STAGE_NAMES, TIMM_RESNETS

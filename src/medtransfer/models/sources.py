@@ -102,9 +102,9 @@ def register_source(config: Config, name: str) -> RegisteredSource:
         Tag.PREPROCESSING: built.spec.preprocessing.name,
     }
     with step_run(config, step=STEP_SOURCE, run_name=f"source {name}", tags={Tag.SOURCE: name, Tag.ROLE: ROLE_SOURCE}):
+        model_args = {"model_args": json.dumps(source.model_args, sort_keys=True)} if source.model_args else {}
         mlflow.log_params({"source": name, "kind": source.kind, "arch": source.arch, "seed": source.seed,
-                           "preprocessing": built.spec.preprocessing.name,
-                           **({"model_args": json.dumps(source.model_args, sort_keys=True)} if source.model_args else {})})
+                           "preprocessing": built.spec.preprocessing.name, **model_args})
         model_uri, logged_digest = log_packaged_model(built.model, built.spec)
         if logged_digest != digest:  # pragma: no cover - the package writes the same bytes it was hashed from
             raise ModelError(f"packaged weights changed while logging ({logged_digest} != {digest})")

@@ -79,7 +79,8 @@ def pretrain_source(config: Config, name: str) -> RegisteredSource:
     prepared = load_prepared(config, source.dataset)
     splits = fold_splits(prepared, 0)
     settings = source.train or config.train
-    preprocessing = preprocessing_by_name(source.preprocessing) if source.preprocessing else default_preprocessing(source.arch)
+    preprocessing = (preprocessing_by_name(source.preprocessing) if source.preprocessing
+                     else default_preprocessing(source.arch))
     model = seeded_classifier(source.arch, len(prepared.classes), source.seed, source.model_args,
                               where=f"{config.source_file}: sources.{name}")
     keras_like_init_(model, torch.Generator().manual_seed(source.seed))
