@@ -33,7 +33,16 @@ def test_valid_params_load_into_typed_objects(write_params):
         (lambda p: p["datasets"]["x"].update(format=3), "datasets.x.format"),
         (lambda p: p["stores"].update(tracking_uri=5), "stores.tracking_uri"),
         (lambda p: p.update(extras={}), "extras"),
-        (lambda p: p.update(sources={"s": {"kind": "random", "arch": "vgg16"}}), "sources.s.arch"),
+        (lambda p: p.update(sources={"s": {"kind": "random", "arch": "vgg_sixteen"}}), "sources.s.arch"),
+        (lambda p: p.update(sources={"s": {"kind": "random", "arch": "convnext_atto.d2_in1k"}}), "sources.s.arch"),
+        (lambda p: p.update(sources={"s": {"kind": "random", "arch": "resnet18", "model_args": {"img_size": 32}}}),
+         "sources.s.model_args"),
+        (lambda p: p.update(sources={"s": {"kind": "random", "arch": "convnext_atto",
+                                           "model_args": {"num_classes": 3}}}), "sources.s.model_args.num_classes"),
+        (lambda p: p.update(sources={"s": {"kind": "random", "arch": "convnext_atto", "model_args": [32]}}),
+         "sources.s.model_args"),
+        (lambda p: p.update(sources={"s": {"kind": "keras_h5", "arch": "convnext_atto", "path": "w.h5"}}),
+         "sources.s.arch"),
         (lambda p: p.update(sources={"s": {"kind": "keras_h5", "arch": "resnet50", "path": "w.h5"}}), "sources.s.arch"),
         (lambda p: p.update(sources={"s": {"kind": "safetensors", "arch": "resnet18"}}), "sources.s.path"),
         (lambda p: p["project"].update(seed=True), "project.seed"),
@@ -72,6 +81,20 @@ def test_bad_params_give_one_error_naming_the_key(write_params, mutate, key_in_m
     assert key_in_message in message
     assert str(path) in message
     assert "\n" not in message
+
+
+def test_any_timm_model_is_an_architecture_and_a_misspelt_one_is_named_with_close_matches(write_params):
+    path = write_params({"x": dict(DATASET)}, sources={
+        "vit": {"kind": "random", "arch": "vit_tiny_patch16_224", "model_args": {"img_size": 32}},
+        "convnext": {"kind": "random", "arch": "convnext_atto"}})
+    config = load_config(path)
+    assert config.source("vit").model_args == {"img_size": 32} and config.source("convnext").model_args == {}
+    path = write_params({"x": dict(DATASET)}, sources={"s": {"kind": "random", "arch": "convnext_ato"}})
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = caught.value.one_line()
+    assert "unknown architecture 'convnext_ato'" in message and "sources.s.arch" in message
+    assert "did you mean" in message and "convnext_atto" in message and "\n" not in message
 
 
 def test_duplicate_dataset_names_are_refused(tmp_path):

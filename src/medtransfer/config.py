@@ -240,6 +240,10 @@ class SourceConfig:
                    arch must be keras_resnet50), `safetensors` (a backbone state dict at `path`) or `pretrained`
                    (our own supervised pretraining on `dataset`, from a Keras-like initialisation drawn from `seed`,
                    with the `train` settings given here, else the top-level ones).
+    arch:          `keras_resnet50`, a timm ResNet (`resnet18` … `resnet152`; stages `stem`, `stage1` … `stage4`)
+                   or any other timm model name (`convnext_atto`, `vit_tiny_patch16_224`; timm's own stages).
+    model_args:    for those other timm models only, keyword arguments of `timm.create_model`, e.g.
+                   `{img_size: 32}` for a vision transformer on 32 px images.
     preprocessing: `imagenet` or `caffe`; defaults to the architecture's (caffe for keras_resnet50).
     paper_source:  the paper's source this one stands for (`imagenet`, `radimagenet` or `random`), for the report's
                    comparison with the paper.
@@ -256,6 +260,7 @@ class SourceConfig:
     preprocessing: Literal["imagenet", "caffe"] | None = None
     description: str = ""
     paper_source: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from medtransfer.config_coercion import coerce
 from medtransfer.errors import ConfigError
 from medtransfer.layout import REGIMES
-from medtransfer.models.architectures import ARCHITECTURES, KERAS_RESNET50
+from medtransfer.models.architectures import ARCHITECTURES, KERAS_RESNET50, RESERVED_MODEL_ARGS
 from medtransfer.train.protocols import PROTOCOLS
 
 if TYPE_CHECKING:  # annotations only: config imports this module to apply the rules
@@ -81,11 +81,34 @@ def check_dataset(dataset: DatasetConfig, key: str, where: str) -> None:
         )
 
 
+def check_architecture(source: SourceConfig, key: str, where: str) -> None:
+    """`arch` names one of our backbones (no timm import) or a timm model (timm is imported only then, to look the
+    name up); `model_args` are for the latter, minus the arguments the backbone sets itself."""
+    if source.arch in ARCHITECTURES:
+        if source.model_args:
+            raise ConfigError(f"'{source.arch}' is built with fixed arguments and takes no model_args",
+                              where=f"{where}: {key}.model_args",
+                              fix="remove model_args (they are for other timm models)")
+        return
+    if "." in source.arch:
+        raise ConfigError(f"arch names the model only, not its pretrained weights tag ('{source.arch}')",
+                          where=f"{where}: {key}.arch", fix="put the part after the '.' in timm_tag")
+    from medtransfer.models.timm_backbone import close_timm_names, timm_model_exists
+
+    if not timm_model_exists(source.arch):
+        close = close_timm_names(source.arch)
+        raise ConfigError(f"unknown architecture '{source.arch}' (neither {', '.join(ARCHITECTURES)} nor a timm model)",
+                          where=f"{where}: {key}.arch",
+                          fix=f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the names")
+    reserved = sorted(set(source.model_args) & set(RESERVED_MODEL_ARGS))
+    if reserved:
+        raise ConfigError(f"model_args may not set '{reserved[0]}': the backbone sets it itself",
+                          where=f"{where}: {key}.model_args.{reserved[0]}",
+                          fix="weights come from the source's kind; remove the key")
+
+
 def check_source(source: SourceConfig, key: str, where: str, datasets: dict[str, DatasetConfig]) -> None:
-    if source.arch not in ARCHITECTURES:
-        raise ConfigError(
-            f"unknown architecture '{source.arch}'", where=f"{where}: {key}.arch", fix=f"use one of: {', '.join(ARCHITECTURES)}"
-        )
+    check_architecture(source, key, where)
     if source.kind in ("keras_h5", "safetensors") and not source.path:
         raise ConfigError(f"kind '{source.kind}' needs a 'path' to the weights file", where=f"{where}: {key}.path")
     if source.kind == "keras_h5" and source.arch != KERAS_RESNET50:

@@ -62,8 +62,35 @@ def test_keras_like_init_is_seeded_and_not_zero_in_residual_branches():
 
 
 def test_unknown_architecture():
-    with pytest.raises(ModelError, match="unknown architecture 'vgg16'"):
-        create_backbone("vgg16")
+    with pytest.raises(ModelError, match="timm has no model named 'vgg_sixteen'"):
+        create_backbone("vgg_sixteen")
+
+
+def test_any_other_timm_name_is_a_timm_backbone_and_resnets_take_no_model_args():
+    from medtransfer.models.timm_backbone import TimmBackbone
+
+    model = Classifier("vit_tiny_patch16_224", num_classes=2, model_args={"img_size": 32})
+    assert isinstance(model.backbone, TimmBackbone) and model.model_args == {"img_size": 32}
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
+    with pytest.raises(ModelError, match="'resnet18' is built with fixed arguments"):
+        create_backbone("resnet18", {"img_size": 32})
+
+
+@pytest.mark.parametrize("arch", ["convnext_atto", "vit_tiny_patch16_224"])
+def test_a_seeded_layernorm_model_is_the_same_twice_and_keras_init_leaves_its_norms_alone(arch):
+    from medtransfer.models.backbones import seeded_classifier
+
+    args = {"img_size": 32} if arch.startswith("vit") else {}
+    first, second, other = (seeded_classifier(arch, None, seed, args) for seed in (0, 0, 1))
+    for model, seed in ((first, 0), (second, 0), (other, 1)):
+        keras_like_init_(model, torch.Generator().manual_seed(seed))
+    differing = [key for key, tensor in first.state_dict().items() if not torch.equal(tensor, other.state_dict()[key])]
+    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert differing, "another seed draws other weights"
+    norms = [m for m in first.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in norms)
+    assert torch.isfinite(first.eval()(torch.randn(2, 3, 32, 32))).all()
 
 
 def test_the_torch_free_name_list_matches_the_factory():

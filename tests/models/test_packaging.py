@@ -60,3 +60,41 @@ def test_missing_files_and_bad_json(package):
     (folder / WEIGHTS_FILE).unlink()
     with pytest.raises(ModelError, match="lacks weights.safetensors"):
         read_package(folder)
+
+
+def test_a_spec_without_model_args_from_before_they_existed_still_reads(package):
+    model, _, _, folder = package
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    assert spec["stage_names"] == ["stem", "stage1", "stage2", "stage3", "stage4"]
+    del spec["model_args"]
+    (folder / SPEC_FILE).write_text(json.dumps(spec))
+    loaded, loaded_spec, _ = read_package(folder)
+    assert loaded_spec.model_args == {}
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_a_timm_model_keeps_its_arguments_and_its_own_stage_names(tmp_path):
+    model = Classifier("vit_tiny_patch16_224", num_classes=2, model_args={"img_size": 32})
+    spec = ModelSpec("vit_tiny_patch16_224", 2, IMAGENET, classes=["a", "b"], model_args={"img_size": 32})
+    write_package(model, spec, tmp_path / "pkg")
+    written = json.loads((tmp_path / "pkg" / SPEC_FILE).read_text())
+    assert written["model_args"] == {"img_size": 32}
+    assert written["stage_names"] == [f"blocks.{index}" for index in range(12)]
+    loaded, loaded_spec, _ = read_package(tmp_path / "pkg")
+    assert loaded_spec.model_args == {"img_size": 32} and list(loaded.stage_modules()) == written["stage_names"]
+    written["stage_names"] = written["stage_names"][::-1]
+    (tmp_path / "pkg" / SPEC_FILE).write_text(json.dumps(written))
+    with pytest.raises(ModelError, match="the package names the stages blocks.11, .* the rebuilt"):
+        read_package(tmp_path / "pkg")
+
+
+def test_model_args_for_a_resnet_are_refused_where_the_spec_is(package):
+    _, _, _, folder = package
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    spec["model_args"] = {"img_size": 32}
+    (folder / SPEC_FILE).write_text(json.dumps(spec))
+    with pytest.raises(ModelError) as caught:
+        read_package(folder)
+    assert "takes no model arguments" in caught.value.one_line() and str(folder / SPEC_FILE) in caught.value.one_line()

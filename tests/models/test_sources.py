@@ -23,6 +23,15 @@ SOURCES = {
     "random": {"kind": "random", "arch": "resnet18", "seed": 0},
     "random_b": {"kind": "random", "arch": "resnet18", "seed": 1},
     "imagenet": {"kind": "timm", "arch": "resnet18"},
+    "convnext": {"kind": "random", "arch": "convnext_atto", "seed": 2},
+    "vit": {"kind": "random", "arch": "vit_tiny_patch16_224", "model_args": {"img_size": 32}, "seed": 3},
+    "vit_misspelt": {"kind": "random", "arch": "vit_tiny_patch16_224", "model_args": {"imgsize": 32}, "seed": 4},
+}
+#: (channels, side) of every stage on 32 px images, in forward order: ConvNeXt's four stages (reductions 4 … 32),
+#: the ViT's twelve blocks as 2 x 2 patch grids (patch 16, class token left out).
+TIMM_STAGES = {
+    "convnext": {"stages.0": (40, 8), "stages.1": (80, 4), "stages.2": (160, 2), "stages.3": (320, 1)},
+    "vit": {f"blocks.{index}": (192, 2) for index in range(12)},
 }
 
 
@@ -55,6 +64,41 @@ def test_register_reuse_reload_and_hooks(config):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), reference(x), rtol=0, atol=0)
     assert fired == [("stem", 64), ("stage1", 64), ("stage2", 128), ("stage3", 256), ("stage4", 512)]
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_STAGES))
+def test_a_random_timm_source_registers_and_reloads_as_itself_with_hooks_on_its_own_stages(config, name):
+    first = register_source(config, name)
+    assert register_source(config, name).reused, "built from its seed, every parameter is the same twice"
+    loaded = load_registered_model(f"models:/source.{name}@default")
+    assert loaded.spec.arch == config.source(name).arch and loaded.spec.model_args == config.source(name).model_args
+    assert loaded.weights_sha256 == first.weights_sha256 and loaded.spec.preprocessing.name == "imagenet"
+    reference = build_source(config, name).model
+    assert list(loaded.model.state_dict()) == list(reference.state_dict())
+    for (key, tensor), expected in zip(loaded.model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(tensor, expected), key
+    fired = []
+    for stage, module in loaded.model.stage_modules().items():
+        module.register_forward_hook(lambda _m, _i, out, stage=stage: fired.append((stage, tuple(out.shape))))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), reference(x))
+    assert fired == [(stage, (2, channels, side, side)) for stage, (channels, side) in TIMM_STAGES[name].items()]
+
+
+def test_misspelt_model_args_stop_the_source_command_with_one_line(config, cli):
+    result = cli("--params", str(config.source_file), "source", "--name", "vit_misspelt", timeout=180)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "sources.vit_misspelt.model_args" in line and "'imgsize'" in line
+
+
+def test_an_unknown_architecture_stops_the_command_with_one_line(config, cli, write_params):
+    params = write_params({}, sources={"s": {"kind": "random", "arch": "convnext_attto"}})
+    result = cli("--params", str(params), "source", "--name", "s", timeout=180)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "unknown architecture 'convnext_attto'" in line and "sources.s.arch" in line and "convnext_atto" in line
 
 
 def test_two_seeds_make_two_different_sources(config):

@@ -117,3 +117,24 @@ def test_unreadable_timm_file_is_one_line_naming_it(tmp_path, cli, offline_hub):
 def test_a_weights_key_the_kind_ignores_is_refused(tmp_path, source, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write_project(tmp_path, {"s": source}))
+
+
+def test_a_vit_source_from_a_local_timm_file_is_built_with_its_model_args(tmp_path, offline_hub):
+    """timm's loader fits 224 px weights to `img_size: 32` (it resamples the position embedding); the source's
+    backbone must be built with the same arguments to take them."""
+    import timm
+    from safetensors.torch import save_file
+
+    from medtransfer.models.sources import build_source
+
+    state = timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict()
+    save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(tmp_path / "vit.safetensors"))
+    params = write_project(tmp_path, {"vit_file": {"kind": "timm", "arch": "vit_tiny_patch16_224",
+                                                   "model_args": {"img_size": 32}, "file": "vit.safetensors"}})
+    built = build_source(load_config(params), "vit_file")
+    assert built.spec.model_args == {"img_size": 32} and built.origin.startswith("timm_file:")
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, img_size=32,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / "vit.safetensors"))).eval()
+    inputs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(built.model(inputs).flatten(1), reference(inputs), rtol=0, atol=0)

@@ -11,9 +11,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 from medtransfer.config import load_config
-from medtransfer.data.prepare import prepare_dataset
+from medtransfer.data.prepare import load_prepared, prepare_dataset
+from medtransfer.models.mlflow_models import load_registered_model, register_logged_model
 from medtransfer.models.sources import register_source
 from medtransfer.train.finetune import FinetuneRequest, run_finetune
 from medtransfer.train.pretrain import RECIPE_TAG, pretrain_source
@@ -42,6 +44,49 @@ def config(tmp_path, write_params, monkeypatch, blob_npz):
     prepare_dataset(loaded, "target")
     prepare_dataset(loaded, "pretext")
     return loaded
+
+
+@pytest.fixture
+def timm_config(tmp_path, write_params, monkeypatch, blob_npz):
+    """A 32 px target (the ViT's img_size) and random ConvNeXt and ViT sources, trained for one epoch."""
+    for variable in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    blob_npz(tmp_path / "data/raw/small.npz", 0, per_split=(16, 8, 8))
+    params = write_params(
+        {"small": {"format": "medmnist", "path": "data/raw/small.npz", "classes": ["a", "b"], "image_size": 32}},
+        sources={"convnext": {"kind": "random", "arch": "convnext_atto", "seed": 1},
+                 "vit": {"kind": "random", "arch": "vit_tiny_patch16_224", "model_args": {"img_size": 32}, "seed": 2}},
+        train={**TINY_TRAIN, "max_epochs": 1, "patience": 0, "batch_size": 8},
+    )
+    loaded = load_config(params)
+    prepare_dataset(loaded, "small")
+    return loaded
+
+
+def _stage_outputs(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [module.register_forward_hook(lambda _m, _i, out, stage=stage: outputs.__setitem__(stage, out))
+               for stage, module in model.stage_modules().items()]
+    with torch.no_grad():
+        model.eval()(batch)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("source", ["convnext", "vit"])
+def test_a_finetuned_timm_model_reloads_from_the_registry_with_the_same_activations(timm_config, source):
+    register_source(timm_config, source)
+    result = run_finetune(timm_config, FinetuneRequest("small", source, "full", fold=0, settings=timm_config.train))
+    version = register_logged_model(result.model_uri, f"finetuned.{source}", {})
+    loaded = load_registered_model(f"models:/finetuned.{source}/{version.version}")
+    assert loaded.spec.arch == timm_config.source(source).arch
+    assert loaded.spec.model_args == timm_config.source(source).model_args and loaded.spec.num_classes == 2
+    batch = loaded.spec.preprocessing.apply(np.array(load_prepared(timm_config, "small").images[:4]))
+    in_memory, reloaded = _stage_outputs(result.model.cpu(), batch), _stage_outputs(loaded.model, batch)
+    assert list(reloaded) == list(in_memory) == list(result.model.stage_modules()) and len(reloaded) >= 4
+    for stage, activations in in_memory.items():
+        assert torch.equal(reloaded[stage], activations), stage
 
 
 def test_pretrain_registers_a_source_that_finetune_uses(config):

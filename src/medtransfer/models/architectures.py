@@ -1,6 +1,9 @@
 """Architecture facts: the backbones `backbones.create_backbone` builds and the stages they expose, importable
 without PyTorch.
 
+The names below have backbones of their own (stages `stem`, `stage1` … `stage4`); any other name is a timm model,
+built by `timm_backbone.TimmBackbone` with timm's own stage names and the source's `model_args`.
+
 Configuration validation needs the names only; keeping them here spares every command that never builds a
 network (prepare, demo-data, report, study) the cost of importing torch and timm.
 """
@@ -15,3 +18,7 @@ ARCHITECTURES: tuple[str, ...] = (KERAS_RESNET50, *TIMM_RESNETS)
 #: The stage outputs every backbone names alike, the layers the representation analysis compares: `stem` (after the
 #: stem ReLU, before max-pool) and `stage1` … `stage4` (after the last block of each residual stage).
 STAGE_NAMES: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3", "stage4")
+#: Keyword arguments `model_args` may not set: the backbone sets them itself (no classifier, random weights; the
+#: weights of a source come from its kind).
+RESERVED_MODEL_ARGS: tuple[str, ...] = ("pretrained", "num_classes", "features_only", "out_indices", "checkpoint_path",
+                                        "pretrained_cfg", "pretrained_cfg_overlay")

@@ -1,19 +1,23 @@
 """One factory for every backbone, one classifier around it, one naming of the stages the analysis hooks.
 
-Backbones are looked up by name: `keras_resnet50` (the Keras-faithful ResNet50 of the original study) or any
-timm ResNet (`resnet18`, `resnet34`, `resnet50`, ...). Each exposes the same surface:
+Backbones are looked up by name: `keras_resnet50` (the Keras-faithful ResNet50 of the original study), a timm
+ResNet (`resnet18`, `resnet34`, `resnet50`, ...), or any other timm model (`convnext_atto`, `vit_tiny_patch16_224`,
+built by `timm_backbone.TimmBackbone` with the source's `model_args`). Each exposes the same surface:
 
-- `forward(x)`: (N, 3, H, W) preprocessed input → the last stage's feature map (N, num_features, h, w);
-- `stage_modules()`: the five modules whose outputs are the named stages `stem` (after the stem ReLU, before
-  max-pool) and `stage1` … `stage4` (after the last block of each residual stage);
-- `num_features`: channels of `stage4`.
+- `forward(x)`: (N, 3, H, W) preprocessed input → features (N, num_features, h, w) (h = w = 1 for timm models,
+  already pooled by timm's own head);
+- `stage_modules()`: the modules whose outputs are the named stages, in forward order: for the ResNets `stem`
+  (after the stem ReLU, before max-pool) and `stage1` … `stage4` (after the last block of each residual stage),
+  for other timm models timm's own stage names (`stages.0`, `blocks.11`);
+- `num_features`: channels of the features.
 
 `Classifier` adds global average pooling and a head of dropout + linear, replaceable for a new class count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,24 +66,36 @@ BACKBONES: dict[str, Callable[[], nn.Module]] = {
     KERAS_RESNET50: _keras_resnet50,
     **{name: _timm_factory(name) for name in TIMM_RESNETS},
 }
-DEFAULT_PREPROCESSING: dict[str, Preprocessing] = {name: IMAGENET for name in BACKBONES} | {KERAS_RESNET50: CAFFE}
 
 
-def create_backbone(arch: str) -> nn.Module:
-    if arch not in BACKBONES:
-        raise ModelError(f"unknown architecture '{arch}'", fix=f"use one of: {', '.join(BACKBONES)}")
-    return BACKBONES[arch]()
+def default_preprocessing(arch: str) -> Preprocessing:
+    """caffe for the Keras ResNet50 (its weights expect BGR minus the ImageNet mean), ImageNet's for the rest."""
+    return CAFFE if arch == KERAS_RESNET50 else IMAGENET
+
+
+def create_backbone(arch: str, model_args: Mapping[str, Any] | None = None) -> nn.Module:
+    """The backbone `arch` names: one of `BACKBONES`, else the timm model of that name built with `model_args`."""
+    if arch in BACKBONES:
+        if model_args:
+            raise ModelError(f"'{arch}' is built with fixed arguments, it takes no model arguments {dict(model_args)}",
+                             where="model_args", fix="remove model_args (they are for other timm models)")
+        return BACKBONES[arch]()
+    from medtransfer.models.timm_backbone import TimmBackbone
+
+    return TimmBackbone(arch, model_args)
 
 
 class Classifier(nn.Module):
     """Backbone → global average pool → head (dropout + linear). With `num_classes=None` the head is absent and
     the model outputs pooled features (a pretraining source without a top)."""
 
-    def __init__(self, arch: str, num_classes: int | None, dropout: float = HEAD_DROPOUT) -> None:
+    def __init__(self, arch: str, num_classes: int | None, dropout: float = HEAD_DROPOUT,
+                 model_args: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.arch = arch
+        self.model_args: dict[str, Any] = dict(model_args or {})
         self.dropout = dropout
-        self.backbone = create_backbone(arch)
+        self.backbone = create_backbone(arch, self.model_args)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.num_classes: int | None = None
         self.head: nn.Module = nn.Identity()
@@ -109,11 +125,32 @@ class Classifier(nn.Module):
         return self.head.parameters()
 
 
+def seeded_classifier(arch: str, num_classes: int | None, seed: int, model_args: Mapping[str, Any] | None = None,
+                      *, where: str | None = None) -> Classifier:
+    """A `Classifier` built with torch's global generator seeded by `seed` (and restored afterwards).
+
+    `keras_like_init_` redraws convolutions, linear layers and BatchNorm only; what it does not visit (a vision
+    transformer's position embedding and class token) keeps timm's initialisation, which draws from the global
+    generator. Seeding it here makes every parameter a function of `seed`, so the same source builds the same
+    weights twice (and registers once). A ModelError names its key under `where` (e.g. `params.yaml: sources.x`).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return Classifier(arch, num_classes, model_args=model_args)
+        except ModelError as error:
+            if where is None:
+                raise
+            raise ModelError(error.what, where=f"{where}.{error.where or 'arch'}", fix=error.fix) from None
+
+
 def keras_like_init_(module: nn.Module, generator: torch.Generator) -> nn.Module:
     """Keras' default initialisation, in place, drawn from `generator` only (same seed → same weights on any CPU).
 
     Conv and linear weights: glorot (Xavier) uniform; biases zero; BatchNorm gamma 1, beta 0, running mean 0,
-    running variance 1, batch counter 0. Modules are visited in `named_modules` order. Returns `module`.
+    running variance 1, batch counter 0. Modules are visited in `named_modules` order. Anything else (LayerNorm,
+    a transformer's embeddings, layer scales) keeps the initialisation it was built with (see `seeded_classifier`).
+    Returns `module`.
     """
     with torch.no_grad():
         for child in module.modules():

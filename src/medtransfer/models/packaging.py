@@ -2,11 +2,14 @@
 
 A package is a folder:
 
-    spec.json            architecture, class count and names, preprocessing, stage names, weights sha256
+    spec.json            architecture and its model arguments, class count and names, preprocessing, the
+                         model's stage names in forward order, weights sha256
     weights.safetensors  the state dict (no code, no pickle)
 
 Loading reads the spec, builds the architecture from our own factory, checks the weights' sha256 against the
-spec and loads them strictly, so forward hooks fire on the real modules. Nothing from the artifact is executed.
+spec and loads them strictly, so forward hooks fire on the real modules; the rebuilt model must name the stages
+the spec lists (a timm release that renamed them would otherwise mislabel every layer). Nothing from the artifact
+is executed. Specs written before `model_args` existed read as having none.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from medtransfer import __version__
 from medtransfer.layout import MODEL_SPEC_FILE as SPEC_FILE, MODEL_WEIGHTS_FILE as WEIGHTS_FILE
 from medtransfer.errors import ModelError
-from medtransfer.models.backbones import HEAD_DROPOUT, STAGE_NAMES, Classifier
+from medtransfer.models.backbones import HEAD_DROPOUT, Classifier
 from medtransfer.models.preprocessing import Preprocessing
 
 PACKAGE_FORMAT = "medtransfer-model-v1"
@@ -38,16 +41,18 @@ class ModelSpec:
     classes: list[str] | None = None
     dropout: float = HEAD_DROPOUT
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: source, dataset, origin, ...
+    model_args: dict[str, Any] = field(default_factory=dict)  # timm.create_model arguments (e.g. img_size)
 
-    def to_dict(self, weights_sha256: str) -> dict[str, Any]:
+    def to_dict(self, weights_sha256: str, stage_names: list[str]) -> dict[str, Any]:
         return {
             "format": PACKAGE_FORMAT,
             "arch": self.arch,
+            "model_args": self.model_args,
             "num_classes": self.num_classes,
             "classes": self.classes,
             "dropout": self.dropout,
             "preprocessing": self.preprocessing.to_dict(),
-            "stage_names": list(STAGE_NAMES),
+            "stage_names": list(stage_names),
             "weights_file": WEIGHTS_FILE,
             "weights_sha256": weights_sha256,
             "extra": self.extra,
@@ -67,6 +72,7 @@ class ModelSpec:
                 classes=data.get("classes"),
                 dropout=float(data.get("dropout", HEAD_DROPOUT)),
                 extra=dict(data.get("extra") or {}),
+                model_args=dict(data.get("model_args") or {}),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ModelError(f"malformed model spec ({error!r})", where=where) from None
@@ -86,12 +92,13 @@ def write_package(model: Classifier, spec: ModelSpec, folder: Path) -> str:
     payload = state_dict_bytes(model)
     digest = hashlib.sha256(payload).hexdigest()
     (folder / WEIGHTS_FILE).write_bytes(payload)
-    (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(digest), indent=2) + "\n", encoding="utf-8")
+    record = spec.to_dict(digest, stage_names=list(model.stage_modules()))
+    (folder / SPEC_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return digest
 
 
 def build_model(spec: ModelSpec) -> Classifier:
-    return Classifier(spec.arch, spec.num_classes, dropout=spec.dropout)
+    return Classifier(spec.arch, spec.num_classes, dropout=spec.dropout, model_args=spec.model_args)
 
 
 def read_package(folder: Path) -> tuple[Classifier, ModelSpec, str]:
@@ -121,7 +128,7 @@ def read_package(folder: Path) -> tuple[Classifier, ModelSpec, str]:
         state = load(payload)
     except (SafetensorError, ValueError) as error:
         raise ModelError(f"unreadable safetensors file ({error})", where=str(weights_path)) from None
-    model = build_model(spec)
+    model = _rebuild(spec, raw_spec, spec_path)
     missing, unexpected = _compare_keys(model.state_dict(), state)
     if missing or unexpected:
         details = [f"missing {key}" for key in missing[:3]] + [f"unexpected {key}" for key in unexpected[:3]]
@@ -134,6 +141,21 @@ def read_package(folder: Path) -> tuple[Classifier, ModelSpec, str]:
         first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
         raise ModelError(f"weights do not fit architecture '{spec.arch}': {first}", where=str(weights_path)) from None
     return model.eval(), spec, digest
+
+
+def _rebuild(spec: ModelSpec, raw_spec: dict[str, Any], spec_path: Path) -> Classifier:
+    """The spec's architecture, refused when it cannot be built here or names other stages than the spec lists."""
+    try:
+        model = build_model(spec)
+    except ModelError as error:
+        raise ModelError(error.what, where=f"{spec_path}: {error.where}" if error.where else str(spec_path),
+                         fix=error.fix) from None
+    expected, built = raw_spec.get("stage_names"), list(model.stage_modules())
+    if expected is not None and list(expected) != built:
+        raise ModelError(f"the package names the stages {', '.join(map(str, expected))}, the rebuilt "
+                         f"'{spec.arch}' names {', '.join(built)}", where=str(spec_path),
+                         fix="register the model again with the installed timm (its stages changed)")
+    return model
 
 
 def _compare_keys(expected: dict, given: dict) -> tuple[list[str], list[str]]:

@@ -8,6 +8,7 @@ idempotent: the same weights (same sha256) never make a second version.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -20,7 +21,8 @@ from medtransfer.config import Config, SourceConfig
 from medtransfer.errors import ModelError
 from medtransfer.hashing import file_sha256
 from medtransfer.layout import SOURCE_POINTER_FOLDER, STEP_SOURCE
-from medtransfer.models.backbones import DEFAULT_PREPROCESSING, Classifier, keras_like_init_
+from medtransfer.models.architectures import TIMM_RESNETS
+from medtransfer.models.backbones import Classifier, default_preprocessing, keras_like_init_, seeded_classifier
 from medtransfer.models.packaging import ModelSpec, state_dict_bytes
 from medtransfer.models.preprocessing import Preprocessing, preprocessing_by_name
 from medtransfer.registry import (ROLE_SOURCE, RegisteredSource, Tag, ensure_default_alias, source_model_description,
@@ -39,7 +41,7 @@ class BuiltSource:
 def source_preprocessing(source: SourceConfig) -> Preprocessing:
     if source.preprocessing is not None:
         return preprocessing_by_name(source.preprocessing)
-    return DEFAULT_PREPROCESSING[source.arch]
+    return default_preprocessing(source.arch)
 
 
 def build_source(config: Config, name: str) -> BuiltSource:
@@ -51,15 +53,24 @@ def build_source(config: Config, name: str) -> BuiltSource:
             f"source '{name}' is made by pretraining, not built",
             fix=f"run 'medtransfer pretrain --dataset {source.dataset} --source-name {name}' (or 'medtransfer source --name {name}')",
         )
-    model = Classifier(source.arch, num_classes=None)
+    model = source_classifier(config, name, num_classes=None)
     origin = kind.build(model, config, name, source)
     spec = ModelSpec(
         arch=source.arch,
         num_classes=None,
         preprocessing=source_preprocessing(source),
         extra={"role": ROLE_SOURCE, "source": name, "kind": source.kind, "origin": origin},
+        model_args=dict(source.model_args or {}),
     )
     return BuiltSource(model.eval(), spec, origin)
+
+
+def source_classifier(config: Config, name: str, num_classes: int | None) -> Classifier:
+    """`sources.<name>`'s architecture, built from its seed (see `seeded_classifier`); an architecture or model
+    arguments timm refuses are named by their key in the params file."""
+    source = config.source(name)
+    return seeded_classifier(source.arch, num_classes, source.seed, source.model_args,
+                             where=f"{config.source_file}: sources.{name}")
 
 
 def register_source(config: Config, name: str) -> RegisteredSource:
@@ -91,8 +102,9 @@ def register_source(config: Config, name: str) -> RegisteredSource:
         Tag.PREPROCESSING: built.spec.preprocessing.name,
     }
     with step_run(config, step=STEP_SOURCE, run_name=f"source {name}", tags={Tag.SOURCE: name, Tag.ROLE: ROLE_SOURCE}):
+        model_args = {"model_args": json.dumps(source.model_args, sort_keys=True)} if source.model_args else {}
         mlflow.log_params({"source": name, "kind": source.kind, "arch": source.arch, "seed": source.seed,
-                           "preprocessing": built.spec.preprocessing.name})
+                           "preprocessing": built.spec.preprocessing.name, **model_args})
         model_uri, logged_digest = log_packaged_model(built.model, built.spec)
         if logged_digest != digest:  # pragma: no cover - the package writes the same bytes it was hashed from
             raise ModelError(f"packaged weights changed while logging ({logged_digest} != {digest})")
@@ -105,8 +117,6 @@ def register_source(config: Config, name: str) -> RegisteredSource:
 
 def write_source_pointer(config: Config, name: str, registered: RegisteredSource) -> Path:
     """results/sources/<name>.json: the registered version and weights hash, a DVC output later stages depend on."""
-    import json
-
     from medtransfer.atomic_files import atomic_write_text
 
     pointer = config.resolve(SOURCE_POINTER_FOLDER) / f"{name}.json"
@@ -149,6 +159,12 @@ def _timm_model_name(source: SourceConfig) -> str:
     return f"{source.arch}.{source.timm_tag}" if source.timm_tag else source.arch
 
 
+def _timm_arguments(model: Classifier) -> dict:
+    """What `timm.create_model` needs, beside the name, to build weights that fit `model.backbone.body`: the
+    ResNets drop their pooling, other models are built with the source's own model arguments."""
+    return {"global_pool": ""} if model.arch in TIMM_RESNETS else dict(model.model_args)
+
+
 def _load_timm_weights(model: Classifier, source: SourceConfig) -> str:
     """timm's pretrained weights through the Hugging Face hub (or its cache), with a deadline so that a missing
     network fails fast; offline (HF_HUB_OFFLINE=1) without a cached copy it says how to supply a local file."""
@@ -159,7 +175,7 @@ def _load_timm_weights(model: Classifier, source: SourceConfig) -> str:
 
     def fetch() -> None:
         try:
-            outcome["model"] = timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
+            outcome["model"] = timm.create_model(name, pretrained=True, num_classes=0, **_timm_arguments(model))
         except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
             outcome["error"] = error
 
@@ -190,7 +206,7 @@ def _load_timm_file(model: Classifier, source: SourceConfig, path: Path) -> None
     name = _timm_model_name(source)
     try:
         loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                                   num_classes=0, global_pool="")
+                                   num_classes=0, **_timm_arguments(model))
         model.backbone.body.load_state_dict(loaded.state_dict(), strict=True)
     except Exception as error:  # noqa: BLE001 - timm raises anything from pickle errors to shape mismatches
         detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]

@@ -28,7 +28,7 @@ from torch import nn
 
 from medtransfer.errors import ModelError
 
-__all__ = ["StageMatch", "TimmBackbone", "match_stages_by_reduction", "timm_model_exists"]
+__all__ = ["StageMatch", "TimmBackbone", "close_timm_names", "match_stages_by_reduction", "timm_model_exists"]
 
 
 def timm_model_exists(name: str) -> bool:
@@ -37,7 +37,8 @@ def timm_model_exists(name: str) -> bool:
     return bool(timm.is_model(name))
 
 
-def _close_names(name: str) -> list[str]:
+def close_timm_names(name: str) -> list[str]:
+    """Up to four timm model names close to `name` (for a misspelt `arch:`)."""
     import timm
 
     return difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
@@ -52,7 +53,7 @@ class TimmBackbone(nn.Module):
         import timm
 
         if not timm.is_model(name):
-            close = _close_names(name)
+            close = close_timm_names(name)
             raise ModelError(f"timm has no model named '{name}'", where="arch",
                              fix=f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the names")
         try:
@@ -66,6 +67,7 @@ class TimmBackbone(nn.Module):
                              where="arch", fix="choose a model whose stages timm can return")
         entries = list(info.get_dicts()) if hasattr(info, "get_dicts") else list(info)
         self.arch = name
+        self.model_args: dict[str, Any] = dict(model_args or {})
         self.stage_names: tuple[str, ...] = tuple(str(entry["module"]) for entry in entries)
         self.stage_reductions: dict[str, int] = {str(e["module"]): int(e["reduction"]) for e in entries}
         self.stage_channels: dict[str, int] = {str(e["module"]): int(e["num_chs"]) for e in entries}

@@ -164,6 +164,7 @@ def run_finetune(
                 extra={"role": "finetuned", "dataset": request.dataset, "source": request.source,
                        "source_version": source.version, "regime": request.regime, "fold": request.fold,
                        "data_fingerprint": prepared.fingerprint},
+                model_args=dict(source.spec.model_args),
             )
             uri, digest = log_packaged_model(trainer.model.cpu(), spec)
             mlflow.set_tag(Tag.WEIGHTS_SHA256, digest)

@@ -20,7 +20,7 @@ from medtransfer.config import Config
 from medtransfer.data.prepare import load_prepared
 from medtransfer.errors import ConfigError
 from medtransfer.layout import STEP_PRETRAIN
-from medtransfer.models.backbones import DEFAULT_PREPROCESSING, Classifier, keras_like_init_
+from medtransfer.models.backbones import default_preprocessing, keras_like_init_, seeded_classifier
 from medtransfer.models.packaging import ModelSpec
 from medtransfer.models.preprocessing import preprocessing_by_name
 from medtransfer.registry import (ROLE_SOURCE, RegisteredSource, Tag, ensure_default_alias, registered_versions,
@@ -79,8 +79,10 @@ def pretrain_source(config: Config, name: str) -> RegisteredSource:
     prepared = load_prepared(config, source.dataset)
     splits = fold_splits(prepared, 0)
     settings = source.train or config.train
-    preprocessing = preprocessing_by_name(source.preprocessing) if source.preprocessing else DEFAULT_PREPROCESSING[source.arch]
-    model = Classifier(source.arch, num_classes=len(prepared.classes))
+    preprocessing = (preprocessing_by_name(source.preprocessing) if source.preprocessing
+                     else default_preprocessing(source.arch))
+    model = seeded_classifier(source.arch, len(prepared.classes), source.seed, source.model_args,
+                              where=f"{config.source_file}: sources.{name}")
     keras_like_init_(model, torch.Generator().manual_seed(source.seed))
     torch.manual_seed(source.seed)
     augmentation = AugmentationSettings(horizontal_flip=config.dataset(source.dataset).horizontal_flip)
@@ -109,6 +111,7 @@ def pretrain_source(config: Config, name: str) -> RegisteredSource:
             classes=prepared.classes,
             extra={"role": ROLE_SOURCE, "source": name, "kind": "pretrained", "origin": origin,
                    "data_fingerprint": prepared.fingerprint},
+            model_args=dict(source.model_args),
         )
         uri, digest = log_packaged_model(trainer.model.cpu().eval(), spec)
         tags = {
