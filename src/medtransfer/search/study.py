@@ -34,8 +34,8 @@ from medtransfer.search.sampler import TrialSeededTPESampler
 from medtransfer.search.space import settings_with, suggest
 from medtransfer.search.storage import create_storage, supports_heartbeats
 from medtransfer.search.trials import complete_trials, only_complete
-from medtransfer.search.workers import (RUN_ATTR, SURPLUS_ATTR, WORKER_ATTR, find_or_create_parent, mlflow_run_closer,
-                                        reap_dead_trials, wait_for_other_workers)
+from medtransfer.search.workers import (RUN_ATTR, SURPLUS_ATTR, WORKER_ATTR, find_or_create_parent, log_parent_params,
+                                        mlflow_run_closer, reap_dead_trials, wait_for_other_workers)
 from medtransfer.train.finetune import FinetuneRequest, run_finetune
 from medtransfer.train.presets import PRESETS, PROTOCOL_SEARCH
 
@@ -110,10 +110,10 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
         client.set_tag(launcher_run_id, "study_parent_run_id", parent_id)
     trials_target = request.trials or config.search.trials
     with mlflow.start_run(run_id=parent_id):
-        mlflow.log_params({"dataset": request.dataset, "source": request.source, "regime": request.regime,
-                           "preset": request.preset or "none",
-                           "protocol": request.preset or PROTOCOL_SEARCH, "source_version": source_version.version,
-                           **search_space_params(config, request.preset)})
+        log_parent_params(client, parent_id, {
+            "dataset": request.dataset, "source": request.source, "regime": request.regime,
+            "preset": request.preset or "none", "protocol": request.preset or PROTOCOL_SEARCH,
+            "source_version": source_version.version, **search_space_params(config, request.preset)})
         if request.preset is not None:
             best_params, best_trial, complete = {}, request.preset, []
             settings = PRESETS[request.preset]

@@ -42,6 +42,31 @@ def find_or_create_parent(client, experiment_id: str, study: str, tags: dict[str
     return winner
 
 
+def log_parent_params(client, run_id: str, params: dict[str, object], attempts: int = 5) -> None:
+    """Log the search parent's params, once for all its workers.
+
+    Every worker of a search logs the same values on the one elected parent. Two workers inserting the same key
+    at the same moment break the store's unique key (PostgreSQL says so; SQLite serialises them), so a failed
+    insert is retried with only the keys still missing; a key another worker logged first with the same value is
+    accepted. A different value is logged anyway, so MLflow refuses it as it refuses any changed param."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    wanted = {key: str(value) for key, value in params.items()}
+    for attempt in range(attempts):
+        have = client.get_run(run_id).data.params
+        todo = {key: value for key, value in wanted.items() if have.get(key) != value}
+        if not todo:
+            return
+        try:
+            client.log_batch(run_id, params=[Param(key, value) for key, value in todo.items()])
+            return
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
 def _parents(client, experiment_id: str, study: str):
     runs = client.search_runs(
         [experiment_id], filter_string=f"tags.{Tag.STUDY} = '{study}' and tags.{Tag.STEP} = '{STEP_SEARCH}'", max_results=100
