@@ -119,9 +119,10 @@ def build_project(root: Path, arch: str, size: int, sizes: tuple[int, int], all_
     from medtransfer.models.packaging import ModelSpec
     from medtransfer.models.sources import register_source
     from medtransfer.pointers import FoldModel, ModelPointer, write_pointer
-    from medtransfer.registry import ALIAS_DEFAULT, ROLE_FINETUNED, Tag, finetuned_model_name, model_uri
+    from medtransfer.layout import ROLE_FINETUNED, TEST_PREDICTIONS_FILE as PREDICTIONS_FILE
+    from medtransfer.registry import ALIAS_DEFAULT, Tag, finetuned_model_name, model_uri
     from medtransfer.tracking import ensure_experiment, use_tracking_store
-    from medtransfer.train.reporting import PREDICTIONS_FILE, write_predictions
+    from medtransfer.train.reporting import write_predictions
 
     datasets = [f"n{count}" for count in sizes]
     for index, (name, count) in enumerate(zip(datasets, sizes)):

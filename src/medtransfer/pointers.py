@@ -108,7 +108,8 @@ def read_pointer(path: Path) -> ModelPointer:
 
 
 def _protocol_from_study(study: str) -> str:
-    from medtransfer.train.presets import PRESETS, PROTOCOL_SEARCH
+    from medtransfer.train.presets import PRESETS
+    from medtransfer.train.protocols import PROTOCOL_SEARCH
 
     suffix = study.rsplit("/", 1)[-1]
     return suffix if "/" in study and suffix in PRESETS else PROTOCOL_SEARCH

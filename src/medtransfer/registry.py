@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from medtransfer.errors import ModelError
-from medtransfer.layout import ROLE_FINETUNED, ROLE_SOURCE, Tag
+from medtransfer.layout import Tag
 
 SOURCE_PREFIX = "source."
 ALIAS_DEFAULT = "default"

@@ -150,7 +150,7 @@ def _header(config: Config) -> str:
 def _auc_section(config: Config, pointers: dict[str, list[ModelPointer]]) -> str:
     columns = [(source, regime) for source in config.study.sources for regime in config.study.regimes]
     header = "| target | " + " | ".join(_column_name(source, regime) for source, regime in columns) + " |"
-    from medtransfer.train.presets import PROTOCOL_DESCRIPTIONS
+    from medtransfer.train.protocols import PROTOCOL_DESCRIPTIONS
 
     used = sorted({pointer.protocol for target_pointers in pointers.values() for pointer in target_pointers})
     # One protocol: said once above the table; several: each cell names its own, so no AUC is read for another's.

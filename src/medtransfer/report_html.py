@@ -12,7 +12,6 @@ import html
 import re
 from pathlib import Path
 
-from medtransfer.layout import REPORT_HTML_FILE
 
 _IMAGE = re.compile(r"^!\[(?P<alt>[^\]]*)\]\((?P<path>[^)\s]+)\)$")
 _HEADING = re.compile(r"^(?P<level>#{1,6})\s+(?P<text>.*)$")

@@ -31,11 +31,12 @@ from medtransfer.models.mlflow_models import load_registered_model, log_packaged
 from medtransfer.models.packaging import ModelSpec
 from medtransfer.models.sources import register_source
 from medtransfer.pointers import FoldModel, ModelPointer, fold_model_alias, pointer_path, read_pointer, write_pointer
-from medtransfer.registry import ALIAS_DEFAULT, ROLE_FINETUNED, Tag, finetuned_model_name, model_uri, source_model_name
+from medtransfer.layout import ROLE_FINETUNED, TEST_PREDICTIONS_FILE as PREDICTIONS_FILE
+from medtransfer.registry import ALIAS_DEFAULT, Tag, finetuned_model_name, model_uri, source_model_name
 from medtransfer.tracking import ensure_experiment, use_tracking_store
 from medtransfer.train.finetune import PREDICTIONS_ARTIFACT_DIR
 from medtransfer.train.metrics import roc_auc
-from medtransfer.train.reporting import PREDICTIONS_FILE, write_predictions
+from medtransfer.train.reporting import write_predictions
 
 DATASET = "target"
 PRETRAINED = ("natural", "medical")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medtransfer.layout import ACTIVATIONS_FOLDER, ACTIVATIONS_MANIFEST_FILE, CONV1_FOLDER, PREDICTIONS_FOLDER
+from medtransfer.layout import ACTIVATIONS_MANIFEST_FILE
 from medtransfer.errors import DataError, ModelError
 from medtransfer.models.preprocessing import Preprocessing
 

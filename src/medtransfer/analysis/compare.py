@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from medtransfer.analysis.activations import manifest_layers, read_manifest
-from medtransfer.analysis.pairs import CONTROL_KINDS, RANDOM_VS_RANDOM, SEED_TO_SEED, SHUFFLED, StudyModel, plan_pairs
+from medtransfer.analysis.pairs import StudyModel, plan_pairs
 from medtransfer.analysis.prediction_table import PREDICTION_COLUMNS, load_predictions, prediction_rows
 from medtransfer.analysis.similarity import ALL_MEASURES
 from medtransfer.analysis.source_comparison import (
@@ -81,6 +81,7 @@ from medtransfer.layout import (
     ACTIVATIONS_FOLDER,
     ANALYSIS_FOLDER,
     AUC_INTERVAL_FILE,
+    CONTROL_KINDS,
     CONV1_FIGURE_FILE,
     CURVES_FOLDER,
     FIGURE_PAIR_KINDS,
@@ -91,6 +92,9 @@ from medtransfer.layout import (
     PAIRED_FILE,
     PREDICTION_FIGURE_FILE,
     PREDICTIONS_FILE,
+    RANDOM_VS_RANDOM,
+    SEED_TO_SEED,
+    SHUFFLED,
     Tag,
     SIMILARITY_FILE,
     SIMILARITY_SUMMARY_FILE,

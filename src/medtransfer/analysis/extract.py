@@ -36,11 +36,8 @@ import numpy as np
 import torch
 
 from medtransfer.analysis.activations import (
-    ACTIVATIONS_FOLDER,
     ACTIVATIONS_FORMAT,
-    CONV1_FOLDER,
     MANIFEST_NAME,
-    PREDICTIONS_FOLDER,
     activations_path,
     extract_stage_activations,
     first_conv_weights,
@@ -61,7 +58,8 @@ from medtransfer.analysis.pairs import (
     study_folds,
     study_models,
 )
-from medtransfer.layout import POINTER_FOLDER, Tag
+from medtransfer.layout import (ACTIVATIONS_FOLDER, CONV1_FOLDER, POINTER_FOLDER, PREDICTIONS_ARTIFACT_DIR,
+                                PREDICTIONS_FOLDER, TEST_PREDICTIONS_FILE, Tag)
 from medtransfer.progress import item_line, progress_line
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.config import Config
@@ -261,10 +259,9 @@ def _copy_predictions(model: StudyModel, staging: Path) -> str:
     broken store into an analysis that silently lacks its prediction similarity."""
     import mlflow
 
-    from medtransfer.train.finetune import PREDICTIONS_ARTIFACT_DIR
-    from medtransfer.train.reporting import PREDICTIONS_FILE, read_predictions
+    from medtransfer.train.reporting import read_predictions
 
-    artifact = f"{PREDICTIONS_ARTIFACT_DIR}/{PREDICTIONS_FILE}"
+    artifact = f"{PREDICTIONS_ARTIFACT_DIR}/{TEST_PREDICTIONS_FILE}"
     fix = "rerun the search of this model ('dvc repro') or restore the run's artifacts"
     if not model.run_id:
         raise ModelError(f"{model.key} names no MLflow run, so its test predictions cannot be read", fix=fix)

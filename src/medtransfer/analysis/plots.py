@@ -134,6 +134,24 @@ def clipped_error(means: np.ndarray, sds: np.ndarray, measure: str) -> np.ndarra
     return np.nan_to_num(np.vstack([below, above]))
 
 
+def draw_series(axis, x: np.ndarray, means: np.ndarray, sds: np.ndarray, hollow: np.ndarray, measure: str,
+                **style) -> bool:
+    """One series of mean ± sd (bars cut at the measure's range), its unreliable values drawn hollow in the
+    series' colour; returns whether any value was hollow."""
+    line = axis.errorbar(x, means, yerr=clipped_error(means, sds, measure), marker="o",
+                         markevery=list(np.flatnonzero(~hollow)), **style)
+    if hollow.any():
+        axis.plot(x[hollow], means[hollow], linestyle="none", marker="o", markersize=5.5, markerfacecolor="white",
+                  markeredgecolor=line.lines[0].get_color(), zorder=3)
+    return bool(hollow.any())
+
+
+def add_unreliable_legend(axis) -> None:
+    """The legend entry that says what a hollow marker means."""
+    axis.plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black",
+              label=UNRELIABLE_LEGEND)
+
+
 def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[str], path: Path, *, title: str,
                       groups: Sequence[tuple[str, str]], floor_kinds: Sequence[str]) -> None:
     """One panel per pair group (`groups`: (pair kind, its title)), every panel with both noise floors as bands,
@@ -148,12 +166,13 @@ def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[st
     x = np.arange(len(layers))
     low, high = MEASURE_RANGES.get(measure, (0.0, 1.0))
     any_hollow = False
+    floor_row = {row["layer"]: row for row in rows}  # every summary row of a layer carries that layer's floors
     for axis, (kind, name) in zip(axes.flat, present):
+        panel_hollow = False
         for floor in floor_kinds:
             colour, label = _FLOOR_STYLE.get(floor, ("grey", floor.replace("_", " ")))
-            by_layer = {row["layer"]: row for row in rows}
-            means = np.array([_number(by_layer.get(layer, {}).get(f"{floor}_mean")) for layer in layers])
-            sds = np.nan_to_num(np.array([_number(by_layer.get(layer, {}).get(f"{floor}_sd")) for layer in layers]))
+            means = np.array([_number(floor_row.get(layer, {}).get(f"{floor}_mean")) for layer in layers])
+            sds = np.nan_to_num(np.array([_number(floor_row.get(layer, {}).get(f"{floor}_sd")) for layer in layers]))
             if np.isfinite(means).any():
                 axis.fill_between(x, np.maximum(means - sds, low), np.minimum(means + sds, high), color=colour,
                                   alpha=0.22, linewidth=0, label=label)
@@ -167,18 +186,12 @@ def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[st
             means = np.array([_number(by_layer.get(layer, {}).get("mean")) for layer in layers])
             sds = np.array([_number(by_layer.get(layer, {}).get("sd")) for layer in layers])
             hollow = np.array([bool(by_layer.get(layer)) and is_unreliable(by_layer[layer]) for layer in layers])
-            colour = palette(index % 10)
-            axis.errorbar(x, means, yerr=clipped_error(means, sds, measure), marker="o", markersize=3.5, capsize=2,
-                          linewidth=1.2, color=colour, label=pair + (f" ({regime})" if regime else ""),
-                          markevery=list(np.flatnonzero(~hollow)))
-            if hollow.any():
-                any_hollow = True
-                axis.plot(x[hollow], means[hollow], linestyle="none", marker="o", markersize=5.5,
-                          markerfacecolor="white", markeredgecolor=colour, zorder=3)
-        if any(bool(by_layer.get(layer)) and is_unreliable(by_layer[layer])
-               for by_layer in series.values() for layer in layers):
-            axis.plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black",
-                      label=UNRELIABLE_LEGEND)
+            panel_hollow |= draw_series(axis, x, means, sds, hollow, measure, color=palette(index % 10),
+                                        label=pair + (f" ({regime})" if regime else ""), markersize=3.5,
+                                        capsize=2, linewidth=1.2)
+        if panel_hollow:
+            any_hollow = True
+            add_unreliable_legend(axis)
         axis.set_title(name, fontsize=9)
         axis.set_xticks(x, list(layers), fontsize=7)
         axis.set_xlabel("layer", fontsize=8)

@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from medtransfer.layout import AUC_INTERVAL_FILE, PAIRED_FILE
+from medtransfer.layout import ROLE_FINETUNED
 from medtransfer.analysis.paired_statistics import bootstrap_auc_interval, corrected_resampled_t
 from medtransfer.analysis.pairs import StudyModel
-from medtransfer.registry import ROLE_FINETUNED
 
 AUC_INTERVAL_COLUMNS = ["source", "regime", "fold", "model", "images", "test_auc", "test_auc_low", "test_auc_high",
                         "resamples", "level"]

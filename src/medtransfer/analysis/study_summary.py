@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from medtransfer.analysis.plots import UNRELIABLE_LEGEND, clipped_error, is_unreliable
+from medtransfer.analysis.plots import add_unreliable_legend, draw_series, is_unreliable
 from medtransfer.analysis.summaries import pearson
 from medtransfer.layout import (
     ANALYSIS_FOLDER,
@@ -220,15 +220,9 @@ def _write_figures(staging: Path, cross_target: Sequence[dict]) -> None:
             sds = np.nan_to_num(np.array([by_layer.get(layer, (math.nan, math.nan, False))[1] for layer in layers]))
             hollow = np.array([by_layer.get(layer, (math.nan, math.nan, False))[2] for layer in layers])
             style = {"linestyle": ":", "color": "grey"} if label.startswith(pair_kind_title(RANDOM_VS_RANDOM)) else {}
-            line = axis.errorbar(positions, means, yerr=clipped_error(means, sds, measure), marker="o", capsize=3,
-                                 label=label, markevery=list(np.flatnonzero(~hollow)), **style)
-            if hollow.any():
-                any_hollow = True
-                axis.plot(positions[hollow], means[hollow], linestyle="none", marker="o", markerfacecolor="white",
-                          markeredgecolor=line.lines[0].get_color(), zorder=3)
+            any_hollow |= draw_series(axis, positions, means, sds, hollow, measure, capsize=3, label=label, **style)
         if any_hollow:
-            axis.plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black",
-                      label=UNRELIABLE_LEGEND)
+            add_unreliable_legend(axis)
         axis.set(xticks=positions, xticklabels=layers, xlabel="layer", ylabel=f"{measure}, mean over targets",
                  ylim=(0, 1.05), title=f"{measure} across targets (error bars: sd over targets)")
         axis.legend(fontsize=7, loc="lower left")

@@ -25,7 +25,8 @@ from medtransfer.models.architectures import TIMM_RESNETS
 from medtransfer.models.backbones import Classifier, default_preprocessing, keras_like_init_, seeded_classifier
 from medtransfer.models.packaging import ModelSpec, state_dict_bytes
 from medtransfer.models.preprocessing import Preprocessing, preprocessing_by_name
-from medtransfer.registry import (ROLE_SOURCE, RegisteredSource, Tag, ensure_default_alias, source_model_description,
+from medtransfer.layout import ROLE_SOURCE
+from medtransfer.registry import (RegisteredSource, Tag, ensure_default_alias, source_model_description,
                                   source_model_name, source_version_description, version_with_weights)
 
 TIMM_DOWNLOAD_TIMEOUT = 120.0

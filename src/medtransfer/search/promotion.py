@@ -18,7 +18,8 @@ import numpy as np
 from medtransfer.config import Config
 from medtransfer.layout import STEP_FINAL_FIT
 from medtransfer.pointers import FoldModel, ModelPointer, fold_model_alias, write_pointer
-from medtransfer.registry import (ALIAS_CHAMPION, ROLE_FINETUNED, Tag, finetuned_model_name, registered_versions,
+from medtransfer.layout import ROLE_FINETUNED
+from medtransfer.registry import (ALIAS_CHAMPION, Tag, finetuned_model_name, registered_versions,
                                   source_model_name)
 from medtransfer.search.parent_run import fit_descriptions, fit_run_name
 from medtransfer.search.workers import close_orphaned_fits, final_fit_lock

@@ -37,7 +37,8 @@ from medtransfer.search.trials import complete_trials, only_complete
 from medtransfer.search.workers import (RUN_ATTR, SURPLUS_ATTR, WORKER_ATTR, find_or_create_parent, log_parent_params,
                                         mlflow_run_closer, reap_dead_trials, wait_for_other_workers)
 from medtransfer.train.finetune import FinetuneRequest, run_finetune
-from medtransfer.train.presets import PRESETS, PROTOCOL_SEARCH
+from medtransfer.train.presets import PRESETS
+from medtransfer.train.protocols import PROTOCOL_SEARCH
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from medtransfer.models.packaging import ModelSpec
 from medtransfer.registry import ALIAS_DEFAULT, Tag, model_uri, source_model_name
 from medtransfer.train.augment import AugmentationSettings
 from medtransfer.train.loop import REGIMES, EpochCallback, PhaseResult, Split, Trainer
-from medtransfer.train.reporting import CONFUSION_FILE, PREDICTIONS_FILE, ROC_FILE, write_confusion, write_predictions, write_roc_plot
+from medtransfer.layout import CONFUSION_FILE, ROC_FILE, TEST_PREDICTIONS_FILE
+from medtransfer.train.reporting import write_confusion, write_predictions, write_roc_plot
 
 
 
@@ -149,7 +150,7 @@ def run_finetune(
             mlflow.log_metric(f"{phase.name}_best_epoch", phase.best_epoch)
         with tempfile.TemporaryDirectory(prefix="medtransfer-finetune-") as staging:
             folder = Path(staging)
-            write_predictions(folder / PREDICTIONS_FILE, test_indices, test_split.labels, evaluation.probabilities, prepared.classes)
+            write_predictions(folder / TEST_PREDICTIONS_FILE, test_indices, test_split.labels, evaluation.probabilities, prepared.classes)
             write_confusion(folder / CONFUSION_FILE, test_split.labels, evaluation.probabilities, prepared.classes)
             write_roc_plot(folder / ROC_FILE, test_split.labels, evaluation.probabilities, prepared.classes, title=name)
             mlflow.log_artifacts(str(folder), artifact_path=PREDICTIONS_ARTIFACT_DIR)

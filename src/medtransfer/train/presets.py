@@ -7,8 +7,7 @@ import dataclasses
 
 from medtransfer.config import TrainConfig
 from medtransfer.errors import ConfigError
-from medtransfer.train.protocols import (PRESET_NAMES, PRESET_PAPER, PROTOCOL_DESCRIPTIONS, PROTOCOL_SEARCH,  # noqa: F401
-                                         PROTOCOLS, preset_of)
+from medtransfer.train.protocols import PRESET_NAMES, PRESET_PAPER
 
 PAPER = TrainConfig(
     optimizer="adam",

@@ -23,7 +23,8 @@ from medtransfer.layout import STEP_PRETRAIN
 from medtransfer.models.backbones import default_preprocessing, keras_like_init_, seeded_classifier
 from medtransfer.models.packaging import ModelSpec
 from medtransfer.models.preprocessing import preprocessing_by_name
-from medtransfer.registry import (ROLE_SOURCE, RegisteredSource, Tag, ensure_default_alias, registered_versions,
+from medtransfer.layout import ROLE_SOURCE
+from medtransfer.registry import (RegisteredSource, Tag, ensure_default_alias, registered_versions,
                                   source_model_description, source_model_name, source_version_description)
 from medtransfer.train.augment import AugmentationSettings
 from medtransfer.train.finetune import fold_splits

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from medtransfer.layout import TEST_PREDICTIONS_FILE as PREDICTIONS_FILE, CONFUSION_FILE, ROC_FILE
 from medtransfer.atomic_files import atomic_write_bytes, atomic_write_text
 from medtransfer.train.metrics import confusion_matrix, roc_curve
 
