@@ -3,7 +3,6 @@ one line, `medtransfer relocate` points it at the copy's own files, and the copy
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import stat

@@ -266,13 +266,36 @@ def test_a_value_from_too_few_rows_per_channel_is_marked_with_a_legend(study, ma
             row.update(reliable_share="0.0", rows_per_channel="2.0")
     _write_csv(folder / "similarity_summary.csv", rows)
     text = run_report(study, client=_RegistryAsThePointersSay()).read_text()
-    (row,) = [row for row in markdown_table(text, "### mean CCA (mean ± sd over folds)") if row["regime"] == "full"]
-    assert row["stage4"] == "0.50 ± 0.01†"
+    (row,) = [row for row in markdown_table(text, "### mean CCA (mean ± sd over folds [95 % interval])")
+              if row["regime"] == "full"]
+    assert row["stage4"] == "0.50 ± 0.01†"  # a table written without interval columns shows mean ± sd alone
     assert all("†" not in row[layer] for layer in ("stem", "stage1", "stage2", "stage3"))
     section = text.split("### mean CCA")[1].split("###")[0]
     assert "† unreliable: in at least one fold the comparison had fewer than 10 rows" in section
     assert "(here as few as 2.0)" in section
     assert "† unreliable" not in text.split("## Layer-wise similarity")[0]
+
+def test_similarity_cells_give_the_interval_compare_wrote_and_say_what_it_is(study, markdown_table):
+    folder = study.resolve("results/analysis/target")
+    with (folder / "similarity_summary.csv").open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    for row in rows:
+        row.update(ci_low="", ci_high="", ci_basis="")
+        if row["pair_kind"] == "source_vs_finetuned" and row["layer"] == "stem":
+            row.update(ci_low="0.8712", ci_high="0.9288", ci_basis="folds")
+        if row["pair_kind"] == "source_vs_finetuned" and row["layer"] == "stage1":
+            row.update(ci_low="0.7501", ci_high="0.8499", ci_basis="channel draws")
+    _write_csv(folder / "similarity_summary.csv", rows)
+    text = run_report(study, client=_RegistryAsThePointersSay()).read_text()
+    (row,) = [row for row in markdown_table(text, "### mean CCA (mean ± sd over folds [95 % interval])")
+              if row["regime"] == "full"]
+    assert row["stem"] == "0.90 ± 0.01 [0.87, 0.93]"
+    assert row["stage1"] == "0.80 ± 0.01 [0.75, 0.85]‡"
+    assert row["stage2"] == "0.70 ± 0.01"  # no interval written: none shown
+    section = text.split("### mean CCA")[1].split("###")[0]
+    assert "95 % interval of the mean: Student t over the folds, widened by Nadeau & Bengio's correction" in section
+    assert "‡ one fold only: the interval is over that fold's channel draws" in section
+
 
 def test_report_html_is_self_contained_and_holds_the_tables(study):
     import re

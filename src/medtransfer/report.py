@@ -44,6 +44,7 @@ from medtransfer.layout import (
     SUMMARY_FOLDER,
 )
 from medtransfer.analysis.plots import UNRELIABLE_MARK, is_unreliable
+from medtransfer.analysis.summaries import CI_OVER_DRAWS
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.report_paper import paper_section_for_study
@@ -188,7 +189,7 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
         selected = [row for row in rows if row["measure"] == measure]
         if not selected:
             continue
-        lines += ["", f"### {title} (mean ± sd over folds)", "",
+        lines += ["", f"### {title} (mean ± sd over folds [95 % interval])", "",
                   "| pair | regime | " + " | ".join(layers) + " |", "|" + "---|" * (len(layers) + 2)]
         table = defaultdict(dict)
         for row in selected:
@@ -198,8 +199,7 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
             if kind not in order:
                 continue
             label = dict(SIMILARITY_GROUPS)[kind] + (f": {pair}" if pair and kind != RANDOM_VS_RANDOM else "")
-            cells = [_mean_sd([_float(by_layer[layer]["mean"])], sd=_float(by_layer[layer]["sd"]))
-                     + _unreliable_mark(by_layer[layer]) if layer in by_layer else "–" for layer in layers]
+            cells = [_similarity_cell(by_layer[layer]) if layer in by_layer else "–" for layer in layers]
             lines.append(f"| {label} | {regime or '–'} | " + " | ".join(cells) + " |")
         floors = {}
         for row in selected:
@@ -208,6 +208,7 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
                     + _unreliable_mark(row)
         if floors:
             lines.append(f"| {PAIR_KIND_TITLES[SHUFFLED]} | – | " + " | ".join(floors.get(layer, "–") for layer in layers) + " |")
+        lines += _interval_legend(selected)
         lines += _unreliable_legend(selected)
         lines += _embed_figure(folder / LAYER_FIGURE_FILE.format(measure=measure), target, figures, f"{title} per layer, {target}")
     return "\n".join(lines)
@@ -264,6 +265,36 @@ def _gain_section(target: str, folder: Path, figures: Path) -> str:
     lines += _embed_figure(folder / CONV1_FIGURE_FILE, target, figures,
                            f"first-layer filters of every source and random initialisation, {target}")
     return "\n".join(lines)
+
+
+#: Beside an interval computed over one fold's channel draws (no spread over folds to give).
+DRAWS_INTERVAL_MARK = "‡"
+
+
+def _similarity_cell(row: dict[str, str]) -> str:
+    """mean ± sd over folds, the 95 % interval of the mean in brackets where compare gave one (tables written
+    before the interval columns existed show mean ± sd alone), then the marks."""
+    cell = _mean_sd([_float(row["mean"])], sd=_float(row["sd"]))
+    low, high = _float(row.get("ci_low", "")), _float(row.get("ci_high", ""))
+    if math.isfinite(low) and math.isfinite(high):
+        cell += f" [{low:.2f}, {high:.2f}]"
+        if row.get("ci_basis") == CI_OVER_DRAWS:
+            cell += DRAWS_INTERVAL_MARK
+    return cell + _unreliable_mark(row)
+
+
+def _interval_legend(rows: list[dict[str, str]]) -> list[str]:
+    """What the bracketed intervals are, when the table holds any."""
+    bases = {row.get("ci_basis") for row in rows if math.isfinite(_float(row.get("ci_low", "")))}
+    if not bases:
+        return []
+    lines = ["", "[ ] 95 % interval of the mean: Student t over the folds, widened by Nadeau & Bengio's correction "
+                 "(variance factor 1/k + n_test/n_train, as the folds' models share training images); with channel "
+                 "sampling each fold's value is the mean over its draws, so the interval holds the draws' noise too."]
+    if CI_OVER_DRAWS in bases:
+        lines[-1] += (f" {DRAWS_INTERVAL_MARK} one fold only: the interval is over that fold's channel draws and "
+                      "leaves out the fold-to-fold noise.")
+    return lines
 
 
 def _unreliable_mark(row: dict[str, str]) -> str:

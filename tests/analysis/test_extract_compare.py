@@ -303,6 +303,19 @@ def test_compare_writes_every_table_figure_and_one_run(study, capsys):
         assert float(row["t"]) == pytest.approx(t, rel=1e-5)
         assert float(row["p"]) == pytest.approx(2 * scipy.stats.t.sf(abs(t), 1), rel=1e-5)
 
+    for row in summary:  # every interval over the 2 folds recomputed from similarity.csv, with the same correction
+        values = np.array([float(r["value"]) for r in rows if (r["pair_kind"], r["pair"], r["regime"], r["layer"],
+                           r["measure"]) == (row["pair_kind"], row["pair"], row["regime"], row["layer"], row["measure"])])
+        values = values[np.isfinite(values)]
+        if values.size == 2:
+            half = scipy.stats.t.ppf(0.975, 1) * np.sqrt((1 / 2 + correction) * values.var(ddof=1))
+            assert (float(row["ci_low"]), float(row["ci_high"])) == (
+                pytest.approx(values.mean() - half, abs=1e-9), pytest.approx(values.mean() + half, abs=1e-9)), row
+    flags = {(r["model_b"], r["layer"], r["measure"]): r["reliable"] for r in rows
+             if r["pair_kind"] == "source_vs_finetuned"}
+    for row in gain:  # each point says whether its similarity rests on enough rows per channel
+        assert row["reliable_cca"].lower() == flags[(row["model"], row["layer"], "cca")], row
+
     pngs = {path.name for path in folder.glob("*.png")}
     assert {"layers_cca.png", "layers_cka.png", "prediction_agreement.png", "conv1_filters.png",
             "similarity_vs_gain.png"} <= pngs
@@ -314,6 +327,13 @@ def test_compare_writes_every_table_figure_and_one_run(study, capsys):
     assert run.data.tags["dataset"] == DATASET
     assert run.data.tags["model.source.natural.v1"] == "1" and run.data.tags["model.target.random.full.v2"] == "2"
     assert any(key.startswith("cca_stage4_source_vs_finetuned_natural") for key in run.data.metrics)
+    # each main group's mean is logged with its 95 % interval over folds, the same numbers as the summary table
+    (row,) = [r for r in summary if (r["pair_kind"], r["pair"], r["regime"], r["layer"], r["measure"])
+              == ("source_vs_finetuned", "natural", "full", "stage1", "cca")]
+    key = "cca_stage1_source_vs_finetuned_natural_full"
+    assert run.data.metrics[f"{key}_low"] == pytest.approx(float(row["ci_low"]))
+    assert run.data.metrics[f"{key}_high"] == pytest.approx(float(row["ci_high"]))
+    assert row["ci_basis"] == "folds" and float(row["ci_low"]) < float(row["mean"]) < float(row["ci_high"])
     artifacts = {item.path for item in mlflow.MlflowClient().list_artifacts(run.info.run_id, "analysis")}
     assert "analysis/similarity.csv" in artifacts and "analysis/layers_cca.png" in artifacts
 

@@ -120,6 +120,30 @@ def test_similarity_vs_gain_for_every_measure_with_r_per_panel(monkeypatch, tmp_
     assert [axis.get_xlabel() for axis in axes] == ["mean CCA", "mean CCA", "linear CKA", "linear CKA"]
 
 
+def test_similarity_vs_gain_draws_unreliable_points_hollow_with_the_reason_in_the_legend(monkeypatch, tmp_path):
+    from medtransfer.analysis import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.update(figure=figure))
+    points = [{"source": "natural", "layer": "stage4", "cca": 0.2 + 0.1 * fold, "cka": 0.7, "relative_gain": 0.1,
+               "reliable_cca": "False" if fold == 0 else "True", "reliable_cka": "True"} for fold in range(3)]
+    plots.plot_similarity_vs_gain_by_measure(points, ("stage4",), ("cca", "cka"), tmp_path / "g.png", title="t")
+    cca_axis, cka_axis = drawn["figure"].axes
+
+    def hollow_offsets(axis):
+        return [tuple(offset) for collection in axis.collections
+                if len(collection.get_offsets()) and np.allclose(collection.get_facecolors()[:, :3], 1.0)
+                for offset in collection.get_offsets()]
+
+    assert hollow_offsets(cca_axis) == [pytest.approx((0.2, 0.1))]  # fold 0 alone, at its place
+    filled = [tuple(o) for c in cca_axis.collections if not np.allclose(c.get_facecolors()[:, :3], 1.0)
+              for o in c.get_offsets()]
+    assert filled == [pytest.approx((0.3, 0.1)), pytest.approx((0.4, 0.1))]
+    assert plots.UNRELIABLE_POINT_LEGEND in [text.get_text() for text in cca_axis.get_legend().get_texts()]
+    assert hollow_offsets(cka_axis) == []
+    assert plots.UNRELIABLE_POINT_LEGEND not in [text.get_text() for text in cka_axis.get_legend().get_texts()]
+
+
 def test_conv1_panels_show_every_model_with_a_caption(monkeypatch, tmp_path):
     from medtransfer.analysis import plots
 

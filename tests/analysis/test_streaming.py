@@ -182,6 +182,7 @@ def test_each_channel_draw_takes_its_own_images_when_the_layer_holds_them():
         expected.append(compute_similarity(x[rows][:, a].astype(np.float64), y[rows][:, b].astype(np.float64),
                                            ["cka"]).value("cka"))
     assert result.values["cka"] == pytest.approx(np.mean(expected), rel=1e-9)
+    assert result.draw_sd["cka"] == pytest.approx(np.std(expected, ddof=1), rel=1e-6)  # spread over the draws
     assert result.n == per_draw * positions and result.images == per_draw and result.draws == 3
     # the same draws all on the first block give another number: the blocks are really used
     same = compare_pair_layer(x[: per_draw * positions], y[: per_draw * positions], positions, ["cka"],
@@ -212,3 +213,5 @@ def test_all_channels_in_one_draw_still_repeat_over_fresh_images():
     blocks = [compute_similarity(x[r * 40:(r + 1) * 40].astype(np.float64), y[r * 40:(r + 1) * 40].astype(np.float64),
                                  ["cka"]).value("cka") for r in range(3)]
     assert result.draws == 3 and result.values["cka"] == pytest.approx(np.mean(blocks), rel=1e-9)
+    one = compare_pair_layer(x, y, 2, ["cka"])
+    assert one.draws == 1 and one.draw_sd["cka"] is None  # one draw: no spread to give

@@ -15,7 +15,6 @@ from medtransfer.analysis.study_summary import (
 )
 from medtransfer.config import load_config
 from medtransfer.pointers import FoldModel, ModelPointer, write_pointer
-from medtransfer.report import run_report
 
 TARGETS = ("alpha", "beta", "gamma")
 LAYERS = ("stem", "stage1")

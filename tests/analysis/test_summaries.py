@@ -63,3 +63,43 @@ def test_similarity_vs_gain_is_relative_to_the_random_init_model_of_the_same_fol
     assert first["relative_gain"] == pytest.approx((0.9 - 0.6) / 0.6) and first["cca"] == pytest.approx(0.5)
     assert first["random_init_model"] == "t.random.v0" and first["points_layer"] == 2
     assert math.isnan(first["pearson_cca_layer"])  # fewer than 3 points
+
+
+def test_similarity_vs_gain_says_which_points_rest_on_too_few_rows_per_channel():
+    models = [_finetuned("natural", 0, 0.9), _finetuned("random", 0, 0.6, True)]
+    by_key = {m.key: m for m in models}
+    rows = [_row("source_vs_finetuned", "natural", 0, layer, 0.5, model_b="t.natural.v0", measure=m)
+            for layer in LAYERS for m in ("cca", "cka")]
+    for row in rows:
+        if row["layer"] == "stage4" and row["measure"] == "cca":
+            row["reliable"] = "False"  # as read back from similarity.csv
+    points = {p["layer"]: p for p in similarity_vs_gain(rows, by_key, LAYERS)}
+    assert points["stage4"]["reliable_cca"] is False and points["stage4"]["reliable_cka"] is True
+    assert all(points[layer]["reliable_cca"] is True for layer in LAYERS[:-1])
+
+
+def test_the_interval_over_folds_is_a_t_interval_widened_by_the_nadeau_bengio_correction():
+    from scipy import stats
+
+    values = [0.8, 0.9, 1.0]
+    rows = [_row("source_vs_finetuned", "natural", fold, "stem", value) for fold, value in enumerate(values)]
+    plain = summarise(rows)[0]
+    low, high = stats.t.interval(0.95, 2, loc=0.9, scale=stats.sem(values))  # the textbook interval (no overlap)
+    assert (plain["ci_low"], plain["ci_high"], plain["ci_basis"]) == (pytest.approx(low), pytest.approx(high), "folds")
+    # n_test / n_train = 0.5: variance factor 1/3 + 1/2 instead of 1/3, so the half-width grows by sqrt(5/2)
+    corrected = summarise(rows, correction=0.5)[0]
+    assert corrected["ci_high"] - 0.9 == pytest.approx((high - 0.9) * math.sqrt(2.5))
+    assert corrected["ci_low"] < low and corrected["mean"] == pytest.approx(0.9)
+
+
+def test_one_fold_gets_the_interval_over_its_channel_draws_and_none_without_draws():
+    from scipy import stats
+
+    sampled = _row("source_vs_finetuned", "natural", 0, "stem", 0.6)
+    sampled.update(channel_draws="5", draw_sd="0.05")  # as read back from similarity.csv
+    row = summarise([sampled])[0]
+    half = stats.t.ppf(0.975, 4) * 0.05 / math.sqrt(5)
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(0.6 - half), pytest.approx(0.6 + half))
+    assert row["ci_basis"] == "channel draws" and row["count"] == 1
+    alone = summarise([_row("source_vs_finetuned", "natural", 0, "stem", 0.6)])[0]
+    assert math.isnan(alone["ci_low"]) and math.isnan(alone["ci_high"]) and alone["ci_basis"] == ""

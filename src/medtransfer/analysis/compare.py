@@ -135,7 +135,7 @@ def run_compare(config: Config, dataset: str) -> Path:
         progress_line(item_line(f"compare {dataset}", index, len(pairs),
                                 f"{pair.kind}: {pair.label} fold {pair.fold}{' (shuffled)' if pair.shuffled else ''}"))
         similarity_rows.extend(pair_rows(folder, manifest, pair, measures, config.analysis, layers))
-    summary_rows = summarise(similarity_rows)
+    summary_rows = summarise(similarity_rows, correction_term(manifest["folds"]))
     predictions = prediction_rows(folder, manifest, models)
     gain_rows = similarity_vs_gain(similarity_rows, by_key, layers,
                                    predictions_loader=lambda m: load_predictions(folder, manifest, m))

@@ -7,7 +7,8 @@
 - `wilcoxon_across_targets`: the signed-rank test on per-target mean differences (Demšar 2006), only with at least
   six targets: with n targets the smallest exact two-sided p is 2 / 2ⁿ, which reaches 0.05 only from n = 6.
 - `bootstrap_auc_interval`: a seeded percentile interval of one fold's test AUC over its test images.
-- `interval_over_folds`: mean and t-interval of any per-fold values (similarity tables).
+- `interval_over_folds`: mean and t-interval of any per-fold values (similarity tables), optionally corrected
+  for overlapping training sets as above.
 """
 
 from __future__ import annotations
@@ -122,10 +123,11 @@ def bootstrap_auc_interval(
     return point, float(low), float(high)
 
 
-def interval_over_folds(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): a Student-t interval of the mean of per-fold values (NaN with fewer than two)."""
-    from scipy import stats
+def interval_over_folds(values: np.ndarray, level: float = 0.95, correction: float = 0.0) -> tuple[float, float, float]:
+    """(mean, low, high): a Student-t interval of the mean of per-fold values (NaN with fewer than two).
 
+    correction: Nadeau & Bengio's n_test / n_train for values of models fitted on overlapping training sets; the
+    variance of the mean is then (1/k + correction) s² instead of s²/k (0: the textbook interval)."""
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     if values.size == 0:
@@ -133,5 +135,18 @@ def interval_over_folds(values: np.ndarray, level: float = 0.95) -> tuple[float,
     mean = float(values.mean())
     if values.size < 2:
         return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + level / 2, values.size - 1)) * float(values.std(ddof=1)) / math.sqrt(values.size)
-    return mean, mean - half, mean + half
+    low, high = t_interval(mean, float(values.std(ddof=1)), int(values.size), level, correction)
+    return mean, low, high
+
+
+def t_interval(mean: float, sd: float, count: int, level: float = 0.95, correction: float = 0.0) -> tuple[float, float]:
+    """(low, high) of the Student-t interval (count − 1 degrees of freedom) of a mean of `count` values with sample
+    sd `sd`; standard error sqrt((1/count + correction)) · sd. NaN with fewer than two values."""
+    from scipy import stats
+
+    if not correction >= 0:
+        raise ValueError(f"correction must be at least 0, got {correction}")
+    if count < 2 or not math.isfinite(sd):
+        return math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, count - 1)) * math.sqrt(1.0 / count + correction) * sd
+    return mean - half, mean + half

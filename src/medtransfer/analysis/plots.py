@@ -53,6 +53,8 @@ def _number(value) -> float:
 UNRELIABLE_MARK = "†"
 #: The legend entry of hollow markers: values some fold computed from too few rows per channel.
 UNRELIABLE_LEGEND = f"hollow: unreliable, < {RELIABLE_ROWS_PER_CHANNEL} rows per channel in some fold"
+#: The same for one fold's point (the similarity-vs-gain scatter).
+UNRELIABLE_POINT_LEGEND = f"hollow: unreliable, < {RELIABLE_ROWS_PER_CHANNEL} rows per channel"
 
 
 def is_unreliable(row: dict) -> bool:
@@ -146,10 +148,18 @@ def draw_series(axis, x: np.ndarray, means: np.ndarray, sds: np.ndarray, hollow:
     return bool(hollow.any())
 
 
-def add_unreliable_legend(axis) -> None:
+def add_unreliable_legend(axis, label: str = UNRELIABLE_LEGEND) -> None:
     """The legend entry that says what a hollow marker means."""
-    axis.plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black",
-              label=UNRELIABLE_LEGEND)
+    axis.plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black", label=label)
+
+
+def is_unreliable_point(row: dict, measure: str) -> bool:
+    """Whether a similarity-vs-gain point's `measure` was computed from too few rows per channel (its
+    `reliable_<measure>` cell is false; a table without the column marks nothing)."""
+    flag = row.get(f"reliable_{measure}")
+    if flag is None or flag == "":
+        return False
+    return not (flag.strip().lower() in ("true", "1") if isinstance(flag, str) else bool(flag))
 
 
 def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[str], path: Path, *, title: str,
@@ -226,8 +236,15 @@ def plot_similarity_vs_gain_by_measure(points: Sequence[dict], layers: Sequence[
             here = [row for row in points if row["layer"] == layer]
             for k, source in enumerate(sources):
                 mine = [row for row in here if row["source"] == source]
-                axis.scatter([_number(r.get(measure)) for r in mine], [_number(r["relative_gain"]) for r in mine],
-                             s=14, color=palette(k % 10), label=source)
+                hollow = np.array([is_unreliable_point(r, measure) for r in mine], dtype=bool)
+                x = np.array([_number(r.get(measure)) for r in mine], dtype=np.float64)
+                y = np.array([_number(r["relative_gain"]) for r in mine], dtype=np.float64)
+                axis.scatter(x[~hollow], y[~hollow], s=14, color=palette(k % 10), label=source)
+                if hollow.any():
+                    axis.scatter(x[hollow], y[hollow], s=14, facecolors="white", edgecolors=palette(k % 10),
+                                 label=None if (~hollow).any() else source)
+            if any(is_unreliable_point(r, measure) for r in here):
+                add_unreliable_legend(axis, UNRELIABLE_POINT_LEGEND)
             r_value = _number(here[0].get(f"pearson_{measure}_layer")) if here else math.nan
             axis.plot([], [], linestyle="none",
                       label=f"r = {r_value:.2f} (n = {len(here)})" if math.isfinite(r_value) else f"r: n/a (n = {len(here)})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,8 @@ class LayerComparison:
     draws: int
     reliable: bool
     note: str
+    #: per measure, the sd (ddof 1) of its values over the channel draws; None with fewer than two defined draws
+    draw_sd: dict[str, float | None] = field(default_factory=dict)
 
 
 def compare_pair_layer(
@@ -131,10 +133,12 @@ def compare_pair_layer(
                                y_rows[rows] if b is None else y_rows[rows][:, b])
     results = [accumulator.finalize(measures) for accumulator in accumulators]
     values: dict[str, float | None] = {}
+    draw_sd: dict[str, float | None] = {}
     notes = []
     for measure in measures:
         got = [r.value(measure) for r in results if r.value(measure) is not None]
         values[measure] = float(np.mean(got)) if got else None
+        draw_sd[measure] = float(np.std(got, ddof=1)) if len(got) > 1 else None
         if not got:
             reasons = {r.undefined.get(measure, "undefined") for r in results}
             notes.append(f"{measure}: {'; '.join(sorted(reasons))}")
@@ -151,7 +155,7 @@ def compare_pair_layer(
     c_b = q if first_draw[1] is None else len(first_draw[1])
     per_draw = blocks[0].stop - blocks[0].start
     return LayerComparison(values, per_draw * positions, per_draw, c_a, c_b, p, q, len(draws), reliable,
-                           " | ".join(notes))
+                           " | ".join(notes), draw_sd)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -196,7 +200,9 @@ def pair_rows(folder: Path, manifest: dict[str, Any], pair: Pair, measures: Sequ
                 "fold": pair.fold, "regime": pair.regime, "layer": layer, "measure": measure,
                 "value": math.nan if value is None else value, "n": result.n, "images": result.images,
                 "c_a": result.c_a, "c_b": result.c_b, "channels_a": result.channels_a, "channels_b": result.channels_b,
-                "channel_draws": result.draws, "rows_per_channel": result.n / max(result.c_a, result.c_b),
+                "channel_draws": result.draws,
+                "draw_sd": math.nan if result.draw_sd.get(measure) is None else result.draw_sd[measure],
+                "rows_per_channel": result.n / max(result.c_a, result.c_b),
                 "reliable": result.reliable, "note": result.note,
             })
     return rows

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from medtransfer.analysis.paired_statistics import interval_over_folds, t_interval
 from medtransfer.analysis.pairs import (
     CONTROL_KINDS,
     FINETUNED_VS_FINETUNED,
@@ -45,16 +46,17 @@ GAIN_MEASURES = ("cca", "cka")
 
 SIMILARITY_COLUMNS = [
     "pair_kind", "pair", "model_a", "model_b", "fold", "regime", "layer", "measure", "value", "n", "images",
-    "c_a", "c_b", "channels_a", "channels_b", "channel_draws", "rows_per_channel", "reliable", "note",
+    "c_a", "c_b", "channels_a", "channels_b", "channel_draws", "draw_sd", "rows_per_channel", "reliable", "note",
 ]
 SUMMARY_COLUMNS = [
-    "pair_kind", "pair", "regime", "layer", "measure", "mean", "sd", "count", "reliable_share", "rows_per_channel",
+    "pair_kind", "pair", "regime", "layer", "measure", "mean", "sd", "count", "ci_low", "ci_high", "ci_basis",
+    "reliable_share", "rows_per_channel",
     "random_vs_random_mean", "random_vs_random_sd", "shuffled_mean", "shuffled_sd",
 ]
 GAIN_COLUMNS = [
     "source", "regime", "fold", "layer", "model", "source_model", "random_init_model", "cca", "cka", "test_auc",
     "random_init_test_auc", "relative_gain", "pearson_cca_layer", "pearson_cka_layer", "points_layer",
-    "pearson_cca_layer_source", "pearson_cka_layer_source", "points_layer_source",
+    "pearson_cca_layer_source", "pearson_cka_layer_source", "points_layer_source", "reliable_cca", "reliable_cka",
 ]
 
 
@@ -67,9 +69,20 @@ def stats(values: Sequence[float]) -> tuple[float, float, int]:
     return float(finite.mean()), sd, int(finite.size)
 
 
-def summarise(rows: Sequence[dict]) -> list[dict]:
+#: `ci_basis` of an interval over the folds' values, and of one over a single fold's channel draws.
+CI_OVER_FOLDS = "folds"
+CI_OVER_DRAWS = "channel draws"
+
+
+def summarise(rows: Sequence[dict], correction: float = 0.0) -> list[dict]:
     """Mean ± sd over folds (and seeds) per (pair_kind, pair, regime, layer, measure), with the layer's noise
-    floors (random-vs-random and shuffled, over all their rows of that layer and measure) alongside."""
+    floors (random-vs-random and shuffled, over all their rows of that layer and measure) alongside.
+
+    Each mean gets a 95 % interval (`ci_low`, `ci_high`, `ci_basis`): over the folds' values, a Student-t interval
+    with Nadeau & Bengio's `correction` (n_test / n_train: the folds' models share training images); with channel
+    sampling each fold's value is already the mean over its R draws, so the spread of the fold values holds the
+    draws' noise too (var = σ²_fold + σ²_draw / R) and one interval covers both. A group with a single value and
+    several channel draws gets the t-interval over its draws (`draw_sd`), which covers the draws' noise only."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["pair_kind"], row["pair"], row["regime"], row["layer"], row["measure"]), []).append(row)
@@ -81,11 +94,12 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
     summary = []
     for (kind, pair, regime, layer, measure), members in groups.items():
         mean, sd, count = stats([r["value"] for r in members])
+        low, high, basis = _interval(members, correction)
         random_floor = floors[(RANDOM_VS_RANDOM, layer, measure)]
         shuffled_floor = floors[(SHUFFLED, layer, measure)]
         summary.append({
             "pair_kind": kind, "pair": pair, "regime": regime, "layer": layer, "measure": measure,
-            "mean": mean, "sd": sd, "count": count,
+            "mean": mean, "sd": sd, "count": count, "ci_low": low, "ci_high": high, "ci_basis": basis,
             "reliable_share": float(np.mean([bool(r["reliable"]) for r in members])),
             "rows_per_channel": float(np.mean([r["rows_per_channel"] for r in members])),
             "random_vs_random_mean": random_floor[0], "random_vs_random_sd": random_floor[1],
@@ -93,6 +107,20 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
         })
     return summary
 
+
+def _interval(members: Sequence[dict], correction: float) -> tuple[float, float, str]:
+    """(low, high, basis) of the 95 % interval of the members' mean value; NaN and "" where none can be given."""
+    values = np.asarray([r["value"] for r in members if _finite(r["value"])], dtype=np.float64)
+    if values.size >= 2:
+        _, low, high = interval_over_folds(values, correction=correction if math.isfinite(correction) else 0.0)
+        return low, high, CI_OVER_FOLDS
+    if values.size == 1:
+        only = next(r for r in members if _finite(r["value"]))
+        draws, draw_sd = int(only.get("channel_draws") or 0), only.get("draw_sd")
+        if draws >= 2 and _finite(draw_sd):
+            low, high = t_interval(float(values[0]), float(draw_sd), draws)
+            return low, high, CI_OVER_DRAWS
+    return math.nan, math.nan, ""
 
 
 def layer_curve_rows(summary: Sequence[dict], measure: str, layers: Sequence[str]) -> list[dict]:
@@ -113,6 +141,11 @@ def layer_curve_rows(summary: Sequence[dict], measure: str, layers: Sequence[str
                 curves.append({"layer": layer, "series": label, "similarity": values[0][f"{kind}_mean"],
                                "sd": values[0][f"{kind}_sd"]})
     return curves
+
+
+def _truthy(value: Any) -> bool:
+    """A `reliable` cell as a bool, whether it came from memory (bool) or from a CSV ("True"/"False")."""
+    return value.strip().lower() in ("true", "1") if isinstance(value, str) else bool(value)
 
 
 def _finite(value: Any) -> bool:
@@ -140,12 +173,15 @@ def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], laye
                        predictions_loader: Callable[[StudyModel], Any] | None = None) -> list[dict]:
     """Points (non-random source, regime, fold, layer): similarity of the fine-tuned primary to its source, and the
     relative test-AUC gain over the random-init fine-tuned primary of the same fold and regime, plus Pearson's r
-    per layer (all points; and per source), for each of `layers` (the manifest's). AUCs come from the pointer facts
+    per layer (all points; and per source), for each of `layers` (the manifest's). `reliable_<measure>` says whether
+    the similarity rests on enough rows per channel (False also where no similarity was computed). AUCs come from the pointer facts
     that `extract` copied into the manifest, else from the saved predictions (`predictions_loader`)."""
     similarity: dict[tuple, float] = {}
+    reliable: dict[tuple, bool] = {}
     for row in rows:
         if row["pair_kind"] == SOURCE_VS_FINETUNED and row["measure"] in GAIN_MEASURES:
             similarity[(row["model_b"], row["layer"], row["measure"])] = row["value"]
+            reliable[(row["model_b"], row["layer"], row["measure"])] = _truthy(row.get("reliable", True))
     finetuned = [m for m in by_key.values() if m.role == ROLE_FINETUNED and (m.seed_index or 0) == 0]
     references = {}
     for m in sorted(finetuned, key=lambda m: m.source):
@@ -176,6 +212,8 @@ def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], laye
                 "source_model": m.init_key, "random_init_model": reference.key,
                 **{measure: similarity.get((m.key, layer, measure), math.nan) for measure in GAIN_MEASURES},
                 "test_auc": auc_model, "random_init_test_auc": auc_reference, "relative_gain": gain,
+                # whether the similarity rests on enough rows per channel (figures draw the others hollow)
+                **{f"reliable_{measure}": reliable.get((m.key, layer, measure), False) for measure in GAIN_MEASURES},
             })
     for layer in layers:
         here = [p for p in points if p["layer"] == layer]
@@ -206,7 +244,8 @@ def metric_name(*parts: str) -> str:
 
 
 def summary_metrics(summary: Sequence[dict], predictions: Sequence[dict]) -> dict[str, float]:
-    """A few numbers for the MLflow run: mean CCA and CKA per layer of the main pair groups and noise floors, and
+    """A few numbers for the MLflow run: mean CCA and CKA per layer of the main pair groups (with `_low` / `_high`,
+    their 95 % interval, where one was given) and noise floors, and
     the error agreement (observed and chance) per pair of fine-tuned models."""
     metrics = {}
     main = (SOURCE_VS_FINETUNED, PRETRAINED_VS_PRETRAINED, FINETUNED_VS_FINETUNED, RANDOM_VS_RANDOM, SHUFFLED)
@@ -220,6 +259,8 @@ def summary_metrics(summary: Sequence[dict], predictions: Sequence[dict]) -> dic
                 metrics[name] = row["shuffled_mean"]
             else:
                 metrics[name] = row["mean"]
+                if _finite(row.get("ci_low")) and _finite(row.get("ci_high")):  # the 95 % interval of the mean
+                    metrics[f"{name}_low"], metrics[f"{name}_high"] = float(row["ci_low"]), float(row["ci_high"])
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in predictions:
         groups.setdefault((row["pair"], row["regime"]), []).append(row)
