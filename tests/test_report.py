@@ -355,3 +355,21 @@ def test_twins_named_in_params_put_the_paper_beside_the_study(study, markdown_ta
 def test_without_twins_the_report_has_no_paper_section(study):
     text = run_report(study, client=_RegistryAsThePointersSay()).read_text()
     assert "Beside the paper" not in text
+
+
+def test_pairs_across_architectures_say_which_stages_were_compared(study, markdown_table):
+    folder = study.root / "results/analysis/target"
+    assert "Pairs across architectures" not in run_report(study, client=_RegistryAsThePointersSay()).read_text()
+    rows = [{"arch_a": "convnext_atto", "arch_b": "resnet18", "stage_a": f"stages.{k}", "reduction_a": 4 << k,
+             "stage_b": f"stage{k + 1}", "reduction_b": 4 << k, "status": "paired"} for k in range(4)]
+    rows.append({"arch_a": "convnext_atto", "arch_b": "resnet18", "stage_a": "", "reduction_a": "", "stage_b": "stem",
+                 "reduction_b": 2, "status": "no stage at reduction 2 on the other side"})
+    rows += [{"arch_a": "resnet18", "arch_b": "resnet18", "stage_a": s, "reduction_a": 4, "stage_b": s,
+              "reduction_b": 4, "status": "paired by name"} for s in ("stage1", "stage2")]
+    _write_csv(folder / "stage_matches.csv", rows)
+    text = run_report(study, client=_RegistryAsThePointersSay()).read_text()
+    (row,) = markdown_table(text, "## Layer-wise similarity — target")
+    assert row["architecture a"] == "convnext_atto" and row["architecture b"] == "resnet18"
+    assert row["compared (a~b, reduction)"] == ("stages.0~stage1 (/4), stages.1~stage2 (/8), stages.2~stage3 (/16), "
+                                                "stages.3~stage4 (/32)")
+    assert row["without partner"] == "stem"

@@ -33,6 +33,8 @@ PREDICTIONS_FILE = "predictions.csv"
 GAIN_FILE = "similarity_vs_gain.csv"
 AUC_INTERVAL_FILE = "auc_intervals.csv"
 PAIRED_FILE = "paired_comparison.csv"
+#: Which stage of one architecture was compared with which of another (and which stages have no partner).
+STAGE_MATCH_FILE = "stage_matches.csv"
 #: results/summary/: the study across targets.
 SUMMARY_FOLDER = "results/summary"
 GAIN_CORRELATION_FILE = "gain_correlation.csv"

@@ -40,10 +40,12 @@ from medtransfer.layout import (
     RANDOM_VS_RANDOM,
     SHUFFLED,
     SIMILARITY_SUMMARY_FILE,
+    STAGE_MATCH_FILE,
     SOURCE_VS_FINETUNED,
     SUMMARY_FOLDER,
 )
 from medtransfer.analysis.plots import UNRELIABLE_MARK, is_unreliable
+from medtransfer.analysis.stage_matching import cross_architecture_matches
 from medtransfer.analysis.summaries import CI_OVER_DRAWS
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.atomic_files import atomic_directory
@@ -185,6 +187,7 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
     # The layers as compare wrote them, in the manifest's (forward) order: each pair's rows run through them all.
     layers = list(dict.fromkeys(row["layer"] for row in rows))
     lines = [f"## Layer-wise similarity — {target}"]
+    lines += _stage_matching_lines(folder)
     for measure, title in (("cca", "mean CCA"), ("cka", "linear CKA")):
         selected = [row for row in rows if row["measure"] == measure]
         if not selected:
@@ -212,6 +215,20 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
         lines += _unreliable_legend(selected)
         lines += _embed_figure(folder / LAYER_FIGURE_FILE.format(measure=measure), target, figures, f"{title} per layer, {target}")
     return "\n".join(lines)
+
+
+def _stage_matching_lines(folder: Path) -> list[str]:
+    """Where pairs span two architectures: which stages were compared (by reduction) and which have no partner."""
+    path = folder / STAGE_MATCH_FILE
+    matches = cross_architecture_matches(_read_csv(path)) if path.exists() else []
+    if not matches:
+        return []
+    lines = ["", "Pairs across architectures compare stages of equal reduction (stride from the input); their cells "
+                 "stand under the first model's stage. Stages without a partner are not compared:", "",
+             "| architecture a | architecture b | compared (a~b, reduction) | without partner |", "|---|---|---|---|"]
+    lines += [f"| {arch_a} | {arch_b} | {', '.join(compared) or '–'} | {', '.join(alone) or '–'} |"
+              for arch_a, arch_b, compared, alone in matches]
+    return lines
 
 
 def _predictions_section(target: str, folder: Path, figures: Path) -> str:

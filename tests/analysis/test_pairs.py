@@ -5,6 +5,15 @@ from __future__ import annotations
 from collections import Counter
 
 from medtransfer.analysis.pairs import (
+    RandomSource,
+    StudyModel,
+    plan_pairs,
+    prediction_pairs,
+    random_baseline_keys,
+    required_activations,
+    study_models,
+)
+from medtransfer.layout import (
     CONTROL_KINDS,
     FINETUNED_VS_FINETUNED,
     FINETUNED_VS_RANDOM_INIT,
@@ -17,13 +26,6 @@ from medtransfer.analysis.pairs import (
     SEED_TO_SEED,
     SHUFFLED,
     SOURCE_VS_FINETUNED,
-    RandomSource,
-    StudyModel,
-    plan_pairs,
-    prediction_pairs,
-    random_baseline_keys,
-    required_activations,
-    study_models,
 )
 from medtransfer.pointers import FoldModel, ModelPointer
 

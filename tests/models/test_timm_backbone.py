@@ -8,7 +8,9 @@ import torch
 from medtransfer.analysis.similarity import compute_similarity
 from medtransfer.errors import ModelError
 from medtransfer.models.backbones import STAGE_NAMES
-from medtransfer.models.timm_backbone import TimmBackbone, match_stages_by_reduction
+from medtransfer.analysis.stage_matching import match_stages_by_reduction
+from medtransfer.models.backbones import Classifier, stage_reductions
+from medtransfer.models.timm_backbone import TimmBackbone
 
 IMAGE = 32
 
@@ -83,8 +85,21 @@ def test_a_stage_compared_with_itself_is_one():
         assert result.value("cka") == pytest.approx(1.0, abs=1e-9), name
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "keras_resnet50"])
+def test_resnet_stage_reductions_agree_with_timm_and_with_the_maps(arch):
+    import timm
+
+    declared = stage_reductions(Classifier(arch, None))
+    # oracle 1: timm's own feature_info of its resnet18 (act1, layer1 ... layer4)
+    assert list(declared.values()) == [int(e["reduction"]) for e in timm.create_model("resnet18").feature_info]
+    # oracle 2: input size over map size at 64 px
+    model = Classifier(arch, None).eval()
+    _, seen = _hooked(model.backbone, torch.zeros(1, 3, 64, 64))
+    assert declared == {name: 64 // seen[name].shape[-1] for name in STAGE_NAMES}
+
+
 def test_resnet_and_convnext_stages_pair_by_reduction():
-    resnet = dict(zip(STAGE_NAMES, (2, 4, 8, 16, 32)))  # timm resnet18's feature_info reductions
+    resnet = stage_reductions(Classifier("resnet18", None))
     convnext = TimmBackbone("convnext_atto").stage_reductions
     match = match_stages_by_reduction(resnet, convnext)
     assert match.pairs == (("stage1", "stages.0", 4), ("stage2", "stages.1", 8), ("stage3", "stages.2", 16),

@@ -27,6 +27,9 @@ Outputs, written together into `results/analysis/<NAME>/` (atomically):
   shuffled noise floors of that layer and measure alongside, columns `SUMMARY_COLUMNS`;
 * `predictions.csv`: prediction similarity of fine-tuned models of different sources, same fold and regime,
   columns `PREDICTION_COLUMNS` (see predictions.py);
+* `stage_matches.csv`: for every pairing of architectures among the pairs, which stage of one was compared with
+  which of the other (by name within an architecture, by reduction across architectures: `stage_matching.py`) and
+  which stages have no partner, columns `STAGE_MATCH_COLUMNS`;
 * `similarity_vs_gain.csv`: per non-random source, regime, fold and layer, mean CCA and linear CKA of the
   fine-tuned model vs its source against its relative test-AUC gain over the random-init fine-tuned model of the
   same fold and regime, (AUC − AUC_random) / AUC_random, with Pearson's r per layer over all points and per
@@ -61,6 +64,7 @@ from medtransfer.analysis.source_comparison import (
     correction_term,
     paired_rows,
 )
+from medtransfer.analysis.stage_matching import STAGE_MATCH_COLUMNS, cross_architecture_matches, model_stages, stage_match_rows
 from medtransfer.analysis.streaming import pair_rows
 from medtransfer.analysis.summaries import (
     CURVE_COLUMNS,
@@ -98,6 +102,7 @@ from medtransfer.layout import (
     Tag,
     SIMILARITY_FILE,
     SIMILARITY_SUMMARY_FILE,
+    STAGE_MATCH_FILE,
 )
 from medtransfer.models.preprocessing import IMAGENET, PREPROCESSING
 from medtransfer.progress import item_line, progress_line
@@ -138,10 +143,13 @@ def run_compare(config: Config, dataset: str) -> Path:
     summary_rows = summarise(similarity_rows, correction_term(manifest["folds"]))
     predictions = prediction_rows(folder, manifest, models)
     gain_rows = similarity_vs_gain(similarity_rows, by_key, layers,
-                                   predictions_loader=lambda m: load_predictions(folder, manifest, m))
+                                   predictions_loader=lambda m: load_predictions(folder, manifest, m),
+                                   architectures={key: (str(record.get("arch") or ""), list(model_stages(manifest, key)))
+                                                  for key, record in manifest["models"].items()})
     auc_rows = auc_interval_rows(models, lambda m: load_predictions(folder, manifest, m),
                                  config.analysis.bootstrap_resamples, config.analysis.seed)
     paired = paired_rows(auc_rows, correction_term(manifest["folds"]))
+    stage_matches = _stage_matches(manifest, pairs)
     target = results_folder(config, dataset)
     with atomic_directory(target) as staging:
         write_table(staging / SIMILARITY_FILE, SIMILARITY_COLUMNS, similarity_rows)
@@ -150,13 +158,31 @@ def run_compare(config: Config, dataset: str) -> Path:
         write_table(staging / GAIN_FILE, GAIN_COLUMNS, gain_rows)
         write_table(staging / AUC_INTERVAL_FILE, AUC_INTERVAL_COLUMNS, auc_rows)
         write_table(staging / PAIRED_FILE, PAIRED_COLUMNS, paired)
+        write_table(staging / STAGE_MATCH_FILE, STAGE_MATCH_COLUMNS, stage_matches)
         _write_figures(staging, folder, manifest, dataset, measures, layers, summary_rows, predictions, gain_rows)
     with atomic_directory(curves_folder(config, dataset)) as staging:
         for measure in measures:
             write_table(staging / f"{measure}.csv", CURVE_COLUMNS, layer_curve_rows(summary_rows, measure, layers))
     _log_compare_run(config, dataset, manifest, target, measures, summary_rows, predictions, paired)
     print(format_summary(dataset, summary_rows, measures, layers, len(pairs), time.perf_counter() - started, target))
+    for line in format_unpaired(stage_matches):
+        print(line)
     return target
+
+
+def _stage_matches(manifest: dict[str, Any], pairs: Sequence) -> list[dict]:
+    """`stage_matches.csv`: the stage pairing of every pairing of architectures the pairs make (stage sizes from
+    the first fold; every fold holds the same images' sizes)."""
+    first_fold = next(iter(manifest["folds"].values()))
+    sizes = {layer: (int(info["height"]), int(info["width"])) for layer, info in first_fold["layers"].items()}
+    return stage_match_rows(manifest, [(pair.model_a, pair.model_b) for pair in pairs], sizes)
+
+
+def format_unpaired(stage_matches: Sequence[dict]) -> list[str]:
+    """One line per pairing of two architectures: which stages were compared and which have no partner."""
+    return [f"  stages {arch_a} vs {arch_b}: compared {', '.join(compared) or 'none'}; without partner: "
+            f"{', '.join(alone) or 'none'} (see {STAGE_MATCH_FILE})"
+            for arch_a, arch_b, compared, alone in cross_architecture_matches(stage_matches)]
 
 
 def _measures(config: Config) -> list[str]:
@@ -210,7 +236,7 @@ def _write_figures(staging: Path, folder: Path, manifest: dict[str, Any], datase
         order = record.get("channel_order") or PREPROCESSING.get(model.get("preprocessing"), IMAGENET).channel_order
         filters.append((f"{source} (random init)" if model.get("random_init") else source, weights, order))
     if filters:
-        module = next(iter(records.values()))["module"]
+        module = ", ".join(dict.fromkeys(record["module"] for record in records.values()))  # one per architecture
         plots.plot_conv1_panels(filters, staging / CONV1_FIGURE_FILE, title=f"{dataset}: first-layer filters ({module})",
                                 caption="each filter min-max normalised on its own and drawn in RGB order, whatever "
                                         "channel order the network reads (Keras-converted sources read BGR)")

@@ -8,7 +8,10 @@ refused with one line. `pairs.plan_pairs` decides which fold's images each model
 
 Each model is loaded once, applies its own preprocessing to the same uint8 images, and runs in eval mode under
 `torch.inference_mode`, in batches of `analysis.batch_size`; hooks on the backbone's named stages (five for the
-ResNet family) keep only the sampled positions (see activations.py). Besides the activations, the folder holds the first convolution's weights
+ResNet family, timm's own for other models) keep only the sampled positions (see activations.py). Models of
+different architectures may meet in one study: each stage name is planned once per fold (the images it keeps
+depend on its h×w only), one name at two sizes is refused, and each model records its stages' reductions, by
+which `compare` pairs stages of different architectures (stage_matching.py). Besides the activations, the folder holds the first convolution's weights
 of every source (`conv1/<source>.npy`, for the filter pictures) and each fine-tuned model's test predictions
 (`predictions/<model_key>.csv`, copied from its run), and `manifest.json`:
 
@@ -18,7 +21,8 @@ of every source (`conv1/<source>.npy`, for the filter pictures) and each fine-tu
     folds {"<k>": {folder, test_images, order: [dataset indices], layers: {layer: {images, height, width, rows,
           image_indices: [dataset indices]}}, models: [keys run on this fold's images]}},
     models {key: {registered_model, version, weights_sha256, role, source, random_init, regime, fold, seed,
-          seed_index, init_key, run_id, test_auc, arch, preprocessing, channels {layer: C}, predictions}},
+          seed_index, init_key, run_id, test_auc, arch, preprocessing, channels {layer: C},
+          stages {layer: reduction}, predictions}},
     conv1 {source: {file, model_key, module, shape, channel_order}}
 
 The whole folder is written to a temporary sibling and renamed into place (`atomic_files.atomic_directory`).
@@ -64,6 +68,7 @@ from medtransfer.progress import item_line, progress_line
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.config import Config
 from medtransfer.errors import ConfigError, DataError, ModelError, UserError
+from medtransfer.models.backbones import stage_reductions
 
 __all__ = ["activations_folder", "run_extract"]
 
@@ -200,31 +205,31 @@ def _extract_model(
     network = loaded.model.to(_device()).eval()
     preprocessing = loaded.spec.preprocessing
     shapes = stage_shapes(network, preprocessing, prepared.images[int(orders[folds[0]][0])])  # the stages, in order
+    reductions = stage_reductions(network)
     for fold in folds:
-        plans = fold_plans.get(fold)
-        if plans is None:
-            plans = fold_plans[fold] = plan_layers(
-                {layer: shape[1:] for layer, shape in shapes.items()},
-                len(orders[fold]),
-                positions_per_layer=config.analysis.positions_per_layer,
-                fixed_images=config.analysis.images,
-                draws=config.analysis.channel_repeats if config.analysis.channel_sample > 0 else 1,
-            )
-        if list(shapes) != list(plans):
-            raise ModelError(
-                f"{model.key} ({loaded.spec.arch}) names the stages {', '.join(shapes)}, other models "
-                f"{', '.join(plans)}; only models with the same stages can be paired layer by layer",
-                fix="compare models of architectures that name the same stages (the ResNet family does)",
-            )
-        for layer, plan in plans.items():
+        # One plan per stage name over all the study's models (the images a stage keeps depend on its h×w only), so
+        # models of different architectures share the images of same-sized stages and pairs match any two stages.
+        plans = fold_plans.setdefault(fold, {})
+        unplanned = {layer: shape[1:] for layer, shape in shapes.items() if layer not in plans}
+        plans.update(plan_layers(
+            unplanned,
+            len(orders[fold]),
+            positions_per_layer=config.analysis.positions_per_layer,
+            fixed_images=config.analysis.images,
+            draws=config.analysis.channel_repeats if config.analysis.channel_sample > 0 else 1,
+        ))
+        for layer in shapes:
+            plan = plans[layer]
             if shapes[layer][1:] != (plan.height, plan.width):
                 raise ModelError(
-                    f"stage {layer} of {model.key} is {shapes[layer][1]}x{shapes[layer][2]}, other models give "
-                    f"{plan.height}x{plan.width}; positions of different spatial sizes cannot be paired",
-                    fix="compare models whose stages have the same strides (the ResNet family does)",
+                    f"stage {layer} of {model.key} ({loaded.spec.arch}) is {shapes[layer][1]}x{shapes[layer][2]}, "
+                    f"another model's stage {layer} is {plan.height}x{plan.width}; one stage name cannot be one "
+                    f"layer at two sizes",
+                    fix="give the sources of one architecture the same model_args (e.g. img_size) and image size",
                 )
+        own_plans = {layer: plans[layer] for layer in shapes}
         activations = extract_stage_activations(
-            network, preprocessing, prepared.images, orders[fold], plans, config.analysis.batch_size
+            network, preprocessing, prepared.images, orders[fold], own_plans, config.analysis.batch_size
         )
         for layer, array in activations.items():
             save_array(activations_path(staging, fold, model.key, layer), array)
@@ -243,6 +248,8 @@ def _extract_model(
         "arch": loaded.spec.arch,
         "preprocessing": preprocessing.name,
         "channels": {layer: int(shape[0]) for layer, shape in shapes.items()},
+        # stage → reduction (stride from the input), in forward order: compare pairs other architectures by these
+        "stages": {layer: int(reductions[layer]) for layer in shapes},
         "predictions": predictions_file,
     }
     del network, loaded
@@ -329,8 +336,9 @@ def build_manifest(
             "seed": config.analysis.seed,
             "batch_size": config.analysis.batch_size,
         },
-        # The architecture's stage names in forward order (every extracted model has the same): compare's layers.
-        "layers": list(next(iter(fold_plans.values()))),
+        # Every stage name of the extracted models, each model's in forward order, the first model's first: the
+        # layers of compare's tables (one architecture: its stages; several: each one's stages in turn).
+        "layers": list(dict.fromkeys(layer for record in records.values() for layer in record["channels"])),
         "random_baselines": baselines,
         "pointers": [
             {

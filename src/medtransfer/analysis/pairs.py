@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass
 
 from medtransfer.analysis.activations import model_key
 from medtransfer.layout import (
-    CONTROL_KINDS,
     FINETUNED_VS_FINETUNED,
     FINETUNED_VS_RANDOM_INIT,
     FOLD_TO_FOLD,

@@ -196,7 +196,9 @@ def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[st
             means = np.array([_number(by_layer.get(layer, {}).get("mean")) for layer in layers])
             sds = np.array([_number(by_layer.get(layer, {}).get("sd")) for layer in layers])
             hollow = np.array([bool(by_layer.get(layer)) and is_unreliable(by_layer[layer]) for layer in layers])
-            panel_hollow |= draw_series(axis, x, means, sds, hollow, measure, color=palette(index % 10),
+            own = np.array([layer in by_layer for layer in layers])  # a pair's own stages (several architectures)
+            panel_hollow |= draw_series(axis, x[own], means[own], sds[own], hollow[own], measure,
+                                        color=palette(index % 10),
                                         label=pair + (f" ({regime})" if regime else ""), markersize=3.5,
                                         capsize=2, linewidth=1.2)
         if panel_hollow:

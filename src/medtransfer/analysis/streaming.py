@@ -19,6 +19,7 @@ import numpy as np
 from medtransfer.analysis.activations import image_draws, open_activations
 from medtransfer.analysis.pairs import Pair
 from medtransfer.analysis.similarity import SimilarityAccumulator
+from medtransfer.analysis.stage_matching import model_stages, paired_layers
 from medtransfer.config import AnalysisConfig
 from medtransfer.errors import DataError
 
@@ -166,25 +167,30 @@ def compare_pair_layer(
 
 def pair_rows(folder: Path, manifest: dict[str, Any], pair: Pair, measures: Sequence[str], analysis: AnalysisConfig,
               layers: Sequence[str]) -> list[dict]:
-    """The `similarity.csv` rows of one pair: every layer of `layers` (the manifest's, in forward order) × measure.
+    """The `similarity.csv` rows of one pair: each paired stage × measure, in model a's forward order.
 
-    The channel draws and the shuffle of a layer are seeded by (analysis.seed, fold, the layer's index in
-    `layers`), so every pair of a fold and layer uses the same draws."""
+    Models that name the same stages are compared stage by stage; models of different architectures stage by
+    stage of equal reduction (`stage_matching.paired_layers`): `layer` is model a's stage, `layer_b` model b's.
+    The channel draws and the shuffle of a layer are seeded by (analysis.seed, fold, the index of model a's stage
+    in `layers`, the manifest's), so every pair of a fold and layer uses the same draws."""
     rows = []
     fold_info = manifest["folds"][str(pair.fold)]
-    for layer_index, layer in enumerate(layers):
+    sizes = {layer: (int(info["height"]), int(info["width"])) for layer, info in fold_info["layers"].items()}
+    stages_a, stages_b = model_stages(manifest, pair.model_a), model_stages(manifest, pair.model_b)
+    for layer, layer_b in paired_layers(stages_a, stages_b, sizes):
         layer_info = fold_info["layers"][layer]
         x = open_activations(folder, pair.fold, pair.model_a, layer)
-        y = x if pair.model_b == pair.model_a else open_activations(folder, pair.fold, pair.model_b, layer)
+        y = x if (pair.model_b, layer_b) == (pair.model_a, layer) else open_activations(folder, pair.fold, pair.model_b,
+                                                                                         layer_b)
         positions = int(layer_info["height"]) * int(layer_info["width"])
         if x.shape[0] != int(layer_info["rows"]) or y.shape[0] != int(layer_info["rows"]):
             raise DataError(
-                f"{layer} of {pair.model_a} / {pair.model_b} has {x.shape[0]} / {y.shape[0]} rows, the manifest "
-                f"says {layer_info['rows']}",
+                f"{layer} of {pair.model_a} / {layer_b} of {pair.model_b} has {x.shape[0]} / {y.shape[0]} rows, the "
+                f"manifest says {layer_info['rows']}",
                 where=str(folder),
                 fix="run 'medtransfer extract' again",
             )
-        seed = [analysis.seed, pair.fold, layer_index]
+        seed = [analysis.seed, pair.fold, list(layers).index(layer)]
         result = compare_pair_layer(
             x, y, positions, measures,
             channel_sample=analysis.channel_sample, channel_repeats=analysis.channel_repeats,
@@ -197,7 +203,7 @@ def pair_rows(folder: Path, manifest: dict[str, Any], pair: Pair, measures: Sequ
             value = result.values[measure]
             rows.append({
                 "pair_kind": pair.kind, "pair": pair.label, "model_a": pair.model_a, "model_b": pair.model_b,
-                "fold": pair.fold, "regime": pair.regime, "layer": layer, "measure": measure,
+                "fold": pair.fold, "regime": pair.regime, "layer": layer, "layer_b": layer_b, "measure": measure,
                 "value": math.nan if value is None else value, "n": result.n, "images": result.images,
                 "c_a": result.c_a, "c_b": result.c_b, "channels_a": result.channels_a, "channels_b": result.channels_b,
                 "channel_draws": result.draws,

@@ -7,21 +7,20 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from medtransfer.analysis.paired_statistics import interval_over_folds, t_interval
-from medtransfer.analysis.pairs import (
+from medtransfer.analysis.pairs import ROLE_FINETUNED, StudyModel
+from medtransfer.layout import (
     CONTROL_KINDS,
     FINETUNED_VS_FINETUNED,
     PRETRAINED_VS_PRETRAINED,
     RANDOM_VS_RANDOM,
-    ROLE_FINETUNED,
     SHUFFLED,
     SOURCE_VS_FINETUNED,
-    StudyModel,
 )
 
 __all__ = [
@@ -45,11 +44,11 @@ CURVE_COLUMNS = ["layer", "series", "similarity", "sd"]
 GAIN_MEASURES = ("cca", "cka")
 
 SIMILARITY_COLUMNS = [
-    "pair_kind", "pair", "model_a", "model_b", "fold", "regime", "layer", "measure", "value", "n", "images",
+    "pair_kind", "pair", "model_a", "model_b", "fold", "regime", "layer", "layer_b", "measure", "value", "n", "images",
     "c_a", "c_b", "channels_a", "channels_b", "channel_draws", "draw_sd", "rows_per_channel", "reliable", "note",
 ]
 SUMMARY_COLUMNS = [
-    "pair_kind", "pair", "regime", "layer", "measure", "mean", "sd", "count", "ci_low", "ci_high", "ci_basis",
+    "pair_kind", "pair", "regime", "layer", "layer_b", "measure", "mean", "sd", "count", "ci_low", "ci_high", "ci_basis",
     "reliable_share", "rows_per_channel",
     "random_vs_random_mean", "random_vs_random_sd", "shuffled_mean", "shuffled_sd",
 ]
@@ -98,8 +97,9 @@ def summarise(rows: Sequence[dict], correction: float = 0.0) -> list[dict]:
         random_floor = floors[(RANDOM_VS_RANDOM, layer, measure)]
         shuffled_floor = floors[(SHUFFLED, layer, measure)]
         summary.append({
-            "pair_kind": kind, "pair": pair, "regime": regime, "layer": layer, "measure": measure,
-            "mean": mean, "sd": sd, "count": count, "ci_low": low, "ci_high": high, "ci_basis": basis,
+            "pair_kind": kind, "pair": pair, "regime": regime, "layer": layer,
+            # model b's stage: the same name, or (across architectures) its stage at the same reduction
+            "layer_b": members[0].get("layer_b") or layer, "measure": measure, "mean": mean, "sd": sd, "count": count, "ci_low": low, "ci_high": high, "ci_basis": basis,
             "reliable_share": float(np.mean([bool(r["reliable"]) for r in members])),
             "rows_per_channel": float(np.mean([r["rows_per_channel"] for r in members])),
             "random_vs_random_mean": random_floor[0], "random_vs_random_sd": random_floor[1],
@@ -170,12 +170,17 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], layers: Sequence[str], *,
-                       predictions_loader: Callable[[StudyModel], Any] | None = None) -> list[dict]:
+                       predictions_loader: Callable[[StudyModel], Any] | None = None,
+                       architectures: Mapping[str, tuple[str, Sequence[str]]] | None = None) -> list[dict]:
     """Points (non-random source, regime, fold, layer): similarity of the fine-tuned primary to its source, and the
     relative test-AUC gain over the random-init fine-tuned primary of the same fold and regime, plus Pearson's r
     per layer (all points; and per source), for each of `layers` (the manifest's). `reliable_<measure>` says whether
     the similarity rests on enough rows per channel (False also where no similarity was computed). AUCs come from the pointer facts
-    that `extract` copied into the manifest, else from the saved predictions (`predictions_loader`)."""
+    that `extract` copied into the manifest, else from the saved predictions (`predictions_loader`).
+
+    `architectures` ({model key: (arch, its stages)}, from the manifest) serves studies of several architectures:
+    a model's gain is then taken over the random-init model of its own architecture where the study has one, and
+    its points cover its own stages only."""
     similarity: dict[tuple, float] = {}
     reliable: dict[tuple, bool] = {}
     for row in rows:
@@ -183,10 +188,16 @@ def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], laye
             similarity[(row["model_b"], row["layer"], row["measure"])] = row["value"]
             reliable[(row["model_b"], row["layer"], row["measure"])] = _truthy(row.get("reliable", True))
     finetuned = [m for m in by_key.values() if m.role == ROLE_FINETUNED and (m.seed_index or 0) == 0]
-    references = {}
+    architectures = architectures or {}
+
+    def arch(model: StudyModel) -> str:
+        return architectures[model.key][0] if model.key in architectures else ""
+
+    references: dict[tuple, StudyModel] = {}
     for m in sorted(finetuned, key=lambda m: m.source):
         if m.random_init:
-            references.setdefault((m.fold, m.regime), m)
+            references.setdefault((m.fold, m.regime, ""), m)  # the first random-init model: any architecture's
+            references.setdefault((m.fold, m.regime, arch(m)), m)
 
     def auc(model: StudyModel) -> float:
         if model.test_auc is not None and math.isfinite(float(model.test_auc)):
@@ -201,12 +212,13 @@ def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], laye
 
     points = []
     for m in sorted(finetuned, key=lambda m: (m.source, m.regime or "", m.fold)):
-        reference = references.get((m.fold, m.regime))
+        reference = references.get((m.fold, m.regime, arch(m))) or references.get((m.fold, m.regime, ""))
         if m.random_init or reference is None:
             continue
+        own = set(architectures[m.key][1]) if m.key in architectures else set(layers)
         auc_model, auc_reference = auc(m), auc(reference)
         gain = (auc_model - auc_reference) / auc_reference if auc_reference and math.isfinite(auc_reference) else math.nan
-        for layer in layers:
+        for layer in (layer for layer in layers if layer in own):
             points.append({
                 "source": m.source, "regime": m.regime or "", "fold": m.fold, "layer": layer, "model": m.key,
                 "source_model": m.init_key, "random_init_model": reference.key,

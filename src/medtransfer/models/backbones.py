@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from medtransfer.errors import ModelError
-from medtransfer.models.architectures import KERAS_RESNET50, STAGE_NAMES, TIMM_RESNETS
+from medtransfer.models.architectures import KERAS_RESNET50, STAGE_NAMES, STAGE_REDUCTIONS, TIMM_RESNETS
 from medtransfer.models.preprocessing import CAFFE, IMAGENET, Preprocessing
 
 HEAD_DROPOUT = 0.5
@@ -83,6 +83,16 @@ def create_backbone(arch: str, model_args: Mapping[str, Any] | None = None) -> n
     from medtransfer.models.timm_backbone import TimmBackbone
 
     return TimmBackbone(arch, model_args)
+
+
+def stage_reductions(model: nn.Module) -> dict[str, int]:
+    """{stage: reduction} of a `Classifier` or backbone, in forward order: timm's `feature_info` for a
+    `TimmBackbone`, `STAGE_REDUCTIONS` for the ResNets."""
+    backbone = getattr(model, "backbone", model)
+    declared = getattr(backbone, "stage_reductions", None)
+    if declared:
+        return dict(declared)
+    return {name: STAGE_REDUCTIONS[name] for name in backbone.stage_modules()}
 
 
 class Classifier(nn.Module):

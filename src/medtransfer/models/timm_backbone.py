@@ -13,14 +13,13 @@ extraction already hooks. Its output is timm's own pooled features (`forward_hea
 Stage names are timm's module names in forward order (`stages.0`, `blocks.11`). ResNets keep their own backbone
 (`backbones.TimmResNet`, stages `stem`, `stage1` … `stage4`), so existing studies are unchanged.
 
-`match_stages_by_reduction` pairs the stages of two architectures by their reduction, for cross-architecture pairs.
+`stage_reductions` (from `feature_info`) is what `analysis.stage_matching` pairs two architectures' stages by.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 
 from medtransfer.errors import ModelError
 
-__all__ = ["StageMatch", "TimmBackbone", "close_timm_names", "match_stages_by_reduction", "timm_model_exists"]
+__all__ = ["TimmBackbone", "close_timm_names", "timm_model_exists"]
 
 
 def timm_model_exists(name: str) -> bool:
@@ -87,27 +86,3 @@ class TimmBackbone(nn.Module):
 
 def _tap_key(stage: str) -> str:
     return stage.replace(".", "_")
-
-
-@dataclass(frozen=True)
-class StageMatch:
-    """Stages of two architectures paired by reduction, and those without a partner."""
-
-    pairs: tuple[tuple[str, str, int], ...]  # (stage of a, stage of b, reduction)
-    unmatched_a: tuple[str, ...]
-    unmatched_b: tuple[str, ...]
-
-
-def match_stages_by_reduction(a: Mapping[str, int], b: Mapping[str, int]) -> StageMatch:
-    """Pair the stages of `a` and `b` (stage name → reduction, in forward order) that share a reduction.
-
-    Where one side has several stages at a reduction (a vision transformer's blocks all sit at its patch size), the
-    deepest stage of each side at that reduction is paired, the others are unmatched: each side's last stage at a
-    resolution is the one that hands its features on."""
-    last_a = {reduction: stage for stage, reduction in a.items()}
-    last_b = {reduction: stage for stage, reduction in b.items()}
-    shared = [reduction for reduction in dict.fromkeys(a.values()) if reduction in last_b]
-    pairs = tuple((last_a[reduction], last_b[reduction], reduction) for reduction in shared)
-    paired_a = {stage for stage, _, _ in pairs}
-    paired_b = {stage for _, stage, _ in pairs}
-    return StageMatch(pairs, tuple(s for s in a if s not in paired_a), tuple(s for s in b if s not in paired_b))
