@@ -63,3 +63,12 @@ def test_an_empty_trials_means_params_yaml_and_a_bad_one_is_one_line(cli):
         assert result.returncode == 2
         (line,) = result.stderr.strip().splitlines()
         assert "--trials" in line and message in line, line
+
+
+def test_an_unknown_architecture_exits_2_with_one_line_naming_close_matches(cli, write_params):
+    params = write_params({"x": {"format": "medmnist", "path": "x.npz", "classes": ["a", "b"]}},
+                          sources={"s": {"kind": "random", "arch": "convnext_ato", "seed": 0}})
+    result = cli("--params", str(params), "source", "--name", "s")
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "unknown architecture 'convnext_ato'" in line and "sources.s.arch" in line and "convnext_atto" in line

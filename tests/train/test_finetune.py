@@ -89,6 +89,20 @@ def test_a_finetuned_timm_model_reloads_from_the_registry_with_the_same_activati
         assert torch.equal(reloaded[stage], activations), stage
 
 
+@pytest.mark.parametrize("source", ["convnext", "vit"])
+def test_the_linear_regime_trains_a_timm_models_head_only(timm_config, source):
+    """The regimes are the model's, whatever its architecture: `linear` leaves every backbone tensor of a ConvNeXt
+    (LayerNorm, layer scales) or a ViT (position embedding, class token) bit-identical to the source's."""
+    register_source(timm_config, source)
+    initial = load_registered_model(f"models:/source.{source}@default").model
+    result = run_finetune(timm_config, FinetuneRequest("small", source, "linear", fold=0, settings=timm_config.train))
+    before, after = initial.backbone.state_dict(), result.model.cpu().backbone.state_dict()
+    assert list(before) == list(after)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+    assert [phase.name for phase in result.phases] == ["linear"]
+
+
 def test_pretrain_registers_a_source_that_finetune_uses(config):
     registered = pretrain_source(config, "tiny")
     assert not registered.reused
