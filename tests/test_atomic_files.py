@@ -130,7 +130,7 @@ def test_a_rerun_puts_back_the_output_a_writer_killed_between_the_renames_had_re
     assert result.returncode == -signal.SIGKILL
     assert not final.exists(), "the kill did not land between the two renames"
     assert any(p.name.endswith(".old") for p in tmp_path.iterdir()) and any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
-    with pytest.raises(RuntimeError), atomic_directory(final) as staging:
+    with pytest.raises(RuntimeError), atomic_directory(final):
         assert _labels(final) == {"old"}  # put back before the new write starts
         raise RuntimeError("this writer fails too")
     assert _labels(final) == {"old"}

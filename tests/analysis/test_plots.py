@@ -103,6 +103,25 @@ def test_layer_panels_one_per_group_each_with_both_floors(monkeypatch, tmp_path)
     assert [text.get_text() for text in visible[0].get_legend().get_texts()][2:4] == ["medical (full)", "natural (full)"]
 
 
+def test_two_architectures_are_drawn_as_blocks_floors_never_crossing_between_them(monkeypatch, tmp_path):
+    from medtransfer.analysis import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.update(figure=figure))
+    resnet, convnext = ("stem", "stage1", "stage2"), ("stages.0", "stages.1")
+    rows = [{**row, "pair": "resnet"} for row in _summary_rows(resnet) if row["pair"] == "natural"]
+    rows += [{**row, "pair": "convnext"} for row in _summary_rows(convnext) if row["pair"] == "natural"]
+    plots.plot_layer_panels(rows, "cka", resnet + convnext, tmp_path / "p.png", title="t",
+                            groups=[("source_vs_finetuned", "fine-tuned vs its initialisation")],
+                            floor_kinds=("shuffled",), blocks=[resnet, convnext])
+    axis = drawn["figure"].axes[0]
+    lines = {tuple(line.get_xdata()) for line in axis.get_lines() if len(line.get_xdata())}
+    assert (0, 1, 2) in lines and (3, 4) in lines  # each series, and each floor, within its architecture
+    assert not any(0 in xs and 3 in xs for xs in lines), "a line crosses from one architecture to the other"
+    assert any(list(line.get_xdata()) == [2.5, 2.5] for line in axis.get_lines())  # the separator
+    assert [tick.get_text() for tick in axis.get_xticklabels()] == list(resnet + convnext)
+
+
 def test_similarity_vs_gain_for_every_measure_with_r_per_panel(monkeypatch, tmp_path):
     from medtransfer.analysis import plots
 

@@ -218,10 +218,13 @@ def _write_figures(staging: Path, folder: Path, manifest: dict[str, Any], datase
     from medtransfer.analysis import plots
 
     groups = [(kind, PAIR_KIND_TITLES[kind]) for kind in FIGURE_PAIR_KINDS]
+    # each architecture's stages (the extracted models' distinct stage lists), for the figures' blocks
+    blocks = list(dict.fromkeys(tuple(model_stages(manifest, key)) for key, record in manifest["models"].items()
+                                if record.get("channels")))
     for measure in measures:
         plots.plot_layer_panels(summary, measure, layers, staging / LAYER_FIGURE_FILE.format(measure=measure),
                                 title=f"{dataset}: {plots.MEASURE_NAMES.get(measure, measure)} per layer",
-                                groups=groups, floor_kinds=(RANDOM_VS_RANDOM, SHUFFLED))
+                                groups=groups, floor_kinds=(RANDOM_VS_RANDOM, SHUFFLED), blocks=blocks)
     plots.plot_prediction_agreement(predictions, staging / PREDICTION_FIGURE_FILE,
                                     title=f"{dataset}: error agreement of fine-tuned models")
     filters = []

@@ -163,9 +163,13 @@ def is_unreliable_point(row: dict, measure: str) -> bool:
 
 
 def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[str], path: Path, *, title: str,
-                      groups: Sequence[tuple[str, str]], floor_kinds: Sequence[str]) -> None:
+                      groups: Sequence[tuple[str, str]], floor_kinds: Sequence[str],
+                      blocks: Sequence[Sequence[str]] | None = None) -> None:
     """One panel per pair group (`groups`: (pair kind, its title)), every panel with both noise floors as bands,
-    each series mean ± sd over folds (clipped to the measure's range), unreliable values hollow."""
+    each series mean ± sd over folds (clipped to the measure's range), unreliable values hollow.
+
+    `blocks`: the layers of each architecture of the study, in the order of `layers` (None: one architecture).
+    Floors are drawn within a block, never across, and a thin line separates the blocks."""
     plt = _pyplot()
     rows = [row for row in summary if row["measure"] == measure]
     present = [(kind, name) for kind, name in groups if any(row["pair_kind"] == kind for row in rows)]
@@ -177,16 +181,23 @@ def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[st
     low, high = MEASURE_RANGES.get(measure, (0.0, 1.0))
     any_hollow = False
     floor_row = {row["layer"]: row for row in rows}  # every summary row of a layer carries that layer's floors
+    spans = _layer_spans(layers, blocks)
     for axis, (kind, name) in zip(axes.flat, present):
         panel_hollow = False
         for floor in floor_kinds:
             colour, label = _FLOOR_STYLE.get(floor, ("grey", floor.replace("_", " ")))
             means = np.array([_number(floor_row.get(layer, {}).get(f"{floor}_mean")) for layer in layers])
             sds = np.nan_to_num(np.array([_number(floor_row.get(layer, {}).get(f"{floor}_sd")) for layer in layers]))
-            if np.isfinite(means).any():
-                axis.fill_between(x, np.maximum(means - sds, low), np.minimum(means + sds, high), color=colour,
-                                  alpha=0.22, linewidth=0, label=label)
-                axis.plot(x, means, color=colour, linewidth=0.8, linestyle=":")
+            labelled = False
+            for block in spans:
+                if np.isfinite(means[block]).any():
+                    axis.fill_between(x[block], np.maximum(means[block] - sds[block], low),
+                                      np.minimum(means[block] + sds[block], high), color=colour, alpha=0.22,
+                                      linewidth=0, label=None if labelled else label)
+                    axis.plot(x[block], means[block], color=colour, linewidth=0.8, linestyle=":")
+                    labelled = True
+        for boundary in [block.start - 0.5 for block in spans[1:]]:
+            axis.axvline(boundary, color="grey", linewidth=0.6, alpha=0.6)
         series: dict[tuple[str, str], dict[str, dict]] = {}
         for row in rows:
             if row["pair_kind"] == kind:
@@ -205,7 +216,8 @@ def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[st
             any_hollow = True
             add_unreliable_legend(axis)
         axis.set_title(name, fontsize=9)
-        axis.set_xticks(x, list(layers), fontsize=7)
+        axis.set_xticks(x, list(layers), fontsize=7, rotation=0 if len(layers) <= 6 else 40,
+                        ha="center" if len(layers) <= 6 else "right")
         axis.set_xlabel("layer", fontsize=8)
         axis.set_ylim(low - 0.03 * (high - low), high + 0.03 * (high - low))
         axis.legend(fontsize=6, loc="best")
@@ -220,6 +232,22 @@ def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[st
         caption += "; hollow: unreliable"
     figure.suptitle(f"{title}\n{caption}", fontsize=9)
     _save(figure, path)
+
+
+def _layer_spans(layers: Sequence[str], blocks: Sequence[Sequence[str]] | None) -> list[slice]:
+    """Contiguous runs of `layers` that belong to one block (one architecture's stages); one run without blocks."""
+    if not blocks:
+        return [slice(0, len(layers))]
+    block_of: dict[str, int] = {}
+    for index, block in enumerate(blocks):
+        for layer in block:
+            block_of.setdefault(layer, index)  # a name two architectures share stays in the first one's block
+    spans, start = [], 0
+    for index in range(1, len(layers) + 1):
+        if index == len(layers) or block_of.get(layers[index]) != block_of.get(layers[start]):
+            spans.append(slice(start, index))
+            start = index
+    return spans
 
 
 def plot_similarity_vs_gain_by_measure(points: Sequence[dict], layers: Sequence[str], measures: Sequence[str],
