@@ -15,7 +15,9 @@ the same for every row).
 
 Settings: (a) demo-like, resnet18 at 32 px (1000 / 2000 test images; its 1×1 stage4 wants 10,000 images, so every
 test image goes through every model and doubling N doubles the work); (b) resnet50 at 224 px (300 / 600 images;
-stage4 is 7×7, so round(10000/49) = 204 images are run either way). `--quick` halves N in both.
+stage4 is 7×7, so round(10000/49) = 204 images are run either way); (c) convnext_atto and (d) vit_tiny_patch16_224
+(img_size 32) at 32 px with timm's own stages (1000 / 2000 images; ConvNeXt's last stage and the ViT's blocks are
+1×1 and 2×2, so all images run). `--quick` halves N.
 
 Columns: images run = images each model goes through; sampled = the float32 matrices one model keeps for one fold
 (sum over layers of rows × channels); largest Gram = the (p+q)² float64 matrix of the widest layer pair; peak RSS
@@ -36,10 +38,12 @@ import time
 from pathlib import Path
 
 MIB = float(1 << 20)
-DATASET_SIZES = {"a": 1000, "b": 300}
+DATASET_SIZES = {"a": 1000, "b": 300, "c": 1000, "d": 1000}
 SETTINGS = {
     "a": {"label": "(a) demo-like", "arch": "resnet18", "size": 32},
     "b": {"label": "(b) resnet50 224 px", "arch": "resnet50", "size": 224},
+    "c": {"label": "(c) convnext_atto 32", "arch": "convnext_atto", "size": 32},
+    "d": {"label": "(d) vit_tiny 32 px", "arch": "vit_tiny_patch16_224", "size": 32, "model_args": {"img_size": 32}},
 }
 
 
@@ -104,7 +108,8 @@ def _write_npz(path: Path, test_images: int, size: int, seed: int) -> None:
     np.savez(path, **arrays)
 
 
-def build_project(root: Path, arch: str, size: int, sizes: tuple[int, int], all_models: bool) -> list[str]:
+def build_project(root: Path, arch: str, size: int, sizes: tuple[int, int], all_models: bool,
+                  model_args: dict | None = None) -> list[str]:
     """Params, two datasets (N and 2N test images), registered models and pointers; returns the dataset names."""
     import mlflow
     import numpy as np
@@ -127,7 +132,8 @@ def build_project(root: Path, arch: str, size: int, sizes: tuple[int, int], all_
     datasets = [f"n{count}" for count in sizes]
     for index, (name, count) in enumerate(zip(datasets, sizes)):
         _write_npz(root / f"data/raw/{name}.npz", count, size, seed=index)
-    backbone = Classifier(arch, None)
+    model_args = dict(model_args or {})
+    backbone = Classifier(arch, None, model_args=model_args)
     keras_like_init_(backbone, torch.Generator().manual_seed(7))
     (root / "weights").mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in backbone.backbone.state_dict().items()}, str(root / "weights/pre.safetensors"))
@@ -136,11 +142,13 @@ def build_project(root: Path, arch: str, size: int, sizes: tuple[int, int], all_
         "stores": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "benchmark"},
         "paths": {"raw_data": "data/raw", "prepared_data": "data/prepared"},
         "datasets": {name: {"format": "medmnist", "path": f"data/raw/{name}.npz", "classes": ["a", "b"]} for name in datasets},
-        "sources": {"pre": {"kind": "safetensors", "arch": arch, "path": "weights/pre.safetensors"}},
+        "sources": {"pre": {"kind": "safetensors", "arch": arch, "path": "weights/pre.safetensors",
+                            **({"model_args": model_args} if model_args else {})}},
     }
     if all_models:
-        params["sources"].update(random={"kind": "random", "arch": arch, "seed": 0},
-                                 random_b={"kind": "random", "arch": arch, "seed": 1})
+        extra = {"model_args": model_args} if model_args else {}
+        params["sources"].update(random={"kind": "random", "arch": arch, "seed": 0, **extra},
+                                 random_b={"kind": "random", "arch": arch, "seed": 1, **extra})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     config = load_config(root / "params.yaml")
     use_tracking_store(config)
@@ -161,7 +169,8 @@ def build_project(root: Path, arch: str, size: int, sizes: tuple[int, int], all_
         with mlflow.start_run(experiment_id=ensure_experiment(config)) as run:
             write_predictions(root / "staging" / PREDICTIONS_FILE, test, prepared.labels[test], probabilities, prepared.classes)
             mlflow.log_artifact(str(root / "staging" / PREDICTIONS_FILE), artifact_path="predictions")
-            uri, digest = log_packaged_model(model, ModelSpec(arch, 2, source.spec.preprocessing, classes=prepared.classes))
+            uri, digest = log_packaged_model(model, ModelSpec(arch, 2, source.spec.preprocessing, classes=prepared.classes,
+                                                                 model_args=model_args))
             version = register_logged_model(uri, name, {Tag.ROLE: ROLE_FINETUNED, Tag.WEIGHTS_SHA256: digest})
         mlflow.MlflowClient().set_registered_model_alias(name, "fold0", str(version.version))
         fit = FoldModel(0, 0, str(version.version), run.info.run_id, digest, "fold0", 0.5)
@@ -202,7 +211,8 @@ def main() -> None:
     parser.add_argument("--all-models", action="store_true",
                         help="also the two random sources (4 models instead of 2; slower, same peak)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary projects (their paths are printed)")
-    parser.add_argument("--settings", default="a,b", help="which settings to run: a, b or a,b")
+    parser.add_argument("--settings", default="a,b", help="which settings to run, e.g. a,b (c: convnext_atto and d: "
+                        "vit_tiny at 32 px, timm's own stages)")
     parser.add_argument("--child", choices=("extract", "compare"), help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
@@ -219,7 +229,8 @@ def main() -> None:
         root = Path(tempfile.mkdtemp(prefix=f"medtransfer-bench-{key}-"))
         try:
             print(f"setting up {setting['label']} in {root} ...", file=sys.stderr, flush=True)
-            datasets = build_project(root, setting["arch"], setting["size"], (count, 2 * count), args.all_models)
+            datasets = build_project(root, setting["arch"], setting["size"], (count, 2 * count), args.all_models,
+                                     setting.get("model_args"))
             for dataset in datasets:
                 extract = measure("extract", root / "params.yaml", dataset)
                 compare = measure("compare", root / "params.yaml", dataset)
