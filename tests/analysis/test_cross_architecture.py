@@ -205,7 +205,9 @@ def test_every_model_keeps_its_own_stages_and_they_match_its_reloaded_hooks(stud
 def test_a_model_against_itself_is_one_at_every_stage(study):
     rows = _rows(study.root / "results" / "analysis" / DATASET / "similarity.csv")
     identity = [row for row in rows if row["pair_kind"] == IDENTITY]
-    assert {row["layer"] for row in identity} == set(STAGES["convnext"])  # the first source's architecture
+    # one control per architecture: its first source against itself, at every one of its stages
+    assert {(row["pair"], row["layer"]) for row in identity} == {
+        (source, stage) for source, stages in STAGES.items() for stage in stages}
     for row in identity:
         assert row["layer_b"] == row["layer"]
         assert float(row["value"]) == pytest.approx(1.0, abs=1e-6), row

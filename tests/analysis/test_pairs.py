@@ -93,6 +93,25 @@ def test_every_pair_kind_is_planned_per_fold():
     assert set(CONTROL_KINDS) <= set(PAIR_KINDS)
 
 
+def test_one_identity_control_per_architecture():
+    pointers = [
+        _pointer("natural", "full", "3", [(0, 0, "1"), (1, 0, "2")]),
+        _pointer("medical", "full", "2", [(0, 0, "1"), (1, 0, "2")]),
+    ]
+    one = plan_pairs(study_models(pointers, RANDOM_SOURCES, {"natural": "resnet18", "medical": "resnet18",
+                                                               "random": "resnet18", "random_b": "resnet18"}),
+                     random_baseline_keys(RANDOM_SOURCES))
+    assert [(p.fold, p.model_a) for p in one if p.kind == IDENTITY] == [(0, "source.medical.v2"), (1, "source.medical.v2")]
+    models = study_models(pointers, RANDOM_SOURCES, {"natural": "convnext_atto", "medical": "resnet18",
+                                                     "random": "resnet18", "random_b": "vit_tiny_patch16_224"})
+    assert {m.arch for m in models if m.source == "natural"} == {"convnext_atto"}  # fine-tuned models too
+    two = plan_pairs(models, random_baseline_keys(RANDOM_SOURCES))
+    identity = [(p.fold, p.model_a) for p in two if p.kind == IDENTITY]
+    assert identity == [(fold, key) for fold in (0, 1) for key in ("source.medical.v2", "source.natural.v3",
+                                                                  "source.random_b.v1")]
+    assert all(p.model_a == p.model_b for p in two if p.kind == IDENTITY)
+
+
 def test_fold_to_fold_is_cyclic_on_the_first_folds_images():
     pairs = plan_pairs(_study(), random_baseline_keys(RANDOM_SOURCES))
     natural = [p for p in pairs if p.kind == FOLD_TO_FOLD and p.label == "natural" and p.regime == "full"]

@@ -116,7 +116,7 @@ def run_extract(config: Config, dataset: str) -> Path:
                 fix="restore the data version the pointer names (dvc checkout), or rerun the search on this data",
             )
     random_sources = _registered_random_sources(config, client)
-    models = study_models(pointers, random_sources)
+    models = study_models(pointers, random_sources, {name: source.arch for name, source in config.sources.items()})
     baselines = random_baseline_keys(random_sources)
     pairs = plan_pairs(models, baselines)
     needs = required_activations(pairs)

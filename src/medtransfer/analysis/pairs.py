@@ -22,7 +22,8 @@ Pair kinds, each on the held-out images of one fold (`fold`), for every fold of 
 `fold_to_fold`                 same source and regime, the primary of fold j vs that of the next fold k
                                (cyclically, j → k = the following fold of the pointer), on fold j's images
 `seed_to_seed`                 same source, regime and fold: the first seed's model vs each further seed's
-`identity`                     control: the fold's first source against itself (every measure is 1)
+`identity`                     control: the fold's first source against itself (every measure is 1), and
+                               the first model of each further architecture against itself
 `shuffled`                     control: each `source_vs_finetuned` pair with one side's images permuted (each
                                image's positions kept together): the shuffled-image noise floor
 =============================  ===========================================================================
@@ -63,6 +64,7 @@ class StudyModel:
     """One registered model the study runs.
 
     init_key: for a fine-tuned model, the key of the source version it started from; None for sources.
+    arch: the architecture, where the caller knows it (one identity control per architecture of the study).
     fold, seed, seed_index, regime: set for fine-tuned models only (seed_index 0 = the fold's primary fit).
     random_init: the model is, or started from, a source of kind random.
     """
@@ -81,6 +83,7 @@ class StudyModel:
     init_key: str | None = None
     run_id: str | None = None
     test_auc: float | None = None
+    arch: str | None = None  # the source's architecture (a fine-tuned model keeps its source's)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,24 +116,27 @@ class Pair:
     shuffled: bool = False
 
 
-def study_models(pointers: Sequence, random_sources: Sequence[RandomSource]) -> list[StudyModel]:
+def study_models(pointers: Sequence, random_sources: Sequence[RandomSource],
+                 architectures: Mapping[str, str] | None = None) -> list[StudyModel]:
     """Every model of the study, sources first: the source version each pointer starts from, the `default`
     version of every random source, then each pointer's fold fits (ordered by fold, then seed).
 
-    pointers: `pointers.ModelPointer`s of one dataset; random_sources: every source of kind random, in params order.
+    pointers: `pointers.ModelPointer`s of one dataset; random_sources: every source of kind random, in params order;
+    architectures: {source name: arch} (params' `sources`), recorded on every model.
     """
+    arch_of = dict(architectures or {})
     random_names = {source.name for source in random_sources}
     models: dict[str, StudyModel] = {}
     for source in random_sources:
         key = model_key(source.registered_model, source.version)
         models.setdefault(key, StudyModel(key, source.registered_model, str(source.version), source.weights_sha256,
-                                          ROLE_RANDOM, source.name, True))
+                                          ROLE_RANDOM, source.name, True, arch=arch_of.get(source.name)))
     for pointer in sorted(pointers, key=lambda p: (p.source, p.regime)):
         key = model_key(pointer.source_model, pointer.source_version)
         is_random = pointer.source in random_names
         models.setdefault(key, StudyModel(key, pointer.source_model, str(pointer.source_version),
                                           pointer.source_weights_sha256, ROLE_RANDOM if is_random else ROLE_SOURCE,
-                                          pointer.source, is_random))
+                                          pointer.source, is_random, arch=arch_of.get(pointer.source)))
     sources = list(models.values())
     finetuned: list[StudyModel] = []
     for pointer in sorted(pointers, key=lambda p: (p.source, p.regime)):
@@ -143,6 +149,7 @@ def study_models(pointers: Sequence, random_sources: Sequence[RandomSource]) -> 
                     key, pointer.registered_model, str(fit.version), fit.weights_sha256, ROLE_FINETUNED, pointer.source,
                     pointer.source in random_names, regime=pointer.regime, fold=int(fit.fold), seed=int(fit.seed),
                     seed_index=index, init_key=init, run_id=fit.run_id, test_auc=fit.test_auc,
+                    arch=arch_of.get(pointer.source),
                 ))
     sources.sort(key=lambda m: (m.role != ROLE_SOURCE, _random_rank(m, random_sources), m.source, int(m.version)))
     return sources + finetuned
@@ -249,6 +256,12 @@ def plan_pairs(models: Sequence[StudyModel], random_baselines: Sequence[str]) ->
             identity_key = next(iter(sorted(primaries.items())))[1].key
         if identity_key is not None:
             kind_pairs[IDENTITY].append(Pair(IDENTITY, by_key[identity_key].source, identity_key, identity_key, fold))
+            # one more per further architecture: its first source (or random source, or fine-tuned primary)
+            covered = {by_key[identity_key].arch}
+            for key in [*pretrained_keys, *baselines, *(model.key for _, model in sorted(primaries.items()))]:
+                if by_key[key].arch not in covered:
+                    covered.add(by_key[key].arch)
+                    kind_pairs[IDENTITY].append(Pair(IDENTITY, by_key[key].source, key, key, fold))
         for kind in PAIR_KINDS:
             pairs.extend(kind_pairs[kind])
     return pairs
