@@ -145,7 +145,7 @@ def _build_study(root: Path, sources: dict, finetuned: list[str]):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """Three architectures' sources (safetensors files) and a random ResNet and ConvNeXt, each fine-tuned on two
-    folds, and a second random ResNet (the random-vs-random floor)."""
+    folds, and a second random ResNet and ConvNeXt (each architecture's random-vs-random floor)."""
     root = tmp_path_factory.mktemp("cross_arch")
     with pytest.MonkeyPatch.context() as patch:
         for variable in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
@@ -158,6 +158,7 @@ def study(tmp_path_factory):
         sources["random"] = {"kind": "random", "arch": "resnet18", "seed": 0}
         sources["random_b"] = {"kind": "random", "arch": "resnet18", "seed": 1}
         sources["random_convnext"] = {"kind": "random", "arch": "convnext_atto", "seed": 2}
+        sources["random_convnext_b"] = {"kind": "random", "arch": "convnext_atto", "seed": 3}
         config = _build_study(root, sources, [*ARCHITECTURES, "random", "random_convnext"])
         run_extract(config, DATASET)
         run_compare(config, DATASET)
@@ -173,7 +174,8 @@ def test_every_model_keeps_its_own_stages_and_they_match_its_reloaded_hooks(stud
     folder = study.root / "activations" / DATASET
     manifest = read_manifest(folder, DATASET)
     for key, record in manifest["models"].items():
-        expected = STAGES.get(record["source"].replace("random_", ""), STAGES["resnet"])  # random, random_b: ResNets
+        expected = STAGES["convnext"] if record["source"].startswith("random_convnext") else \
+            STAGES.get(record["source"], STAGES["resnet"])  # random, random_b: ResNets
         assert record["stages"] == expected, key
         assert list(record["channels"]) == list(record["stages"])
     # the layers: each architecture's stages once, first-appearing model's first
@@ -219,7 +221,7 @@ def test_pairs_within_an_architecture_go_by_name_and_across_by_reduction(study):
     source_of = {key: record["source"] for key, record in manifest["models"].items()}
     for row in rows:
         a, b = source_of[row["model_a"]], source_of[row["model_b"]]
-        arch_a, arch_b = ("convnext" if s == "random_convnext" else "resnet" if s.startswith("random") else s
+        arch_a, arch_b = ("convnext" if s.startswith("random_convnext") else "resnet" if s.startswith("random") else s
                           for s in (a, b))
         if arch_a == arch_b:
             assert row["layer_b"] == row["layer"], row
@@ -289,3 +291,13 @@ def test_each_gain_is_over_the_random_init_model_of_its_own_architecture_where_t
         assert row["layer"] in STAGES[row["source"]], row  # a model's points cover its own stages only
         assert np.isfinite(float(row["cca"])), row
     assert {row["layer"] for row in points if row["source"] == "vit"} == set(STAGES["vit"])
+
+
+def test_each_architecture_has_its_own_random_floor(study):
+    summary = _rows(study.root / "results" / "analysis" / DATASET / "similarity_summary.csv")
+    floors = {(row["pair"], row["layer"]) for row in summary if row["pair_kind"] == "random_vs_random"}
+    assert floors == {("random vs random_b", stage) for stage in STAGES["resnet"]} | {
+        ("random_convnext vs random_convnext_b", stage) for stage in STAGES["convnext"]}
+    # every summary row of a ConvNeXt stage carries that floor
+    convnext_rows = [row for row in summary if row["layer"] in STAGES["convnext"]]
+    assert convnext_rows and all(np.isfinite(float(row["random_vs_random_mean"])) for row in convnext_rows)

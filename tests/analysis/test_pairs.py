@@ -112,6 +112,23 @@ def test_one_identity_control_per_architecture():
     assert all(p.model_a == p.model_b for p in two if p.kind == IDENTITY)
 
 
+def test_each_architecture_with_two_random_sources_gets_its_own_random_floor():
+    pointers = [_pointer("natural", "full", "3", [(0, 0, "1")])]
+    randoms = [*RANDOM_SOURCES, RandomSource("random_c", "source.random_c", "1", "r3"),
+               RandomSource("random_d", "source.random_d", "1", "r4")]
+    archs = {"natural": "resnet18", "random": "resnet18", "random_b": "resnet18", "random_c": "convnext_atto",
+             "random_d": "convnext_atto"}
+    floors = [p for p in plan_pairs(study_models(pointers, randoms, archs), random_baseline_keys(randoms))
+              if p.kind == RANDOM_VS_RANDOM]
+    assert [(p.model_a, p.model_b) for p in floors] == [("source.random.v1", "source.random_b.v1"),
+                                                        ("source.random_c.v1", "source.random_d.v1")]
+    # one random source of an architecture: no floor of its own; the first two keep theirs whatever they are
+    archs["random_d"] = "vit_tiny_patch16_224"
+    floors = [p for p in plan_pairs(study_models(pointers, randoms, archs), random_baseline_keys(randoms))
+              if p.kind == RANDOM_VS_RANDOM]
+    assert [(p.model_a, p.model_b) for p in floors] == [("source.random.v1", "source.random_b.v1")]
+
+
 def test_fold_to_fold_is_cyclic_on_the_first_folds_images():
     pairs = plan_pairs(_study(), random_baseline_keys(RANDOM_SOURCES))
     natural = [p for p in pairs if p.kind == FOLD_TO_FOLD and p.label == "natural" and p.regime == "full"]

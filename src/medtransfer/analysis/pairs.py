@@ -18,7 +18,8 @@ Pair kinds, each on the held-out images of one fold (`fold`), for every fold of 
 `pretrained_vs_random`         each non-random source vs the first random source (before)
 `finetuned_vs_random_init`     each non-random fine-tuned primary vs the random-init fine-tuned primary of the
                                same regime (exists when a pointer starts from a random source)
-`random_vs_random`             the first two random sources: the random-vs-random noise floor
+`random_vs_random`             the first two random sources: the random-vs-random noise floor; and the first
+                               two of each further architecture that has two
 `fold_to_fold`                 same source and regime, the primary of fold j vs that of the next fold k
                                (cyclically, j → k = the following fold of the pointer), on fold j's images
 `seed_to_seed`                 same source, regime and fold: the first seed's model vs each further seed's
@@ -241,6 +242,13 @@ def plan_pairs(models: Sequence[StudyModel], random_baselines: Sequence[str]) ->
         if len(baselines) >= 2:
             a, b = by_key[baselines[0]], by_key[baselines[1]]
             kind_pairs[RANDOM_VS_RANDOM].append(Pair(RANDOM_VS_RANDOM, f"{a.source} vs {b.source}", a.key, b.key, fold))
+            # each further architecture with two random sources: its own floor (the first two of it, params order)
+            covered = {a.arch} if a.arch == b.arch else set()
+            for arch in dict.fromkeys(by_key[key].arch for key in baselines):
+                same = [by_key[key] for key in baselines if by_key[key].arch == arch]
+                if arch is not None and arch not in covered and len(same) >= 2:
+                    kind_pairs[RANDOM_VS_RANDOM].append(Pair(
+                        RANDOM_VS_RANDOM, f"{same[0].source} vs {same[1].source}", same[0].key, same[1].key, fold))
 
         for (source, regime), folds in sorted(groups.items()):
             order = sorted(folds)
