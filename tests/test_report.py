@@ -373,3 +373,18 @@ def test_pairs_across_architectures_say_which_stages_were_compared(study, markdo
     assert row["compared (a~b, reduction)"] == ("stages.0~stage1 (/4), stages.1~stage2 (/8), stages.2~stage3 (/16), "
                                                 "stages.3~stage4 (/32)")
     assert row["without partner"] == "stem"
+
+
+def test_several_random_floors_are_named_by_their_pair(study):
+    folder = study.root / "results/analysis/target"
+    with (folder / "similarity_summary.csv").open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    base = {**rows[0], "pair_kind": "random_vs_random", "regime": "", "measure": "cca"}
+    _write_csv(folder / "similarity_summary.csv", [*rows, {**base, "pair": "random vs random_b"}])
+    text = run_report(study, client=_RegistryAsThePointersSay()).read_text()
+    assert "| noise floor: two random initialisations | – |" in text  # one floor: no pair name needed
+    _write_csv(folder / "similarity_summary.csv", [*rows, {**base, "pair": "random vs random_b"},
+                                                   {**base, "pair": "random_convnext vs random_convnext_b"}])
+    text = run_report(study, client=_RegistryAsThePointersSay()).read_text()
+    assert "| noise floor: two random initialisations: random vs random_b | – |" in text
+    assert "| noise floor: two random initialisations: random_convnext vs random_convnext_b | – |" in text

@@ -198,10 +198,12 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
         for row in selected:
             table[(row["pair_kind"], row["pair"], row["regime"])][row["layer"]] = row
         order = {kind: index for index, (kind, _) in enumerate(SIMILARITY_GROUPS)}
+        random_floors = len({key for key in table if key[0] == RANDOM_VS_RANDOM})
         for (kind, pair, regime), by_layer in sorted(table.items(), key=lambda item: (order.get(item[0][0], 99), item[0])):
             if kind not in order:
                 continue
-            label = dict(SIMILARITY_GROUPS)[kind] + (f": {pair}" if pair and kind != RANDOM_VS_RANDOM else "")
+            named = kind != RANDOM_VS_RANDOM or random_floors > 1  # several architectures: several random floors
+            label = dict(SIMILARITY_GROUPS)[kind] + (f": {pair}" if pair and named else "")
             cells = [_similarity_cell(by_layer[layer]) if layer in by_layer else "–" for layer in layers]
             lines.append(f"| {label} | {regime or '–'} | " + " | ".join(cells) + " |")
         floors = {}
