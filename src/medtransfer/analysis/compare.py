@@ -64,7 +64,13 @@ from medtransfer.analysis.source_comparison import (
     correction_term,
     paired_rows,
 )
-from medtransfer.analysis.stage_matching import STAGE_MATCH_COLUMNS, cross_architecture_matches, model_stages, stage_match_rows
+from medtransfer.analysis.stage_matching import (
+    STAGE_MATCH_COLUMNS,
+    cross_architecture_matches,
+    model_stages,
+    stage_match_rows,
+    stage_sizes,
+)
 from medtransfer.analysis.streaming import pair_rows
 from medtransfer.analysis.summaries import (
     CURVE_COLUMNS,
@@ -144,8 +150,7 @@ def run_compare(config: Config, dataset: str) -> Path:
     predictions = prediction_rows(folder, manifest, models)
     gain_rows = similarity_vs_gain(similarity_rows, by_key, layers,
                                    predictions_loader=lambda m: load_predictions(folder, manifest, m),
-                                   architectures={key: (str(record.get("arch") or ""), list(model_stages(manifest, key)))
-                                                  for key, record in manifest["models"].items()})
+                                   model_layers={key: list(model_stages(manifest, key)) for key in manifest["models"]})
     auc_rows = auc_interval_rows(models, lambda m: load_predictions(folder, manifest, m),
                                  config.analysis.bootstrap_resamples, config.analysis.seed)
     paired = paired_rows(auc_rows, correction_term(manifest["folds"]))
@@ -173,8 +178,7 @@ def run_compare(config: Config, dataset: str) -> Path:
 def _stage_matches(manifest: dict[str, Any], pairs: Sequence) -> list[dict]:
     """`stage_matches.csv`: the stage pairing of every pairing of architectures the pairs make (stage sizes from
     the first fold; every fold holds the same images' sizes)."""
-    first_fold = next(iter(manifest["folds"].values()))
-    sizes = {layer: (int(info["height"]), int(info["width"])) for layer, info in first_fold["layers"].items()}
+    sizes = stage_sizes(next(iter(manifest["folds"].values())))
     return stage_match_rows(manifest, [(pair.model_a, pair.model_b) for pair in pairs], sizes)
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "model_stages",
     "paired_layers",
     "stage_match_rows",
+    "stage_sizes",
 ]
 
 #: `stage_matches.csv`: one row per stage of either side of each architecture pairing the study compares.
@@ -58,6 +59,11 @@ def match_stages_by_reduction(a: Mapping[str, int], b: Mapping[str, int]) -> Sta
     paired_a = {stage for stage, _, _ in pairs}
     paired_b = {stage for _, stage, _ in pairs}
     return StageMatch(pairs, tuple(s for s in a if s not in paired_a), tuple(s for s in b if s not in paired_b))
+
+
+def stage_sizes(fold_info: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """{stage: (h, w)} of one fold of the activations manifest (`manifest["folds"][k]`)."""
+    return {layer: (int(info["height"]), int(info["width"])) for layer, info in fold_info["layers"].items()}
 
 
 def model_stages(manifest: Mapping[str, Any], key: str) -> dict[str, int | None]:

@@ -19,7 +19,7 @@ import numpy as np
 from medtransfer.analysis.activations import image_draws, open_activations
 from medtransfer.analysis.pairs import Pair
 from medtransfer.analysis.similarity import SimilarityAccumulator
-from medtransfer.analysis.stage_matching import model_stages, paired_layers
+from medtransfer.analysis.stage_matching import model_stages, paired_layers, stage_sizes
 from medtransfer.config import AnalysisConfig
 from medtransfer.errors import DataError
 
@@ -175,9 +175,8 @@ def pair_rows(folder: Path, manifest: dict[str, Any], pair: Pair, measures: Sequ
     in `layers`, the manifest's), so every pair of a fold and layer uses the same draws."""
     rows = []
     fold_info = manifest["folds"][str(pair.fold)]
-    sizes = {layer: (int(info["height"]), int(info["width"])) for layer, info in fold_info["layers"].items()}
     stages_a, stages_b = model_stages(manifest, pair.model_a), model_stages(manifest, pair.model_b)
-    for layer, layer_b in paired_layers(stages_a, stages_b, sizes):
+    for layer, layer_b in paired_layers(stages_a, stages_b, stage_sizes(fold_info)):
         layer_info = fold_info["layers"][layer]
         x = open_activations(folder, pair.fold, pair.model_a, layer)
         y = x if (pair.model_b, layer_b) == (pair.model_a, layer) else open_activations(folder, pair.fold, pair.model_b,

@@ -44,12 +44,13 @@ CURVE_COLUMNS = ["layer", "series", "similarity", "sd"]
 GAIN_MEASURES = ("cca", "cka")
 
 SIMILARITY_COLUMNS = [
-    "pair_kind", "pair", "model_a", "model_b", "fold", "regime", "layer", "layer_b", "measure", "value", "n", "images",
-    "c_a", "c_b", "channels_a", "channels_b", "channel_draws", "draw_sd", "rows_per_channel", "reliable", "note",
+    "pair_kind", "pair", "model_a", "model_b", "fold", "regime", "layer", "layer_b", "measure", "value", "n",
+    "images", "c_a", "c_b", "channels_a", "channels_b", "channel_draws", "draw_sd", "rows_per_channel", "reliable",
+    "note",
 ]
 SUMMARY_COLUMNS = [
-    "pair_kind", "pair", "regime", "layer", "layer_b", "measure", "mean", "sd", "count", "ci_low", "ci_high", "ci_basis",
-    "reliable_share", "rows_per_channel",
+    "pair_kind", "pair", "regime", "layer", "layer_b", "measure", "mean", "sd", "count", "ci_low", "ci_high",
+    "ci_basis", "reliable_share", "rows_per_channel",
     "random_vs_random_mean", "random_vs_random_sd", "shuffled_mean", "shuffled_sd",
 ]
 GAIN_COLUMNS = [
@@ -99,7 +100,8 @@ def summarise(rows: Sequence[dict], correction: float = 0.0) -> list[dict]:
         summary.append({
             "pair_kind": kind, "pair": pair, "regime": regime, "layer": layer,
             # model b's stage: the same name, or (across architectures) its stage at the same reduction
-            "layer_b": members[0].get("layer_b") or layer, "measure": measure, "mean": mean, "sd": sd, "count": count, "ci_low": low, "ci_high": high, "ci_basis": basis,
+            "layer_b": members[0].get("layer_b") or layer, "measure": measure,
+            "mean": mean, "sd": sd, "count": count, "ci_low": low, "ci_high": high, "ci_basis": basis,
             "reliable_share": float(np.mean([bool(r["reliable"]) for r in members])),
             "rows_per_channel": float(np.mean([r["rows_per_channel"] for r in members])),
             "random_vs_random_mean": random_floor[0], "random_vs_random_sd": random_floor[1],
@@ -171,16 +173,16 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 
 def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], layers: Sequence[str], *,
                        predictions_loader: Callable[[StudyModel], Any] | None = None,
-                       architectures: Mapping[str, tuple[str, Sequence[str]]] | None = None) -> list[dict]:
+                       model_layers: Mapping[str, Sequence[str]] | None = None) -> list[dict]:
     """Points (non-random source, regime, fold, layer): similarity of the fine-tuned primary to its source, and the
     relative test-AUC gain over the random-init fine-tuned primary of the same fold and regime, plus Pearson's r
     per layer (all points; and per source), for each of `layers` (the manifest's). `reliable_<measure>` says whether
     the similarity rests on enough rows per channel (False also where no similarity was computed). AUCs come from the pointer facts
     that `extract` copied into the manifest, else from the saved predictions (`predictions_loader`).
 
-    `architectures` ({model key: (arch, its stages)}, from the manifest) serves studies of several architectures:
-    a model's gain is then taken over the random-init model of its own architecture where the study has one, and
-    its points cover its own stages only."""
+    Studies of several architectures: a model's gain is taken over the random-init model of its own `arch` where
+    the study has one (else over the first one), and with `model_layers` ({model key: its stages}, from the
+    manifest) its points cover its own stages only."""
     similarity: dict[tuple, float] = {}
     reliable: dict[tuple, bool] = {}
     for row in rows:
@@ -188,16 +190,12 @@ def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], laye
             similarity[(row["model_b"], row["layer"], row["measure"])] = row["value"]
             reliable[(row["model_b"], row["layer"], row["measure"])] = _truthy(row.get("reliable", True))
     finetuned = [m for m in by_key.values() if m.role == ROLE_FINETUNED and (m.seed_index or 0) == 0]
-    architectures = architectures or {}
-
-    def arch(model: StudyModel) -> str:
-        return architectures[model.key][0] if model.key in architectures else ""
-
+    any_arch = object()  # the key of the first random-init model, whatever its architecture
     references: dict[tuple, StudyModel] = {}
     for m in sorted(finetuned, key=lambda m: m.source):
         if m.random_init:
-            references.setdefault((m.fold, m.regime, ""), m)  # the first random-init model: any architecture's
-            references.setdefault((m.fold, m.regime, arch(m)), m)
+            references.setdefault((m.fold, m.regime, any_arch), m)
+            references.setdefault((m.fold, m.regime, m.arch), m)
 
     def auc(model: StudyModel) -> float:
         if model.test_auc is not None and math.isfinite(float(model.test_auc)):
@@ -212,10 +210,10 @@ def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], laye
 
     points = []
     for m in sorted(finetuned, key=lambda m: (m.source, m.regime or "", m.fold)):
-        reference = references.get((m.fold, m.regime, arch(m))) or references.get((m.fold, m.regime, ""))
+        reference = references.get((m.fold, m.regime, m.arch)) or references.get((m.fold, m.regime, any_arch))
         if m.random_init or reference is None:
             continue
-        own = set(architectures[m.key][1]) if m.key in architectures else set(layers)
+        own = set((model_layers or {}).get(m.key, layers))
         auc_model, auc_reference = auc(m), auc(reference)
         gain = (auc_model - auc_reference) / auc_reference if auc_reference and math.isfinite(auc_reference) else math.nan
         for layer in (layer for layer in layers if layer in own):

@@ -19,7 +19,7 @@ ARCHITECTURES: tuple[str, ...] = (KERAS_RESNET50, *TIMM_RESNETS)
 #: stem ReLU, before max-pool) and `stage1` … `stage4` (after the last block of each residual stage).
 STAGE_NAMES: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3", "stage4")
 #: Their reductions (stride from the input): the stem's 7×7/2 convolution, then max-pool and one halving per later
-#: stage. Pairs with other architectures match stages by these (`timm_backbone.match_stages_by_reduction`).
+#: stage. Pairs with other architectures match stages by these (`analysis.stage_matching`).
 STAGE_REDUCTIONS: dict[str, int] = {"stem": 2, "stage1": 4, "stage2": 8, "stage3": 16, "stage4": 32}
 #: Keyword arguments `model_args` may not set: the backbone sets them itself (no classifier, random weights; the
 #: weights of a source come from its kind).
