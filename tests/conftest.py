@@ -134,6 +134,28 @@ def markdown_table() -> Callable[[str, str], list[dict[str, str]]]:
     return read_markdown_table
 
 
+def write_fits_pointer(config, prepared, registered, dataset: str, source: str, regime: str, fits: list) -> None:
+    """Write the pointer of `fits` (`FoldModel`s registered by a test) of one (dataset, source, regime), as a search
+    would: `registered` is the source's `register_source` result, the first fit the champion, the AUCs summarised."""
+    from medtransfer.pointers import ModelPointer, write_pointer
+    from medtransfer.registry import finetuned_model_name
+
+    aucs = [fit.test_auc for fit in fits]
+    write_pointer(config, ModelPointer(
+        registered_model=finetuned_model_name(dataset, source, regime), dataset=dataset, source=source,
+        regime=regime, source_model=registered.name, source_version=registered.version,
+        source_weights_sha256=registered.weights_sha256, data_fingerprint=prepared.fingerprint,
+        study=f"{dataset}.{source}", champion_version=fits[0].version, folds=fits,
+        test_auc_mean=float(np.mean(aucs)), test_auc_sd=float(np.std(aucs)),
+    ))
+
+
+@pytest.fixture(scope="session")
+def fits_pointer() -> Callable[..., None]:
+    """`write_fits_pointer`, for module-scoped study fixtures."""
+    return write_fits_pointer
+
+
 def demo_params(datasets: dict, **sections) -> dict:
     params = {
         "project": {"profile": "test", "seed": 0},

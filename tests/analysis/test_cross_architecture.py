@@ -25,7 +25,7 @@ from medtransfer.models.backbones import Classifier, keras_like_init_
 from medtransfer.models.mlflow_models import load_registered_model, log_packaged_model, register_logged_model
 from medtransfer.models.packaging import ModelSpec
 from medtransfer.models.sources import register_source
-from medtransfer.pointers import FoldModel, ModelPointer, fold_model_alias, write_pointer
+from medtransfer.pointers import FoldModel, fold_model_alias
 from medtransfer.registry import ALIAS_DEFAULT, Tag, finetuned_model_name, model_uri, source_model_name
 from medtransfer.tracking import ensure_experiment, use_tracking_store
 from medtransfer.train.finetune import PREDICTIONS_ARTIFACT_DIR
@@ -122,7 +122,7 @@ def _params(root: Path, sources: dict) -> Path:
     return path
 
 
-def _build_study(root: Path, sources: dict, finetuned: list[str]):
+def _build_study(root: Path, sources: dict, finetuned: list[str], fits_pointer):
     _images_npz(root / "data/raw/target.npz", 0)
     config = load_config(_params(root, sources))
     prepare_dataset(config, DATASET)
@@ -131,19 +131,12 @@ def _build_study(root: Path, sources: dict, finetuned: list[str]):
     registered = {name: register_source(config, name) for name in config.sources}
     for source in finetuned:
         fits = [_register_finetuned(config, prepared, source, fold) for fold in (0, 1)]
-        aucs = [fit.test_auc for fit in fits]
-        write_pointer(config, ModelPointer(
-            registered_model=finetuned_model_name(DATASET, source, REGIME), dataset=DATASET, source=source,
-            regime=REGIME, source_model=registered[source].name, source_version=registered[source].version,
-            source_weights_sha256=registered[source].weights_sha256, data_fingerprint=prepared.fingerprint,
-            study=f"{DATASET}.{source}", champion_version=fits[0].version, folds=fits,
-            test_auc_mean=float(np.mean(aucs)), test_auc_sd=float(np.std(aucs)),
-        ))
+        fits_pointer(config, prepared, registered[source], DATASET, source, REGIME, fits)
     return config
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, fits_pointer):
     """Three architectures' sources (safetensors files) and a random ResNet and ConvNeXt, each fine-tuned on two
     folds, and a second random ResNet and ConvNeXt (each architecture's random-vs-random floor)."""
     root = tmp_path_factory.mktemp("cross_arch")
@@ -159,7 +152,7 @@ def study(tmp_path_factory):
         sources["random_b"] = {"kind": "random", "arch": "resnet18", "seed": 1}
         sources["random_convnext"] = {"kind": "random", "arch": "convnext_atto", "seed": 2}
         sources["random_convnext_b"] = {"kind": "random", "arch": "convnext_atto", "seed": 3}
-        config = _build_study(root, sources, [*ARCHITECTURES, "random", "random_convnext"])
+        config = _build_study(root, sources, [*ARCHITECTURES, "random", "random_convnext"], fits_pointer)
         run_extract(config, DATASET)
         run_compare(config, DATASET)
         yield config
@@ -263,14 +256,14 @@ def test_the_layer_table_and_its_stage_names_reach_the_summary(study):
     assert all(np.isfinite(float(row["mean"])) and int(row["count"]) == 2 for row in vit_rows)
 
 
-def test_one_stage_name_at_two_sizes_is_refused_with_one_line(tmp_path, monkeypatch):
+def test_one_stage_name_at_two_sizes_is_refused_with_one_line(tmp_path, monkeypatch, fits_pointer):
     for variable in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(variable, raising=False)
     sources = {
         "vit16": {"kind": "random", "arch": "vit_tiny_patch16_224", "model_args": {"img_size": SIZE}, "seed": 0},
         "vit8": {"kind": "random", "arch": "vit_small_patch8_224", "model_args": {"img_size": SIZE}, "seed": 1},
     }
-    config = _build_study(tmp_path, sources, list(sources))  # same stage names, at 2x2 and 4x4 on 32 px
+    config = _build_study(tmp_path, sources, list(sources), fits_pointer)  # same stage names, at 2x2 and 4x4 on 32 px
     with pytest.raises(ModelError) as info:
         run_extract(config, DATASET)
     message = str(info.value)

@@ -30,7 +30,7 @@ from medtransfer.models.backbones import Classifier, keras_like_init_
 from medtransfer.models.mlflow_models import load_registered_model, log_packaged_model, register_logged_model
 from medtransfer.models.packaging import ModelSpec
 from medtransfer.models.sources import register_source
-from medtransfer.pointers import FoldModel, ModelPointer, fold_model_alias, pointer_path, read_pointer, write_pointer
+from medtransfer.pointers import FoldModel, fold_model_alias, pointer_path, read_pointer
 from medtransfer.layout import ROLE_FINETUNED, TEST_PREDICTIONS_FILE as PREDICTIONS_FILE
 from medtransfer.registry import ALIAS_DEFAULT, Tag, finetuned_model_name, model_uri, source_model_name
 from medtransfer.tracking import ensure_experiment, use_tracking_store
@@ -131,7 +131,7 @@ def _params(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, fits_pointer):
     """The tiny study, built once for the module: prepared data, registered sources and fine-tuned models, pointer
     files. Nothing extracted yet."""
     root = tmp_path_factory.mktemp("study")
@@ -150,14 +150,7 @@ def study(tmp_path_factory):
             fits = [_register_finetuned(config, prepared, source, fold, 0, fold_model_alias(fold, 0)) for fold in (0, 1)]
             if source == "natural":  # a second seed on fold 0: seed-to-seed pairs
                 fits.append(_register_finetuned(config, prepared, source, 0, 1, fold_model_alias(0, 1)))
-            aucs = [fit.test_auc for fit in fits]
-            write_pointer(config, ModelPointer(
-                registered_model=finetuned_model_name(DATASET, source, REGIME), dataset=DATASET, source=source,
-                regime=REGIME, source_model=registered[source].name, source_version=registered[source].version,
-                source_weights_sha256=registered[source].weights_sha256, data_fingerprint=prepared.fingerprint,
-                study=f"{DATASET}.{source}", champion_version=fits[0].version, folds=fits,
-                test_auc_mean=float(np.mean(aucs)), test_auc_sd=float(np.std(aucs)),
-            ))
+            fits_pointer(config, prepared, registered[source], DATASET, source, REGIME, fits)
         yield config
 
 
