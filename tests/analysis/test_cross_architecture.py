@@ -49,20 +49,6 @@ STAGES = {
 }
 
 
-def _images_npz(path: Path, seed: int, per_split=(40, 8, 16)) -> None:
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, count in zip(("train", "val", "test"), per_split):
-        labels = np.arange(count) % 2
-        images = rng.normal(90, 25, size=(count, SIZE, SIZE))
-        for index, label in enumerate(labels):
-            images[index, 4 + 16 * label : 12 + 16 * label, 6:14] += 110
-        arrays[f"{split}_images"] = np.clip(images, 0, 255).astype(np.uint8)
-        arrays[f"{split}_labels"] = labels[:, None].astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
-
-
 def _write_backbone(path: Path, arch: str, model_args: dict, seed: int) -> None:
     from safetensors.torch import save_file
 
@@ -112,6 +98,7 @@ def _params(root: Path, sources: dict) -> Path:
         "stores": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "test", "optuna_storage": "sqlite:///optuna.db"},
         "paths": {"raw_data": "data/raw", "prepared_data": "data/prepared"},
         "datasets": {DATASET: {"format": "medmnist", "path": "data/raw/target.npz", "classes": ["a", "b"],
+                               "image_size": SIZE,  # the blob file's 16 px, prepared at the ViT's 32
                                "split": {"scheme": "stratified_kfold", "folds": 2, "val_fraction": 0.2}}},
         "sources": sources,
         "analysis": {"positions_per_layer": 200, "channel_sample": 16, "channel_repeats": 2, "batch_size": 8,
@@ -122,8 +109,8 @@ def _params(root: Path, sources: dict) -> Path:
     return path
 
 
-def _build_study(root: Path, sources: dict, finetuned: list[str], fits_pointer):
-    _images_npz(root / "data/raw/target.npz", 0)
+def _build_study(root: Path, sources: dict, finetuned: list[str], blob_npz, fits_pointer):
+    blob_npz(root / "data/raw/target.npz", 0, per_split=(40, 8, 16))
     config = load_config(_params(root, sources))
     prepare_dataset(config, DATASET)
     prepared = load_prepared(config, DATASET)
@@ -136,7 +123,7 @@ def _build_study(root: Path, sources: dict, finetuned: list[str], fits_pointer):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, fits_pointer):
+def study(tmp_path_factory, blob_npz, fits_pointer):
     """Three architectures' sources (safetensors files) and a random ResNet and ConvNeXt, each fine-tuned on two
     folds, and a second random ResNet and ConvNeXt (each architecture's random-vs-random floor)."""
     root = tmp_path_factory.mktemp("cross_arch")
@@ -152,7 +139,7 @@ def study(tmp_path_factory, fits_pointer):
         sources["random_b"] = {"kind": "random", "arch": "resnet18", "seed": 1}
         sources["random_convnext"] = {"kind": "random", "arch": "convnext_atto", "seed": 2}
         sources["random_convnext_b"] = {"kind": "random", "arch": "convnext_atto", "seed": 3}
-        config = _build_study(root, sources, [*ARCHITECTURES, "random", "random_convnext"], fits_pointer)
+        config = _build_study(root, sources, [*ARCHITECTURES, "random", "random_convnext"], blob_npz, fits_pointer)
         run_extract(config, DATASET)
         run_compare(config, DATASET)
         yield config
@@ -256,14 +243,14 @@ def test_the_layer_table_and_its_stage_names_reach_the_summary(study):
     assert all(np.isfinite(float(row["mean"])) and int(row["count"]) == 2 for row in vit_rows)
 
 
-def test_one_stage_name_at_two_sizes_is_refused_with_one_line(tmp_path, monkeypatch, fits_pointer):
+def test_one_stage_name_at_two_sizes_is_refused_with_one_line(tmp_path, monkeypatch, blob_npz, fits_pointer):
     for variable in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(variable, raising=False)
     sources = {
         "vit16": {"kind": "random", "arch": "vit_tiny_patch16_224", "model_args": {"img_size": SIZE}, "seed": 0},
         "vit8": {"kind": "random", "arch": "vit_small_patch8_224", "model_args": {"img_size": SIZE}, "seed": 1},
     }
-    config = _build_study(tmp_path, sources, list(sources), fits_pointer)  # same stage names, at 2x2 and 4x4 on 32 px
+    config = _build_study(tmp_path, sources, list(sources), blob_npz, fits_pointer)  # same stage names, at 2x2 and 4x4 on 32 px
     with pytest.raises(ModelError) as info:
         run_extract(config, DATASET)
     message = str(info.value)
