@@ -388,3 +388,43 @@ def test_several_random_floors_are_named_by_their_pair(study):
     text = run_report(study, client=_RegistryAsThePointersSay()).read_text()
     assert "| noise floor: two random initialisations: random vs random_b | – |" in text
     assert "| noise floor: two random initialisations: random_convnext vs random_convnext_b | – |" in text
+
+
+def test_a_fold_with_undefined_kappa_is_named_in_the_cell_and_legend(study, markdown_table):
+    """Both models right on every image of fold 1: error consistency and label κ are undefined there (NaN), so each
+    mean rests on 2 of the 3 folds, and the cell, the HTML and the legend say so instead of passing for 3."""
+    path = study.root / "results/analysis/target/predictions.csv"
+    rows = list(csv.DictReader(path.open()))
+    rows[1].update({"accuracy_a": 1.0, "accuracy_b": 1.0, "error_agreement": 1.0, "error_agreement_chance": 1.0,
+                    "error_consistency": "nan", "label_kappa": "nan"})
+    _write_csv(path, rows)
+    run_report(study, client=_RegistryAsThePointersSay())
+    text = (study.root / "reports/report.md").read_text()
+    (row,) = markdown_table(text, "## Prediction similarity — target")
+    kappas = [(0.82 - 0.74) / 0.26, (0.84 - 0.74) / 0.26]  # folds 0 and 2
+    assert row["error consistency κ"] == (f"{statistics.mean(kappas):.2f} ± {statistics.stdev(kappas):.2f} "
+                                          "(2 of 3 folds; κ undefined where both models are always right (or both "
+                                          "always wrong))")
+    assert row["label κ"].startswith("0.50 ± 0.00 (2 of 3 folds; κ undefined where both models predict")
+    agreements = [0.82, 1.0, 0.84]  # defined on every fold: no count
+    assert row["error agreement"] == f"{statistics.mean(agreements):.2f} ± {statistics.stdev(agreements):.2f}"
+    assert "(k of n folds): the mean and sd rest on the k folds where the value is defined" in text
+    page = (study.root / "reports/report.html").read_text(encoding="utf-8")
+    assert "(2 of 3 folds; κ undefined where both models are always right" in page
+
+
+def test_a_fold_without_a_test_auc_is_named_in_the_auc_cells(study, markdown_table):
+    pointer = read_pointer(pointer_path(study, "target", "medical", "full"))
+    folds = [dataclasses.replace(fit, test_auc=None) if fit.fold == 2 else fit for fit in pointer.folds]
+    write_pointer(study, dataclasses.replace(pointer, folds=folds))
+    write_summary(study)
+    run_report(study, client=_RegistryAsThePointersSay())
+    text = (study.root / "reports/report.md").read_text()
+    (auc_row,) = markdown_table(text, "## Test AUC ×100 (mean ± sd over folds)")
+    scaled = [100 * auc for auc in AUCS[("medical", "full")][:2]]
+    assert auc_row["medical"] == (f"{statistics.mean(scaled):.1f} ± {statistics.stdev(scaled):.1f} (2 of 3 folds; "
+                                  "no test AUC where a fold's test part holds one class only)")
+    study_rows = {row["source"]: row for row in markdown_table(text, "## The study across targets")}
+    assert study_rows["medical"]["test AUC"].endswith("(2 of 3 folds; no test AUC where a fold's test part holds "
+                                                      "one class only)")
+    assert study_rows["natural"]["test AUC"].count("(") == 0

@@ -49,6 +49,7 @@ from medtransfer.analysis.stage_matching import cross_architecture_matches
 from medtransfer.analysis.summaries import CI_OVER_DRAWS
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.atomic_files import atomic_directory
+from medtransfer.report_cells import UNDEFINED_REASONS, finite_values, mean_sd_cell, shortfall_legend, shortfall_note
 from medtransfer.report_paper import paper_section_for_study
 from medtransfer.report_html import render_report_html
 from medtransfer.revision import code_revision
@@ -170,15 +171,19 @@ def _auc_section(config: Config, pointers: dict[str, list[ModelPointer]]) -> str
         header,
         "|" + "---|" * (len(columns) + 1),
     ]
+    short = []
     for target, target_pointers in pointers.items():
         by_key = {(p.source, p.regime): p for p in target_pointers}
         cells = []
         for key in columns:
             pointer = by_key.get(key)
-            aucs = [fit.test_auc for fit in pointer.folds if fit.test_auc is not None] if pointer else []
-            cell = _mean_sd([100 * value for value in aucs], digits=1) if aucs else "–"
-            cells.append(f"{cell} ({pointer.protocol})" if tag_cells and aucs else cell)
+            aucs = [fit.test_auc for fit in pointer.folds] if pointer else []
+            cell = mean_sd_cell(aucs, expected=len(aucs), digits=1, scale=100, reason=UNDEFINED_REASONS["test_auc"])
+            if len(finite_values(aucs)) < len(aucs):
+                short.append(UNDEFINED_REASONS["test_auc"])
+            cells.append(f"{cell} ({pointer.protocol})" if tag_cells and finite_values(aucs) else cell)
         lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    lines += shortfall_legend(short)
     return "\n".join(lines)
 
 
@@ -209,12 +214,15 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
         floors = {}
         for row in selected:
             if row["pair_kind"] == SHUFFLED and row["layer"] not in floors and row["shuffled_mean"] not in ("", "nan"):
-                floors[row["layer"]] = _mean_sd([_float(row["shuffled_mean"])], sd=_float(row["shuffled_sd"])) \
+                floors[row["layer"]] = mean_sd_cell([_float(row["shuffled_mean"])], sd=_float(row["shuffled_sd"])) \
                     + _unreliable_mark(row)
         if floors:
             lines.append(f"| {PAIR_KIND_TITLES[SHUFFLED]} | – | " + " | ".join(floors.get(layer, "–") for layer in layers) + " |")
         lines += _interval_legend(selected)
         lines += _unreliable_legend(selected)
+        lines += shortfall_legend("not finite on that fold" for row in selected
+                                  if _int(row.get("count")) is not None and _int(row.get("folds")) is not None
+                                  and _int(row["count"]) < _int(row["folds"]))
         lines += _embed_figure(folder / LAYER_FIGURE_FILE.format(measure=measure), target, figures, f"{title} per layer, {target}")
     return "\n".join(lines)
 
@@ -248,14 +256,19 @@ def _predictions_section(target: str, folder: Path, figures: Path) -> str:
     grouped = defaultdict(list)
     for row in rows:
         grouped[(row["pair"], row["regime"])].append(row)
+    short = []
     for (pair, regime), group in sorted(grouped.items()):
         def stat(key: str) -> str:
-            return _mean_sd([_float(row[key]) for row in group])
+            values = [_float(row[key]) for row in group]
+            if len(finite_values(values)) < len(values):
+                short.append(UNDEFINED_REASONS.get(key, ""))
+            return mean_sd_cell(values, expected=len(values), reason=UNDEFINED_REASONS.get(key, ""))
 
         lines.append(f"| {pair} | {regime} | {stat('error_agreement')} | {stat('error_agreement_chance')} | "
                      f"{stat('error_consistency')} | {stat('label_kappa')} | {stat('jensen_shannon')} |")
     if not grouped:
         lines.append("| (no two fine-tuned sources share a fold and regime) | | | | | | |")
+    lines += shortfall_legend(short)
     lines += _embed_figure(folder / PREDICTION_FIGURE_FILE, target, figures, f"prediction agreement, {target}")
     return "\n".join(lines)
 
@@ -293,7 +306,10 @@ DRAWS_INTERVAL_MARK = "‡"
 def _similarity_cell(row: dict[str, str]) -> str:
     """mean ± sd over folds, the 95 % interval of the mean in brackets where compare gave one (tables written
     before the interval columns existed show mean ± sd alone), then the marks."""
-    cell = _mean_sd([_float(row["mean"])], sd=_float(row["sd"]))
+    count, total = _int(row.get("count")), _int(row.get("folds"))
+    cell = mean_sd_cell([_float(row["mean"])], sd=_float(row["sd"]))
+    if cell != "–" and count is not None and total is not None:
+        cell += shortfall_note(count, total)
     low, high = _float(row.get("ci_low", "")), _float(row.get("ci_high", ""))
     if math.isfinite(low) and math.isfinite(high):
         cell += f" [{low:.2f}, {high:.2f}]"
@@ -386,11 +402,8 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "–" if not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _mean_sd(values: list[float], sd: float | None = None, digits: int = 2) -> str:
-    finite = [value for value in values if math.isfinite(value)]
-    if not finite:
-        return "–"
-    mean = sum(finite) / len(finite)
-    if sd is None:
-        sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else float("nan")
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if math.isfinite(sd) else f"{mean:.{digits}f}"
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None

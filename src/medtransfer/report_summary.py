@@ -22,6 +22,7 @@ from medtransfer.layout import (
 from medtransfer.analysis.plots import UNRELIABLE_MARK, is_unreliable
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.errors import DataError
+from medtransfer.report_cells import UNDEFINED_REASONS, mean_sd_cell, shortfall_legend, shortfall_note
 from medtransfer.tables import read_table
 
 MAIN_GROUPS = tuple((kind, PAIR_KIND_TITLES[kind]) for kind in (
@@ -64,14 +65,19 @@ def _auc_table(rows: list[dict[str, str]]) -> list[str]:
              "best configuration of an Optuna search; a preset such as `paper`: that fixed protocol):", "",
              "| target | source | regime | protocol | folds | test AUC | gain over random init |",
              "|---|---|---|---|---|---|---|"]
+    short: list[str] = []
     for row in rows:
         mean, sd, gain = _float(row["test_auc_mean"]), _float(row["test_auc_sd"]), _float(row["relative_gain"])
-        auc = "–" if not math.isfinite(mean) else f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if math.isfinite(sd) else "")
+        count, total = _int(row.get("folds")), _int(row.get("folds_total"))
+        auc = mean_sd_cell([mean], sd=sd, digits=1, scale=100)
+        if auc != "–" and count is not None and total is not None:
+            auc += shortfall_note(count, total, reason=UNDEFINED_REASONS["test_auc"])
+            short += [UNDEFINED_REASONS["test_auc"]] if count < total else []
         relative = "–" if not math.isfinite(gain) else f"{100 * gain:+.1f} %"
         protocol = row.get("protocol") or "search"  # summaries written before the protocol was recorded
         lines.append(f"| {row['target']} | {row['source']} | {row['regime']} | {protocol} | {row['folds']} | {auc} | "
                      f"{relative} |")
-    return lines
+    return lines + shortfall_legend(short)
 
 
 def _gain_table(rows: list[dict[str, str]], measure: str, title: str, layers: list[str]) -> list[str]:
@@ -112,6 +118,7 @@ def _cross_target_table(rows: list[dict[str, str]], measure: str, title: str, la
         table[(row["pair_kind"], row["pair"], row["regime"])][row["layer"]] = row
     lines = ["", f"### {title} per layer, mean ± sd over the {targets} targets", "",
              "| pair | regime | " + " | ".join(layers) + " |", "|" + "---|" * (len(layers) + 2)]
+    short: list[str] = []
     for (kind, pair, regime), by_layer in sorted(table.items(), key=lambda item: (order[item[0][0]], item[0])):
         label = dict(MAIN_GROUPS)[kind] + (f": {pair}" if pair and kind != RANDOM_VS_RANDOM else "")
         cells = []
@@ -119,14 +126,18 @@ def _cross_target_table(rows: list[dict[str, str]], measure: str, title: str, la
             row = by_layer.get(layer)
             mean, sd = (_float(row["mean"]), _float(row["sd"])) if row else (math.nan, math.nan)
             mark = UNRELIABLE_MARK if row and is_unreliable(row) else ""
-            cells.append("–" if not math.isfinite(mean)
-                         else f"{mean:.2f}" + (f" ± {sd:.2f}" if math.isfinite(sd) else "") + mark)
+            cell = mean_sd_cell([mean], sd=sd)
+            count, total = (_int(row.get("targets")), _int(row.get("targets_with_pair"))) if row else (None, None)
+            if cell != "–" and count is not None and total is not None:
+                cell += shortfall_note(count, total, unit="targets")
+                short += ["not finite on that target"] if count < total else []
+            cells.append(cell if cell == "–" else cell + mark)
         lines.append(f"| {label} | {regime or '–'} | " + " | ".join(cells) + " |")
     if any(is_unreliable(row) for row in selected):
         lines += ["", f"{UNRELIABLE_MARK} unreliable: in at least one fold of at least one target the comparison had "
                       f"fewer than {RELIABLE_ROWS_PER_CHANNEL} rows per compared channel, where canonical correlations "
                       "are biased towards 1."]
-    return lines
+    return lines + shortfall_legend(short, unit="targets")
 
 
 def _float(text) -> float:
@@ -134,3 +145,10 @@ def _float(text) -> float:
         return float(text)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _int(text) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None

@@ -48,9 +48,10 @@ from medtransfer.tables import read_table, write_table
 #: Beside the folder, not inside it: DVC refuses a metrics file inside another output.
 GAIN_CORRELATION_COLUMNS = ["source", "regime", "layer", "measure", "points", "targets", "pearson_r",
                             "mean_per_target_r", "baseline"]
-CROSS_TARGET_COLUMNS = ["pair_kind", "pair", "regime", "layer", "measure", "targets", "mean", "sd",
+CROSS_TARGET_COLUMNS = ["pair_kind", "pair", "regime", "layer", "measure", "targets", "targets_with_pair", "mean", "sd",
                         "random_vs_random_mean", "random_vs_random_sd", "reliable_share"]
-AUC_TABLE_COLUMNS = ["target", "source", "regime", "protocol", "folds", "test_auc_mean", "test_auc_sd", "random_init_source",
+AUC_TABLE_COLUMNS = ["target", "source", "regime", "protocol", "folds", "folds_total", "test_auc_mean", "test_auc_sd",
+                     "random_init_source",
                      "relative_gain"]
 #: The regime of the authors' baseline: random init fine-tuned without freezing.
 BASELINE_REGIME = "full"
@@ -108,7 +109,8 @@ def cross_target_similarity(summaries: dict[str, list[dict[str, str]]]) -> list[
         mean, sd = _mean_sd(means)
         floor_mean, floor_sd = _mean_sd(floors)
         result.append({"pair_kind": kind, "pair": pair, "regime": regime, "layer": layer, "measure": measure,
-                       "targets": len(means), "mean": mean, "sd": sd,
+                       # targets: those with a finite mean; targets_with_pair: every target that has the pair
+                       "targets": len(means), "targets_with_pair": len(by_target), "mean": mean, "sd": sd,
                        "random_vs_random_mean": floor_mean, "random_vs_random_sd": floor_sd,
                        "reliable_share": float(np.mean(shares)) if shares else math.nan})
     return result
@@ -121,17 +123,19 @@ def auc_table(config: Config, pointers: dict[str, list]) -> list[dict[str, Any]]
                             and config.sources[name].kind == "random")
     rows = []
     for target, target_pointers in pointers.items():
-        means: dict[tuple[str, str], tuple[float, float, int]] = {}
+        means: dict[tuple[str, str], tuple[float, float, int, int]] = {}
         protocols = {(pointer.source, pointer.regime): pointer.protocol for pointer in target_pointers}
         for pointer in target_pointers:
-            aucs = [fit.test_auc for fit in pointer.folds if fit.seed == pointer.folds[0].seed and fit.test_auc is not None]
-            means[(pointer.source, pointer.regime)] = (*_mean_sd(aucs), len(aucs))
-        for (source, regime), (mean, sd, folds) in sorted(means.items()):
+            fits = [fit for fit in pointer.folds if fit.seed == pointer.folds[0].seed]
+            aucs = [fit.test_auc for fit in fits if fit.test_auc is not None and math.isfinite(fit.test_auc)]
+            means[(pointer.source, pointer.regime)] = (*_mean_sd(aucs), len(aucs), len(fits))
+        for (source, regime), (mean, sd, folds, folds_total) in sorted(means.items()):
             reference_source = next((name for name in random_sources if (name, regime) in means), "")
             reference = means.get((reference_source, regime), (math.nan,))[0]
             gain = (mean - reference) / reference if reference_source and reference else math.nan
             rows.append({"target": target, "source": source, "regime": regime,
-                         "protocol": protocols[(source, regime)], "folds": folds, "test_auc_mean": mean,
+                         "protocol": protocols[(source, regime)], "folds": folds, "folds_total": folds_total,
+                         "test_auc_mean": mean,
                          "test_auc_sd": sd, "random_init_source": reference_source, "relative_gain": gain})
     return rows
 

@@ -49,7 +49,7 @@ SIMILARITY_COLUMNS = [
     "note",
 ]
 SUMMARY_COLUMNS = [
-    "pair_kind", "pair", "regime", "layer", "layer_b", "measure", "mean", "sd", "count", "ci_low", "ci_high",
+    "pair_kind", "pair", "regime", "layer", "layer_b", "measure", "mean", "sd", "count", "folds", "ci_low", "ci_high",
     "ci_basis", "reliable_share", "rows_per_channel",
     "random_vs_random_mean", "random_vs_random_sd", "shuffled_mean", "shuffled_sd",
 ]
@@ -101,7 +101,8 @@ def summarise(rows: Sequence[dict], correction: float = 0.0) -> list[dict]:
             "pair_kind": kind, "pair": pair, "regime": regime, "layer": layer,
             # model b's stage: the same name, or (across architectures) its stage at the same reduction
             "layer_b": members[0].get("layer_b") or layer, "measure": measure,
-            "mean": mean, "sd": sd, "count": count, "ci_low": low, "ci_high": high, "ci_basis": basis,
+            # count: the finite values behind the mean; folds: every fold (and seed) of the group, defined or not
+            "mean": mean, "sd": sd, "count": count, "folds": len(members), "ci_low": low, "ci_high": high, "ci_basis": basis,
             "reliable_share": float(np.mean([bool(r["reliable"]) for r in members])),
             "rows_per_channel": float(np.mean([r["rows_per_channel"] for r in members])),
             "random_vs_random_mean": random_floor[0], "random_vs_random_sd": random_floor[1],
