@@ -20,6 +20,7 @@ from medtransfer.layout import (
     GAIN_CORRELATION_FILE,
 )
 from medtransfer.analysis.plots import UNRELIABLE_MARK, is_unreliable
+from medtransfer.analysis.study_summary import stage_order
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.errors import DataError
 from medtransfer.report_cells import UNDEFINED_REASONS, mean_sd_cell, shortfall_legend, shortfall_note
@@ -48,7 +49,11 @@ def study_section(folder: Path, targets: list[str], figures: Path) -> str:
         return "\n".join(lines)
     correlations = read_table(folder / GAIN_CORRELATION_FILE)
     cross_target = read_table(folder / CROSS_TARGET_FILE)
-    layers = list(dict.fromkeys(row["layer"] for row in cross_target))
+    # stage order, merged over the pair groups (a group may lack a stage); never sorted by name
+    groups: dict[tuple, list[dict[str, str]]] = defaultdict(list)
+    for row in cross_target:
+        groups[(row["pair_kind"], row["pair"], row["regime"], row["measure"])].append(row)
+    layers = stage_order(groups)
     for measure, title in (("cca", "mean CCA"), ("cka", "linear CKA")):
         lines += _gain_table(correlations, measure, title, layers)
         lines += _cross_target_table(cross_target, measure, title, layers, len(targets))

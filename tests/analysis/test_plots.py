@@ -127,15 +127,17 @@ def test_similarity_vs_gain_for_every_measure_with_r_per_panel(monkeypatch, tmp_
 
     drawn = {}
     monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.update(figure=figure))
-    points = [{"source": source, "layer": layer, "cca": 0.5, "cka": 0.7, "relative_gain": 0.1,
-               "pearson_cca_layer": -0.42, "pearson_cka_layer": 0.13}
-              for source in ("medical", "natural") for layer in ("stage1", "stage2")]
+    points = [{"source": source, "regime": "full", "layer": layer, "cca": 0.5, "cka": 0.7, "relative_gain": 0.1,
+               "pearson_cca_layer": -0.42, "pearson_cka_layer": 0.13,
+               "pearson_cca_layer_source": -0.5 if source == "medical" else -0.3, "pearson_cka_layer_source": "nan"}
+              for source in ("medical", "natural") for layer in ("stage1", "stage2") for fold in range(3)]
     plots.plot_similarity_vs_gain_by_measure(points, ("stage1", "stage2"), ("cca", "cka"), tmp_path / "g.png", title="t")
     axes = drawn["figure"].axes
     assert len(axes) == 4
     legends = [[text.get_text() for text in axis.get_legend().get_texts()] for axis in axes]
-    assert legends[0] == ["medical", "natural", "r = -0.42 (n = 2)"]
-    assert legends[3] == ["medical", "natural", "r = 0.13 (n = 2)"]
+    # one r per source (the authors' statistic), never the pooled r over sources
+    assert legends[0] == ["medical: r = -0.50, n = 3", "natural: r = -0.30, n = 3"]
+    assert legends[3] == ["medical: r n/a, n = 3", "natural: r n/a, n = 3"]
     assert [axis.get_xlabel() for axis in axes] == ["mean CCA", "mean CCA", "linear CKA", "linear CKA"]
 
 

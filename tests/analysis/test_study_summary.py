@@ -21,21 +21,27 @@ LAYERS = ("stem", "stage1")
 SOURCES = ("natural", "medical")
 
 
+#: Two architectures, each with its own random init: a source's gain must be over its own architecture's.
+ARCH_OF = {"natural": "resnet18", "medical": "resnet18", "natural_convnext": "convnext_atto"}
+
+
 def _gain_rows(target_index):
-    """similarity_vs_gain.csv rows of one target: two sources, two regimes, three folds; the freeze rows carry a
-    random-init baseline of their own regime, which the authors' statistic must not use."""
+    """similarity_vs_gain.csv rows of one target as `compare` writes them: three sources of two architectures, two
+    regimes, three folds; every row's baseline is the random init of its own architecture fine-tuned in `full`."""
     rng = np.random.default_rng(target_index)
-    random_full = {fold: 0.6 + 0.02 * fold + 0.01 * target_index for fold in range(3)}
+    random_full = {(arch, fold): 0.6 + 0.02 * fold + 0.01 * target_index + (0.2 if arch == "convnext_atto" else 0)
+                   for arch in set(ARCH_OF.values()) for fold in range(3)}
     rows = []
-    for source in SOURCES:
+    for source in ARCH_OF:
         for regime in ("full", "freeze"):
             for fold in range(3):
                 auc = float(rng.uniform(0.65, 0.95))
+                base = random_full[(ARCH_OF[source], fold)]
                 for layer in LAYERS:
                     rows.append({"source": source, "regime": regime, "fold": str(fold), "layer": layer,
                                  "cca": repr(float(rng.uniform(0.2, 0.9))), "cka": repr(float(rng.uniform(0.2, 0.9))),
-                                 "test_auc": repr(auc),
-                                 "random_init_test_auc": repr(random_full[fold] if regime == "full" else 0.55),
+                                 "test_auc": repr(auc), "random_init_test_auc": repr(base),
+                                 "relative_gain": repr((auc - base) / base),
                                  "pearson_cca_layer_source": "0.1", "pearson_cka_layer_source": "nan"})
     return rows
 
@@ -52,21 +58,26 @@ def _summary_rows(target_index):
     return rows
 
 
-def test_pooled_correlation_is_pearson_on_the_points_of_every_target_with_the_full_random_baseline():
+def test_pooled_correlation_is_pearson_per_source_and_regime_with_the_own_architecture_full_baseline():
     tables = {target: _gain_rows(index) for index, target in enumerate(TARGETS)}
-    result = {(r["source"], r["regime"], r["layer"], r["measure"]): r for r in pooled_gain_correlations(tables)}
-    assert len(result) == len(SOURCES) * 2 * len(LAYERS) * 2
-    for source in SOURCES:
+    rows = pooled_gain_correlations(tables)
+    result = {(r["source"], r["regime"], r["layer"], r["measure"]): r for r in rows}
+    assert len(result) == len(ARCH_OF) * 2 * len(LAYERS) * 2
+    # stage order, never sorted by name (sorting would put stage1 before stem)
+    assert [r["layer"] for r in rows if (r["source"], r["regime"], r["measure"]) == ("medical", "full", "cca")] == \
+        list(LAYERS)
+    for source in ARCH_OF:
         for regime in ("full", "freeze"):
             for layer in LAYERS:
                 similarity, gain = [], []
-                for target, rows in tables.items():
-                    baseline = {row["fold"]: float(row["random_init_test_auc"]) for row in rows
-                                if row["regime"] == "full"}
-                    for row in rows:
+                for target_index, rows_of_target in enumerate(tables.values()):
+                    for row in rows_of_target:
                         if (row["source"], row["regime"], row["layer"]) == (source, regime, layer):
+                            # the baseline assembled here: random init of the source's own architecture, in `full`
+                            base = 0.6 + 0.02 * int(row["fold"]) + 0.01 * target_index + \
+                                (0.2 if ARCH_OF[source] == "convnext_atto" else 0)
                             similarity.append(float(row["cca"]))
-                            gain.append((float(row["test_auc"]) - baseline[row["fold"]]) / baseline[row["fold"]])
+                            gain.append((float(row["test_auc"]) - base) / base)
                 row = result[(source, regime, layer, "cca")]
                 assert row["points"] == len(similarity) == 9 and row["targets"] == 3
                 assert row["pearson_r"] == pytest.approx(scipy.stats.pearsonr(similarity, gain).statistic, abs=1e-12)
@@ -76,6 +87,8 @@ def test_pooled_correlation_is_pearson_on_the_points_of_every_target_with_the_fu
 def test_cross_target_means_are_the_mean_of_each_targets_value():
     summaries = {target: _summary_rows(index) for index, target in enumerate(TARGETS)}
     result = cross_target_similarity(summaries)
+    assert [r["layer"] for r in result if (r["pair_kind"], r["measure"]) == ("source_vs_finetuned", "cca")] == \
+        list(LAYERS)  # stage order
     for row in result:
         values = [float(r["mean"]) for rows in summaries.values() for r in rows
                   if (r["pair_kind"], r["layer"], r["measure"]) == (row["pair_kind"], row["layer"], row["measure"])]

@@ -7,7 +7,7 @@
 * `plot_conv1_panels`: the first convolution's filters of every source and random initialisation, side by side, in
   RGB order, each filter min-max normalised.
 * `plot_similarity_vs_gain_by_measure`: per measure and layer, similarity to the source against the relative AUC
-  gain over random init, coloured by source, Pearson's r in each panel's legend.
+  gain over random init, coloured by source and regime, Pearson's r of each source and regime in the legend.
 """
 
 from __future__ import annotations
@@ -253,31 +253,38 @@ def _layer_spans(layers: Sequence[str], blocks: Sequence[Sequence[str]] | None) 
 def plot_similarity_vs_gain_by_measure(points: Sequence[dict], layers: Sequence[str], measures: Sequence[str],
                                        path: Path, *, title: str) -> None:
     """Rows = measures, columns = layers: similarity of a fine-tuned model to its source against its relative AUC
-    gain over the random-init model, coloured by source; each panel's legend gives Pearson's r over its points."""
+    gain over the random-init model, coloured by source and regime; each panel's legend gives Pearson's r of each
+    source and regime over its own points (the authors' statistic)."""
     plt = _pyplot()
     measures = [m for m in measures if any(m in row for row in points)] or list(measures)[:1]
     figure, axes = plt.subplots(len(measures), len(layers), figsize=(2.7 * len(layers), 2.5 * len(measures) + 0.5),
                                 dpi=110, sharey=True, squeeze=False)
-    sources = sorted({row["source"] for row in points})
+    # one series per source and regime, each with its own r (the authors' statistic; never pooled over sources)
+    series = sorted({(row["source"], row.get("regime") or "") for row in points})
+    several_regimes = len({regime for _, regime in series}) > 1
     palette = plt.get_cmap("tab10")
     for i, measure in enumerate(measures):
         for j, layer in enumerate(layers):
             axis = axes[i, j]
             here = [row for row in points if row["layer"] == layer]
-            for k, source in enumerate(sources):
-                mine = [row for row in here if row["source"] == source]
+            for k, (source, regime) in enumerate(series):
+                mine = [row for row in here if (row["source"], row.get("regime") or "") == (source, regime)]
+                if not mine:
+                    continue
                 hollow = np.array([is_unreliable_point(r, measure) for r in mine], dtype=bool)
                 x = np.array([_number(r.get(measure)) for r in mine], dtype=np.float64)
                 y = np.array([_number(r["relative_gain"]) for r in mine], dtype=np.float64)
-                axis.scatter(x[~hollow], y[~hollow], s=14, color=palette(k % 10), label=source)
+                r_value = _number(mine[0].get(f"pearson_{measure}_layer_source"))
+                name = f"{source} ({regime})" if several_regimes else source
+                label = f"{name}: r = {r_value:.2f}, n = {len(mine)}" if math.isfinite(r_value) \
+                    else f"{name}: r n/a, n = {len(mine)}"
+                marker = "o" if regime != "freeze" else "^"
+                axis.scatter(x[~hollow], y[~hollow], s=14, marker=marker, color=palette(k % 10), label=label)
                 if hollow.any():
-                    axis.scatter(x[hollow], y[hollow], s=14, facecolors="white", edgecolors=palette(k % 10),
-                                 label=None if (~hollow).any() else source)
+                    axis.scatter(x[hollow], y[hollow], s=14, marker=marker, facecolors="white",
+                                 edgecolors=palette(k % 10), label=None if (~hollow).any() else label)
             if any(is_unreliable_point(r, measure) for r in here):
                 add_unreliable_legend(axis, UNRELIABLE_POINT_LEGEND)
-            r_value = _number(here[0].get(f"pearson_{measure}_layer")) if here else math.nan
-            axis.plot([], [], linestyle="none",
-                      label=f"r = {r_value:.2f} (n = {len(here)})" if math.isfinite(r_value) else f"r: n/a (n = {len(here)})")
             axis.axhline(0.0, color="grey", linewidth=0.6, linestyle=":")
             axis.set_xlim(*MEASURE_RANGES.get(measure, (0.0, 1.0)))
             axis.set_title(layer, fontsize=8)

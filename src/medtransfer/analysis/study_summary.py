@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from medtransfer.analysis.plots import add_unreliable_legend, draw_series, is_unreliable
-from medtransfer.analysis.summaries import pearson
+from medtransfer.analysis.summaries import BASELINE_REGIME, pearson
 from medtransfer.layout import (
     ANALYSIS_FOLDER,
     FINETUNED_VS_FINETUNED,
@@ -53,40 +53,48 @@ CROSS_TARGET_COLUMNS = ["pair_kind", "pair", "regime", "layer", "measure", "targ
 AUC_TABLE_COLUMNS = ["target", "source", "regime", "protocol", "folds", "folds_total", "test_auc_mean", "test_auc_sd",
                      "random_init_source",
                      "relative_gain"]
-#: The regime of the authors' baseline: random init fine-tuned without freezing.
-BASELINE_REGIME = "full"
 GAIN_MEASURES = ("cca", "cka")
 #: The pair groups of the metrics and figures (the floor last).
 MAIN_KINDS = (SOURCE_VS_FINETUNED, PRETRAINED_VS_PRETRAINED, FINETUNED_VS_FINETUNED, RANDOM_VS_RANDOM)
 
 
+def stage_order(tables: dict[str, list[dict[str, str]]]) -> list[str]:
+    """Every layer of the targets' tables in forward order: each table lists its layers as `compare` wrote them (the
+    models' stage order, stem first); targets are merged in turn, a layer first seen later placed after the layers
+    that precede it in its own table. Never sorted by name (that would run stage1 … stage4, stem)."""
+    order: list[str] = []
+    for rows in tables.values():
+        previous = None
+        for layer in dict.fromkeys(row["layer"] for row in rows):
+            if layer not in order:
+                order.insert(order.index(previous) + 1 if previous is not None else 0, layer)
+            previous = layer
+    return order
+
+
 def pooled_gain_correlations(gain_tables: dict[str, list[dict[str, str]]]) -> list[dict[str, Any]]:
-    """The authors' statistic from every target's `similarity_vs_gain.csv` rows (see the module docstring)."""
-    baseline: dict[tuple[str, int], float] = {}
-    for target, rows in gain_tables.items():
-        for row in rows:
-            if row["regime"] == BASELINE_REGIME:
-                baseline[(target, int(row["fold"]))] = _float(row["random_init_test_auc"])
+    """The authors' statistic from every target's `similarity_vs_gain.csv` rows (see the module docstring): one r
+    per (source, regime, layer, measure) over every target's and fold's points, each point's gain as `compare` took
+    it (over the random init of the model's own architecture, fine-tuned without freezing). Rows in stage order."""
+    layers = stage_order(gain_tables)
     groups: dict[tuple[str, str, str], list[tuple[str, dict[str, str]]]] = defaultdict(list)
     for target, rows in gain_tables.items():
         for row in rows:
             groups[(row["source"], row["regime"], row["layer"])].append((target, row))
     result = []
-    for (source, regime, layer), members in sorted(groups.items()):
+    for (source, regime, layer), members in sorted(groups.items(), key=lambda item: (
+            item[0][0], item[0][1], _position(layers, item[0][2]))):
         for measure in GAIN_MEASURES:
-            similarity, gain, per_target = [], [], {}
-            for target, row in members:
-                reference = baseline.get((target, int(row["fold"])), math.nan)
-                similarity.append(_float(row[measure]))
-                gain.append((_float(row["test_auc"]) - reference) / reference if reference else math.nan)
-                per_target[target] = _float(row.get(f"pearson_{measure}_layer_source", "nan"))
+            similarity = [_float(row[measure]) for _, row in members]
+            gain = [_float(row["relative_gain"]) for _, row in members]
+            per_target = {target: _float(row.get(f"pearson_{measure}_layer_source", "nan")) for target, row in members}
             finite_r = [r for r in per_target.values() if math.isfinite(r)]
             usable = sum(math.isfinite(a) and math.isfinite(b) for a, b in zip(similarity, gain))
             result.append({
                 "source": source, "regime": regime, "layer": layer, "measure": measure, "points": usable,
                 "targets": len(per_target), "pearson_r": pearson(similarity, gain),
                 "mean_per_target_r": float(np.mean(finite_r)) if finite_r else math.nan,
-                "baseline": f"random init, {BASELINE_REGIME}",
+                "baseline": f"random init of the same architecture, {BASELINE_REGIME}",
             })
     return result
 
@@ -101,8 +109,10 @@ def cross_target_similarity(summaries: dict[str, list[dict[str, str]]]) -> list[
             key = (row["pair_kind"], row["pair"], row["regime"], row["layer"], row["measure"])
             groups[key][target] = (_float(row["mean"]), _float(row["random_vs_random_mean"]),
                                    _float(row.get("reliable_share", "nan")))
+    layers = stage_order(summaries)
     result = []
-    for (kind, pair, regime, layer, measure), by_target in sorted(groups.items()):
+    for (kind, pair, regime, layer, measure), by_target in sorted(groups.items(), key=lambda item: (
+            *item[0][:3], item[0][4], _position(layers, item[0][3]))):
         means = [value for value, _, _ in by_target.values() if math.isfinite(value)]
         floors = [floor for _, floor, _ in by_target.values() if math.isfinite(floor)]
         shares = [share for _, _, share in by_target.values() if math.isfinite(share)]
@@ -190,23 +200,23 @@ def write_summary(config: Config) -> tuple[Path, dict[str, float]]:
         write_table(staging / GAIN_CORRELATION_FILE, GAIN_CORRELATION_COLUMNS, correlations)
         write_table(staging / CROSS_TARGET_FILE, CROSS_TARGET_COLUMNS, cross_target)
         write_table(staging / AUC_TABLE_FILE, AUC_TABLE_COLUMNS, aucs)
-        _write_figures(staging, cross_target)
+        _write_figures(staging, cross_target, stage_order(summaries))
     atomic_write_text(config.resolve(METRICS_FILE), json.dumps({"targets": len(targets), **metrics}, indent=2,
                                                                sort_keys=True) + "\n")
     return destination, metrics
 
 
-def _write_figures(staging: Path, cross_target: Sequence[dict]) -> None:
-    """One figure per measure: the cross-target mean per layer of each pair group, with the random floor."""
+def _write_figures(staging: Path, cross_target: Sequence[dict], layers: Sequence[str]) -> None:
+    """One figure per measure: the cross-target mean per layer (x in stage order) of each pair group, with the random
+    floor; the y axis spans the measure's range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = []
-    for row in cross_target:
-        if row["layer"] not in layers:
-            layers.append(row["layer"])
+    from medtransfer.analysis.plots import MEASURE_RANGES
+
+    layers = list(layers)
     for measure in sorted({row["measure"] for row in cross_target}):
         series: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
         for row in cross_target:
@@ -216,7 +226,7 @@ def _write_figures(staging: Path, cross_target: Sequence[dict]) -> None:
                 series[label][row["layer"]] = (row["mean"], row["sd"], is_unreliable(row))
         if not series:
             continue
-        figure, axis = plt.subplots(figsize=(7, 4.5), dpi=110)
+        figure, axis = plt.subplots(figsize=(10, 4.5), dpi=110)
         positions = np.arange(len(layers))
         any_hollow = False
         for label, by_layer in sorted(series.items()):
@@ -227,9 +237,14 @@ def _write_figures(staging: Path, cross_target: Sequence[dict]) -> None:
             any_hollow |= draw_series(axis, positions, means, sds, hollow, measure, capsize=3, label=label, **style)
         if any_hollow:
             add_unreliable_legend(axis)
+        low, high = MEASURE_RANGES.get(measure, (0.0, 1.0))
         axis.set(xticks=positions, xticklabels=layers, xlabel="layer", ylabel=f"{measure}, mean over targets",
-                 ylim=(0, 1.05), title=f"{measure} across targets (error bars: sd over targets)")
-        axis.legend(fontsize=7, loc="lower left")
+                 ylim=(low - 0.05 * (high - low), high + 0.05 * (high - low)),
+                 title=f"{measure} across targets (error bars: sd over targets)")
+        # one entry per series, outside the data
+        handles, labels = axis.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        axis.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         figure.tight_layout()
         figure.savefig(staging / f"cross_target_{measure}.png")
         plt.close(figure)
@@ -264,3 +279,7 @@ def _float(text: Any) -> float:
         return float(text)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _position(order: Sequence[str], layer: str) -> int:
+    return order.index(layer) if layer in order else len(order)
