@@ -3,6 +3,7 @@ each claim's verdict from those numbers."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from medtransfer.paper_reference import REFERENCE_FILE, ReferenceError, load_pap
 from medtransfer.report_paper import Twins, paper_section
 from medtransfer.tables import write_table
 
-SUMMARY_COLUMNS = ["pair_kind", "pair", "regime", "layer", "measure", "mean", "sd"]
+SUMMARY_COLUMNS = ["pair_kind", "pair", "regime", "layer", "measure", "mean", "sd", "ci_low", "ci_high"]
 PREDICTION_COLUMNS = ["pair", "fold", "regime", "error_agreement", "error_agreement_chance"]
 PAIRED_COLUMNS = ["regime", "source_a", "source_b", "mean_difference", "low", "high"]
 LAYERS = ["stem", "stage1", "stage2", "stage3", "stage4"]
@@ -61,7 +62,7 @@ def _analysis_folder(tmp_path: Path, pretrained: list[float], floor: list[float]
     rows = []
     for layer, value, level in zip(LAYERS, pretrained, floor):
         rows.append({"pair_kind": "pretrained_vs_pretrained", "pair": "inet vs rad", "regime": "", "layer": layer,
-                     "measure": "cca", "mean": value, "sd": 0.01})
+                     "measure": "cca", "mean": value, "sd": 0.01, "ci_low": value - 0.05, "ci_high": value + 0.05})
         rows.append({"pair_kind": "pretrained_vs_pretrained", "pair": "inet vs rad", "regime": "", "layer": layer,
                      "measure": "cka", "mean": 0.99, "sd": 0.01})  # another measure: must not be read as CCA
         rows.append({"pair_kind": "random_vs_random", "pair": "rnd vs rnd_b", "regime": "", "layer": layer,
@@ -90,7 +91,7 @@ def test_ours_theirs_and_the_difference_come_from_the_tables_and_the_reference_f
     reference = load_paper_results(_reference_with(tmp_path, [77.7, 3.3], [0.61, 0.52, 0.43, 0.34, 0.25],
                                                    {"observed": 0.81, "chance": 0.71}))
     folder = _analysis_folder(tmp_path, pretrained=[0.6, 0.3, 0.3, 0.2, 0.2], floor=floor,
-                              agreement=[(0.8, 0.6), (0.9, 0.7)], paired=(0.05, -0.01, 0.11))
+                              agreement=[(0.8, 0.6), (0.9, 0.7)], paired=(0.05, 0.01, 0.11))
     fold_aucs = {("busi", "inet", "full"): [0.80, 0.90], ("busi", "rad", "full"): [0.75, 0.85],
                  ("busi", "rnd", "full"): [0.50, 0.60], ("busi", "inet", "linear"): [0.7, 0.7]}
     section = paper_section(TWINS, fold_aucs, {"busi": folder}, paper=reference)
@@ -108,24 +109,39 @@ def test_ours_theirs_and_the_difference_come_from_the_tables_and_the_reference_f
     assert list(claims.values()) == ["supported", "supported", "supported"]
 
 
-def test_each_claim_is_not_supported_when_this_run_contradicts_it(tmp_path):
+def test_each_claim_is_contradicted_when_its_interval_lies_on_the_other_side(tmp_path):
+    # agreement below chance on every fold: excess −0.10, −0.09, −0.11, t interval (2 df) wholly below 0
     folder = _analysis_folder(tmp_path, pretrained=[0.6, 0.5, 0.3, 0.2, 0.2], floor=[0.5, 0.4, 0.4, 0.4, 0.4],
-                              agreement=[(0.6, 0.7)], paired=(-0.1, -0.15, -0.05))
+                              agreement=[(0.6, 0.7), (0.61, 0.7), (0.59, 0.7)], paired=(-0.1, -0.15, -0.05))
     fold_aucs = {("busi", "inet", "full"): [0.70, 0.80], ("busi", "rad", "full"): [0.80, 0.90]}
     section = paper_section(TWINS, fold_aucs, {"busi": folder})
     claims = _claims(section)
-    assert list(claims.values()) == ["not supported", "not supported", "not supported"]
-    assert "stage1 0.50 vs floor 0.40" in section  # the stage above its floor is named with both numbers
-    assert "busi: RadImageNet ahead by 10.0 (95 % interval -15.0 to -5.0)" in section
+    assert list(claims.values()) == ["contradicted", "contradicted", "contradicted"]
+    # the stage above its floor is named with its interval and the floor
+    assert "stage1 0.50 [0.45, 0.55] vs floor 0.40 (contradicted)" in section
+    assert "busi: ImageNet − RadImageNet -10.0 (95 % interval -15.0 to -5.0; contradicted)" in section
 
 
-def test_radimagenet_ahead_within_the_interval_is_a_tie(tmp_path):
-    folder = _analysis_folder(tmp_path, pretrained=[0.6] * 5, floor=[0.5] * 5, agreement=[(0.9, 0.5)],
+def test_a_negative_difference_whose_interval_holds_zero_is_inconclusive(tmp_path):
+    """RadImageNet ahead by 2.0 with an interval from −8.0 to +4.0: neither a tie that supports the claim nor a
+    contradiction; one fold of agreement gives no interval; the floor inside the pretrained interval decides nothing."""
+    folder = _analysis_folder(tmp_path, pretrained=[0.6] * 5, floor=[0.62] * 5, agreement=[(0.9, 0.5)],
                               paired=(-0.02, -0.08, 0.04))
     fold_aucs = {("busi", "inet", "full"): [0.78, 0.80], ("busi", "rad", "full"): [0.80, 0.82]}
     section = paper_section(TWINS, fold_aucs, {"busi": folder})
-    assert re.search(r"busi: a tie \(RadImageNet ahead by 2\.0, 95 % interval -8\.0 to \+4\.0 includes 0\)", section)
-    assert list(_claims(section).values())[0] == "supported"
+    assert "busi: ImageNet − RadImageNet -2.0 (95 % interval -8.0 to +4.0; inconclusive)" in section
+    assert list(_claims(section).values()) == ["inconclusive", "inconclusive", "inconclusive"]
+
+
+def test_verdicts_follow_the_interval_alone():
+    from medtransfer.report_paper import combined_verdict, verdict
+
+    assert verdict(0.01, 0.3) == "supported" and verdict(-0.3, -0.01) == "contradicted"
+    assert verdict(-0.01, 0.3) == verdict(-0.3, 0.01) == verdict(math.nan, math.nan) == "inconclusive"
+    assert combined_verdict(["supported", "supported"]) == "supported"
+    assert combined_verdict(["supported", "inconclusive"]) == "inconclusive"
+    assert combined_verdict(["supported", "contradicted", "inconclusive"]) == "contradicted"
+    assert combined_verdict([]) == "inconclusive"
 
 
 def test_without_twins_the_section_says_so_and_checks_nothing(tmp_path):

@@ -3,8 +3,9 @@
 A dataset names its twin among the paper's targets with `paper_target:`, a source its twin among the paper's
 sources (imagenet, radimagenet, random) with `paper_source:`. For the twins the section prints ours, the paper's
 and the difference (test AUC; mean CCA per layer averaged over the twin targets; error agreement against chance),
-then states for each of the paper's three headline claims whether this run supports it. The paper's numbers are
-read from the shipped reference file (`paper_reference.py`); ours from the study's own outputs.
+then gives each of the paper's three headline claims a verdict from a 95 % interval: supported, contradicted or
+inconclusive. The paper's numbers are read from the shipped reference file (`paper_reference.py`); ours from the
+study's own outputs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from medtransfer.analysis.paired_statistics import t_interval
 from medtransfer.layout import (
     PAIRED_FILE,
     PREDICTIONS_FILE,
@@ -43,7 +45,7 @@ class Twins:
 @dataclass(frozen=True)
 class Claim:
     statement: str
-    verdict: str  # "supported", "not supported" or "not checked"
+    verdict: str  # "supported", "contradicted", "inconclusive" or "not checked"
     evidence: str
 
 
@@ -85,10 +87,15 @@ def paper_section(twins: Twins, fold_aucs: Mapping[tuple[str, str, str], Sequenc
                  for target in targets}
     lines += ["", *_agreement_table(targets, agreement, paper)]
     paired = {target: read_table(analysis_folders[target] / PAIRED_FILE) for target in targets}
+    excess = {target: _agreement_excess(read_table(analysis_folders[target] / PREDICTIONS_FILE), twins)
+              for target in targets}
     claims = [_claim_imagenet_at_least_radimagenet(targets, twins, fold_aucs, paired),
-              _claim_cca_at_or_below_floor(cross_target, paper),
-              _claim_agreement_above_chance(agreement)]
+              _claim_cca_at_or_below_floor(summaries, twins, paper),
+              _claim_agreement_above_chance(agreement, excess)]
     lines += ["", "### The paper's claims, checked on this run", "",
+              "Each verdict rests on a 95 % interval: *supported* when it lies wholly on the claim's side, "
+              "*contradicted* when wholly on the other, *inconclusive* when it holds the boundary (0, or the floor) "
+              "or none can be given (a single fold or target).", "",
               "| claim | this run | evidence |", "|---|---|---|"]
     lines += [f"| {claim.statement} | {claim.verdict} | {claim.evidence} |" for claim in claims]
     return "\n".join(lines)
@@ -189,9 +196,21 @@ def _agreement_ours(rows: list[dict[str, str]], twins: Twins) -> tuple[float, fl
             statistics.fmean(float(row["error_agreement_chance"]) for row in selected))
 
 
+def _agreement_excess(rows: list[dict[str, str]], twins: Twins) -> list[float]:
+    """Per fold: error agreement − its chance level of our ImageNet and RadImageNet twins in `full`."""
+    imagenet, radimagenet = twins.ours("imagenet"), twins.ours("radimagenet")
+    if not imagenet or not radimagenet:
+        return []
+    wanted = sorted([imagenet[0], radimagenet[0]])
+    return [_float(row["error_agreement"]) - _float(row["error_agreement_chance"]) for row in rows
+            if row["regime"] == "full" and sorted(row["pair"].split(" vs ")) == wanted]
+
+
 def _agreement_table(targets: Mapping[str, str], agreement, paper: PaperResults) -> list[str]:
     lines = ["### Error agreement of the ImageNet and RadImageNet models (no freezing): observed / chance", "",
-             "| target | ours | paper |", "|---|---|---|"]
+             "The two chance levels differ in formula: ours is p₁p₂ + (1−p₁)(1−p₂) with each model's own accuracy; "
+             "the paper's, as the authors computed it, uses the ImageNet model's accuracy for both models.", "",
+             "| target | ours (own accuracies) | paper (ImageNet accuracy for both) |", "|---|---|---|"]
     for target, paper_target in targets.items():
         mine = agreement.get(target)
         theirs = paper.error_agreement.get(paper_target)
@@ -200,36 +219,52 @@ def _agreement_table(targets: Mapping[str, str], agreement, paper: PaperResults)
 
 
 # -- claims ------------------------------------------------------------------------------------------------------
+#
+# Three-way verdicts, each on a 95 % interval of a quantity the claim says is positive: supported when the whole
+# interval lies above 0, contradicted when it lies below, inconclusive when it holds 0 (or no interval can be
+# given: one fold, one target). A point estimate alone never decides a claim.
+
+SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_CHECKED = "supported", "contradicted", "inconclusive", "not checked"
+
+
+def verdict(low: float, high: float) -> str:
+    """The verdict on "the quantity is positive" from its interval [low, high]."""
+    if math.isfinite(low) and low > 0:
+        return SUPPORTED
+    if math.isfinite(high) and high < 0:
+        return CONTRADICTED
+    return INCONCLUSIVE
+
+
+def combined_verdict(verdicts: Sequence[str]) -> str:
+    """A claim made for every target (or stage): contradicted by any, supported only by all."""
+    if CONTRADICTED in verdicts:
+        return CONTRADICTED
+    return SUPPORTED if verdicts and all(item == SUPPORTED for item in verdicts) else INCONCLUSIVE
 
 
 def _claim_imagenet_at_least_radimagenet(targets, twins: Twins, fold_aucs, paired) -> Claim:
     statement = "ImageNet initialisation matches or beats RadImageNet on every target (no freezing)"
     imagenet, radimagenet = twins.ours("imagenet"), twins.ours("radimagenet")
     if not imagenet or not radimagenet:
-        return Claim(statement, "not checked", "needs a source naming `paper_source: imagenet` and one naming "
-                                               "`paper_source: radimagenet`")
-    findings, failed, checked = [], [], 0
+        return Claim(statement, NOT_CHECKED, "needs a source naming `paper_source: imagenet` and one naming "
+                                             "`paper_source: radimagenet`")
+    findings, verdicts = [], []
     for target in targets:
         a = _finite(fold_aucs.get((target, imagenet[0], "full"), ()))
         b = _finite(fold_aucs.get((target, radimagenet[0], "full"), ()))
         if not a or not b:
             findings.append(f"{target}: not fine-tuned in full")
             continue
-        checked += 1
         difference = statistics.fmean(a) - statistics.fmean(b)
         low, high = _paired_interval(paired.get(target, []), imagenet[0], radimagenet[0])
-        if difference >= 0:
-            findings.append(f"{target}: ImageNet ahead by {100 * difference:.1f}")
-        elif math.isfinite(high) and high >= 0:
-            findings.append(f"{target}: a tie (RadImageNet ahead by {-100 * difference:.1f}, 95 % interval "
-                            f"{100 * low:+.1f} to {100 * high:+.1f} includes 0)")
-        else:
-            failed.append(target)
-            findings.append(f"{target}: RadImageNet ahead by {-100 * difference:.1f}"
-                            + (f" (95 % interval {100 * low:+.1f} to {100 * high:+.1f})" if math.isfinite(high) else ""))
-    if not checked:
-        return Claim(statement, "not checked", "; ".join(findings))
-    return Claim(statement, "not supported" if failed else "supported", "; ".join(findings) + " (AUC ×100)")
+        verdicts.append(verdict(low, high))
+        interval = f"95 % interval {100 * low:+.1f} to {100 * high:+.1f}" if math.isfinite(high) else "no interval"
+        findings.append(f"{target}: ImageNet − RadImageNet {100 * difference:+.1f} ({interval}; {verdicts[-1]})")
+    if not verdicts:
+        return Claim(statement, NOT_CHECKED, "; ".join(findings))
+    return Claim(statement, combined_verdict(verdicts), "; ".join(findings) + " (AUC ×100; an interval holding 0 "
+                                                                              "cannot tell the sources apart)")
 
 
 def _paired_interval(rows: list[dict[str, str]], imagenet: str, radimagenet: str) -> tuple[float, float]:
@@ -244,32 +279,66 @@ def _paired_interval(rows: list[dict[str, str]], imagenet: str, radimagenet: str
     return math.nan, math.nan
 
 
-def _claim_cca_at_or_below_floor(ours: Mapping[str, tuple[list[float], int]], paper: PaperResults) -> Claim:
+def _claim_cca_at_or_below_floor(summaries: Mapping[str, list[dict[str, str]]], twins: Twins,
+                                 paper: PaperResults) -> Claim:
+    """Per stage from stage 1 on: floor − pretrained mean CCA must be ≥ 0. One target: the pretrained pair's own
+    interval (over folds, or channel draws) against the floor's mean; several: a t interval over the targets of
+    each target's difference."""
     statement = "ImageNet and RadImageNet representations are at or below the random-vs-random floor from stage 1 on"
-    pretrained = next((pair.title for pair in paper.cross_target_cca if pair.kind == PRETRAINED_VS_PRETRAINED), None)
-    floor = next((pair.title for pair in paper.cross_target_cca if pair.kind == RANDOM_VS_RANDOM), None)
-    if pretrained not in ours:
-        return Claim(statement, "not checked", "needs sources naming `paper_source: imagenet` and `radimagenet`")
-    if floor not in ours:
-        return Claim(statement, "not checked", "needs two random sources (the random-vs-random floor)")
-    layers = list(paper.layers)[1:]
-    comparisons = [(layer, ours[pretrained][0][index + 1], ours[floor][0][index + 1]) for index, layer in enumerate(layers)]
-    usable = [(layer, mine, level) for layer, mine, level in comparisons if math.isfinite(mine) and math.isfinite(level)]
-    if not usable:
-        return Claim(statement, "not checked", "no stage from stage 1 on has both values")
-    above = [layer for layer, mine, level in usable if mine > level]
-    evidence = "; ".join(f"{layer} {mine:.2f} vs floor {level:.2f}" for layer, mine, level in usable) + " (mean CCA)"
-    return Claim(statement, "not supported" if above else "supported", evidence)
+    imagenet, radimagenet = twins.ours("imagenet"), twins.ours("radimagenet")
+    if not imagenet or not radimagenet:
+        return Claim(statement, NOT_CHECKED, "needs sources naming `paper_source: imagenet` and `radimagenet`")
+    names = [imagenet[0], radimagenet[0]]
+    per_layer: dict[str, list[tuple[float, float, float, float]]] = {}
+    for rows in summaries.values():
+        pretrained = {row["layer"]: row for row in rows if _matches(row, PRETRAINED_VS_PRETRAINED, names, "")}
+        floor = {row["layer"]: row for row in rows if _matches(row, RANDOM_VS_RANDOM, [], "")}
+        for layer in list(paper.layers)[1:]:
+            if layer in pretrained and layer in floor:
+                mine, level = pretrained[layer], floor[layer]
+                per_layer.setdefault(layer, []).append((_float(mine["mean"]), _float(mine.get("ci_low")),
+                                                        _float(mine.get("ci_high")), _float(level["mean"])))
+    if not any(floor for floor in per_layer.values()):
+        return Claim(statement, NOT_CHECKED, "needs the pretrained pair and two random sources (the random-vs-random "
+                                             "floor) in the similarity tables")
+    verdicts, evidence = [], []
+    for layer, values in per_layer.items():
+        usable = [v for v in values if math.isfinite(v[0]) and math.isfinite(v[3])]
+        if not usable:
+            continue
+        if len(usable) == 1:
+            mean, low, high, level = usable[0]
+            low_diff, high_diff = level - high, level - low  # floor − pretrained
+            what = f"{mean:.2f} [{_fmt(low)}, {_fmt(high)}] vs floor {level:.2f}"
+        else:
+            differences = [level - mean for mean, _, _, level in usable]
+            centre = statistics.fmean(differences)
+            low_diff, high_diff = t_interval(centre, statistics.stdev(differences), len(differences))
+            what = (f"floor − pretrained {centre:+.2f} [{_fmt(low_diff)}, {_fmt(high_diff)}] over "
+                    f"{len(differences)} targets")
+        verdicts.append(verdict(low_diff, high_diff))
+        evidence.append(f"{layer} {what} ({verdicts[-1]})")
+    if not verdicts:
+        return Claim(statement, NOT_CHECKED, "no stage from stage 1 on has both values")
+    return Claim(statement, combined_verdict(verdicts), "; ".join(evidence) + " (mean CCA, 95 % intervals)")
 
 
-def _claim_agreement_above_chance(agreement: Mapping[str, tuple[float, float] | None]) -> Claim:
+def _claim_agreement_above_chance(agreement: Mapping[str, tuple[float, float] | None],
+                                  excess: Mapping[str, list[float]]) -> Claim:
+    """Error agreement − chance must be > 0 on every target: a t interval over each target's folds."""
     statement = "The ImageNet and RadImageNet models' errors agree more often than chance"
     known = {target: pair for target, pair in agreement.items() if pair is not None}
     if not known:
-        return Claim(statement, "not checked", "needs fine-tuned ImageNet and RadImageNet twins in regime full")
-    below = [target for target, (observed, chance) in known.items() if not observed > chance]
-    evidence = "; ".join(f"{target}: {observed:.2f} vs chance {chance:.2f}" for target, (observed, chance) in known.items())
-    return Claim(statement, "not supported" if below else "supported", evidence)
+        return Claim(statement, NOT_CHECKED, "needs fine-tuned ImageNet and RadImageNet twins in regime full")
+    verdicts, evidence = [], []
+    for target, (observed, chance) in known.items():
+        values = _finite(excess.get(target, []))
+        low, high = (t_interval(statistics.fmean(values), statistics.stdev(values), len(values))
+                     if len(values) > 1 else (math.nan, math.nan))
+        verdicts.append(verdict(low, high))
+        interval = f"excess 95 % interval {low:+.2f} to {high:+.2f}" if math.isfinite(high) else "one fold: no interval"
+        evidence.append(f"{target}: {observed:.2f} vs chance {chance:.2f} ({interval}; {verdicts[-1]})")
+    return Claim(statement, combined_verdict(verdicts), "; ".join(evidence))
 
 
 def _finite(values: Sequence[float | None]) -> list[float]:
