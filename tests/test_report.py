@@ -69,7 +69,7 @@ def study(tmp_path, write_params):
         {"source": "natural", "regime": "full", "fold": 0, "layer": "stage4", "model": "m", "source_model": "s",
          "random_init_model": "r", "cca": 0.5, "cka": 0.6, "test_auc": 0.9, "random_init_test_auc": 0.6,
          "relative_gain": 0.5, "pearson_cca_layer": -0.42, "pearson_cka_layer": 0.13, "points_layer": 6,
-         "pearson_cca_layer_source": "", "pearson_cka_layer_source": "", "points_layer_source": 3}])
+         "pearson_cca_layer_source": -0.51, "pearson_cka_layer_source": 0.21, "points_layer_source": 3}])
     _write_csv(folder / "auc_intervals.csv", [
         {"source": source, "regime": regime, "fold": k, "model": f"target.{source}.{regime}.v{k + 1}", "images": 50,
          "test_auc": auc, "test_auc_low": auc - 0.05, "test_auc_high": min(auc + 0.04, 1.0), "resamples": 1000,
@@ -105,7 +105,7 @@ def test_report_tables_come_from_the_outputs(study, markdown_table):
     assert "| noise floor: shuffled images | – | 0.30 ± 0.03 |" in text
     agreements = [0.82, 0.86, 0.84]
     assert f"{statistics.mean(agreements):.2f} ± {statistics.stdev(agreements):.2f} | 0.74" in text
-    assert "| stage4 | 6 | -0.42 | 0.13 |" in text
+    assert "| stage4 | natural | full | 3 | -0.51 | 0.21 |" in text  # per source and regime, not the pooled r
     assert "| target.natural.full | fold0=v1, fold1=v2, fold2=v3 | source.natural v4 |" in text
     (natural_intervals,) = [row for row in markdown_table(text, "## Do the sources differ beyond fold noise? — target")
                             if row["source"] == "natural"]
@@ -280,11 +280,11 @@ def test_similarity_cells_give_the_interval_compare_wrote_and_say_what_it_is(stu
     with (folder / "similarity_summary.csv").open(newline="") as stream:
         rows = list(csv.DictReader(stream))
     for row in rows:
-        row.update(ci_low="", ci_high="", ci_basis="")
-        if row["pair_kind"] == "source_vs_finetuned" and row["layer"] == "stem":
-            row.update(ci_low="0.8712", ci_high="0.9288", ci_basis="folds")
+        row.update(ci_low="", ci_high="", ci_basis="", ci_scale="")
+        if row["pair_kind"] == "source_vs_finetuned" and row["layer"] == "stem":  # over 3 folds (count 3)
+            row.update(ci_low="0.8712", ci_high="0.9288", ci_basis="folds", ci_scale="logit")
         if row["pair_kind"] == "source_vs_finetuned" and row["layer"] == "stage1":
-            row.update(ci_low="0.7501", ci_high="0.8499", ci_basis="channel draws")
+            row.update(ci_low="0.7501", ci_high="0.8499", ci_basis="channel draws", ci_scale="logit")
     _write_csv(folder / "similarity_summary.csv", rows)
     text = run_report(study, client=_RegistryAsThePointersSay()).read_text()
     (row,) = [row for row in markdown_table(text, "### mean CCA (mean ± sd over folds [95 % interval])")
@@ -293,8 +293,16 @@ def test_similarity_cells_give_the_interval_compare_wrote_and_say_what_it_is(stu
     assert row["stage1"] == "0.80 ± 0.01 [0.75, 0.85]‡"
     assert row["stage2"] == "0.70 ± 0.01"  # no interval written: none shown
     section = text.split("### mean CCA")[1].split("###")[0]
-    assert "95 % interval of the mean: Student t over the folds, widened by Nadeau & Bengio's correction" in section
-    assert "‡ one fold only: the interval is over that fold's channel draws" in section
+    assert "95 % interval of the mean: Student t over the folds (k − 1 degrees of freedom), widened by Nadeau & " \
+           "Bengio's correction" in section
+    # the scale, and why: the interval stays inside the measure's range
+    assert "computed on the logit scale, as the measure lies in [0, 1], and mapped back" in section
+    assert "Fisher's z" not in section  # no row on that scale
+    # 3 folds: wide for that reason, with the t quantile of 2 degrees of freedom (scipy: 4.3027)
+    assert "With only 3 folds the intervals are wide for that reason" in section
+    assert "the t quantile with 2 degrees of freedom is 4.30" in section
+    assert "‡ one fold only: not a confidence interval for the similarity but the Monte-Carlo error of the " \
+           "channel sampling" in section
 
 
 def test_report_html_is_self_contained_and_holds_the_tables(study):

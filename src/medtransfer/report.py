@@ -278,34 +278,43 @@ def _gain_section(target: str, folder: Path, figures: Path) -> str:
     lines = [
         f"## Similarity vs gain — {target}",
         "",
-        "Per layer: mean CCA between each fine-tuned model and its source, against the relative test-AUC gain over the "
-        "random-init model of the same fold and regime; Pearson r over the (source, fold) points of a layer.",
+        "Per layer: similarity between each fine-tuned model and its source, against the relative test-AUC gain over "
+        "the random-init model of the same fold and architecture fine-tuned without freezing (the authors' "
+        "definition, for every regime); Pearson r per source and regime over its folds (the authors' statistic; "
+        "never pooled over sources or regimes).",
         "",
-        "| layer | points | r (mean CCA) | r (CKA) |",
-        "|---|---|---|---|",
+        "| layer | source | regime | points | r (mean CCA) | r (CKA) |",
+        "|---|---|---|---|---|---|",
     ]
     seen = set()
     for row in rows:
-        if row["layer"] in seen:
+        key = (row["layer"], row["source"], row["regime"])
+        if key in seen:
             continue
-        seen.add(row["layer"])
-        lines.append(f"| {row['layer']} | {row['points_layer']} | {_fmt(_float(row['pearson_cca_layer']))} | "
-                     f"{_fmt(_float(row['pearson_cka_layer']))} |")
+        seen.add(key)
+        lines.append(f"| {row['layer']} | {row['source']} | {row['regime'] or '–'} | "
+                     f"{row.get('points_layer_source', '')} | {_fmt(_float(row.get('pearson_cca_layer_source')))} | "
+                     f"{_fmt(_float(row.get('pearson_cka_layer_source')))} |")
     if not seen:
-        lines.append("| (needs fine-tuned models from a random initialisation) | | | |")
+        lines.append("| (needs fine-tuned models from a random initialisation) | | | | | |")
+    elif any(not math.isfinite(_float(row.get("pearson_cca_layer_source"))) for row in rows):
+        lines += ["", "– : r needs at least 3 points with spread (folds of one source and regime)."]
     lines += _embed_figure(folder / GAIN_FIGURE_FILE, target, figures, f"similarity vs gain, {target}")
     lines += _embed_figure(folder / CONV1_FIGURE_FILE, target, figures,
                            f"first-layer filters of every source and random initialisation, {target}")
     return "\n".join(lines)
 
 
-#: Beside an interval computed over one fold's channel draws (no spread over folds to give).
+#: Beside an interval of one fold's value over its channel draws: the Monte-Carlo error of the channel sampling,
+#: not a confidence interval for the similarity (there is no spread over folds to give).
 DRAWS_INTERVAL_MARK = "‡"
 
 
 def _similarity_cell(row: dict[str, str]) -> str:
     """mean ± sd over folds, the 95 % interval of the mean in brackets where compare gave one (tables written
-    before the interval columns existed show mean ± sd alone), then the marks."""
+    before the interval columns existed show mean ± sd alone; the interval is computed on a bounded scale, so it
+    need not be symmetric about the mean), `DRAWS_INTERVAL_MARK` where it is the channel sampling's error of a
+    single fold, then the marks."""
     count, total = _int(row.get("count")), _int(row.get("folds"))
     cell = mean_sd_cell([_float(row["mean"])], sd=_float(row["sd"]))
     if cell != "–" and count is not None and total is not None:
@@ -319,17 +328,39 @@ def _similarity_cell(row: dict[str, str]) -> str:
 
 
 def _interval_legend(rows: list[dict[str, str]]) -> list[str]:
-    """What the bracketed intervals are, when the table holds any."""
-    bases = {row.get("ci_basis") for row in rows if math.isfinite(_float(row.get("ci_low", "")))}
-    if not bases:
+    """What the bracketed intervals are, when the table holds any: over the folds, on which scale and why, and
+    whether they rest on so few folds (under 5) that they are wide for that reason; the ‡ ones, what they are."""
+    from scipy import stats
+
+    from medtransfer.analysis.paired_statistics import SCALE_FISHER_Z, SCALE_LOGIT
+
+    shown = [row for row in rows if math.isfinite(_float(row.get("ci_low", "")))]
+    if not shown:
         return []
-    lines = ["", "[ ] 95 % interval of the mean: Student t over the folds, widened by Nadeau & Bengio's correction "
-                 "(variance factor 1/k + n_test/n_train, as the folds' models share training images); with channel "
-                 "sampling each fold's value is the mean over its draws, so the interval holds the draws' noise too."]
-    if CI_OVER_DRAWS in bases:
-        lines[-1] += (f" {DRAWS_INTERVAL_MARK} one fold only: the interval is over that fold's channel draws and "
-                      "leaves out the fold-to-fold noise.")
-    return lines
+    over_folds = [row for row in shown if row.get("ci_basis") != CI_OVER_DRAWS]
+    text = ("[ ] 95 % interval of the mean: Student t over the folds (k − 1 degrees of freedom), widened by Nadeau & "
+            "Bengio's correction (variance factor 1/k + n_test/n_train, as the folds' models share training "
+            "images); with channel sampling each fold's value is the mean over its draws, so the interval holds "
+            "the draws' noise too.")
+    for scale, name in ((SCALE_LOGIT, "the logit scale, as the measure lies in [0, 1]"),
+                        (SCALE_FISHER_Z, "Fisher's z scale (atanh), as the measure lies in [−1, 1]")):
+        if any(row.get("ci_scale") == scale for row in shown):
+            text += (f" It is computed on {name}, and mapped back: a t-interval of the values themselves runs "
+                     "past the bounds when the folds are few; this one stays inside them and is not symmetric about "
+                     "the mean.")
+    folds = sorted({k for k in (_int(row.get("count")) for row in over_folds) if k is not None and k >= 2})
+    if folds and folds[0] < 5:
+        k = folds[0]
+        text += (f" {'With as few as' if len(folds) > 1 else 'With only'} {k} folds the intervals are wide for that "
+                 f"reason: the t quantile with {k - 1} degrees of freedom is {stats.t.ppf(0.975, k - 1):.2f} (1.96 "
+                 "with many folds) and the Nadeau–Bengio factor keeps n_test/n_train in the variance however many "
+                 "folds there are; a wide interval says how little the folds can tell, not that the similarity "
+                 "varies that much.")
+    if len(over_folds) < len(shown):
+        text += (f" {DRAWS_INTERVAL_MARK} one fold only: not a confidence interval for the similarity but the "
+                 "Monte-Carlo error of the channel sampling, a 95 % t-interval over that fold's channel draws (on the "
+                 "same scale, by the delta method); it leaves out the fold-to-fold noise.")
+    return ["", text]
 
 
 def _unreliable_mark(row: dict[str, str]) -> str:

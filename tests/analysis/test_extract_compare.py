@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 import torch
 
@@ -300,10 +301,17 @@ def test_compare_writes_every_table_figure_and_one_run(study, capsys):
         values = np.array([float(r["value"]) for r in rows if (r["pair_kind"], r["pair"], r["regime"], r["layer"],
                            r["measure"]) == (row["pair_kind"], row["pair"], row["regime"], row["layer"], row["measure"])])
         values = values[np.isfinite(values)]
-        if values.size == 2:
-            half = scipy.stats.t.ppf(0.975, 1) * np.sqrt((1 / 2 + correction) * values.var(ddof=1))
+        if values.size == 2:  # on the measure's own scale: logit for [0, 1], Fisher z for debiased CKA's [-1, 1]
+            low_bound, high_bound = (-1.0, 1.0) if row["measure"] == "cka_debiased" else (0.0, 1.0)
+            unit = np.clip((values - low_bound) / (high_bound - low_bound), 1e-6, 1 - 1e-6)
+            z = np.log(unit / (1 - unit))
+            half = scipy.stats.t.ppf(0.975, 1) * np.sqrt((1 / 2 + correction) * z.var(ddof=1))
+            back = low_bound + (high_bound - low_bound) * scipy.special.expit(np.array([z.mean() - half, z.mean() + half]))
+            assert row["ci_scale"] == ("fisher z" if row["measure"] == "cka_debiased" else "logit"), row
+            assert low_bound <= float(row["ci_low"]) <= float(row["ci_high"]) <= high_bound, row
+            near = 2e-6 * (high_bound - low_bound)  # an end this close to a bound is printed at the bound
             assert (float(row["ci_low"]), float(row["ci_high"])) == (
-                pytest.approx(values.mean() - half, abs=1e-9), pytest.approx(values.mean() + half, abs=1e-9)), row
+                pytest.approx(back[0], abs=near), pytest.approx(back[1], abs=near)), row
     flags = {(r["model_b"], r["layer"], r["measure"]): r["reliable"] for r in rows
              if r["pair_kind"] == "source_vs_finetuned"}
     for row in gain:  # each point says whether its similarity rests on enough rows per channel

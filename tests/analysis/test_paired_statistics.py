@@ -6,12 +6,17 @@ import math
 
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 
 from medtransfer.analysis.paired_statistics import (
+    BOUND_EPSILON,
     bootstrap_auc_interval,
+    bounded_interval_over_folds,
+    bounded_t_interval,
     corrected_resampled_t,
     interval_over_folds,
+    range_scale,
     wilcoxon_across_targets,
 )
 
@@ -86,3 +91,145 @@ def test_interval_over_folds_is_a_t_interval():
     half = scipy.stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)
     assert (mean, low, high) == pytest.approx((0.6, 0.6 - half, 0.6 + half))
     assert math.isnan(interval_over_folds(np.array([0.5]))[1])
+
+
+# -- Intervals of measures with a known range ---------------------------------------------------------------------
+# Oracles: the transform, t quantile, Nadeau–Bengio factor and back-transform written out with numpy/scipy below.
+
+UNIT, SIGNED = (0.0, 1.0), (-1.0, 1.0)
+
+
+def _hand_logit_interval(values, correction, bounds=UNIT):
+    """The logit interval by hand: clip into the range shrunk by ε·w, logit of (x − low)/w, t-interval with the
+    Nadeau–Bengio variance factor, expit, map back; an end within 2ε·w of a bound goes to the bound."""
+    low, high = bounds
+    width = high - low
+    u = (np.clip(values, low + BOUND_EPSILON * width, high - BOUND_EPSILON * width) - low) / width
+    z = scipy.special.logit(u)
+    k = z.size
+    half = scipy.stats.t.ppf(0.975, k - 1) * math.sqrt(1 / k + correction) * z.std(ddof=1)
+    ends = low + width * scipy.special.expit(np.array([z.mean() - half, z.mean() + half]))
+    near = 2 * BOUND_EPSILON * width
+    return (low if ends[0] - low <= near else ends[0]), (high if high - ends[1] <= near else ends[1])
+
+
+def _fold_values(seed, k):
+    """k per-fold values of a [0, 1] measure: near 1, near 0, anywhere, or near 1 with some exactly at 1."""
+    rng = np.random.default_rng(seed)
+    kind = seed % 4
+    if kind == 0:
+        return 1 - rng.beta(1, 60, k)
+    if kind == 1:
+        return rng.beta(1, 60, k)
+    if kind == 2:
+        return rng.uniform(0, 1, k)
+    values = 1 - rng.beta(1, 200, k)
+    values[: max(1, k // 2)] = 1.0  # identity-like folds at the bound
+    return values
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 10])
+@pytest.mark.parametrize("correction", [0.0, 0.5])
+def test_bounded_fold_intervals_stay_in_the_range_and_are_the_hand_computed_logit_interval(seed, k, correction):
+    values = _fold_values(seed, k)
+    mean, low, high, scale = bounded_interval_over_folds(values, UNIT, correction=correction)
+    assert scale == "logit" and mean == pytest.approx(values.mean(), abs=1e-15)
+    assert 0.0 <= low <= high <= 1.0
+    assert (low, high) == pytest.approx(_hand_logit_interval(values, correction), abs=1e-12)
+    # contains the mapped-back centre; and the plain mean: guaranteed for k ≤ 4 (see the docstring), and here for
+    # any k unless folds exactly at the bound mix with folds off it (the case the docstring names)
+    centre = scipy.special.expit(scipy.special.logit(np.clip(values, BOUND_EPSILON, 1 - BOUND_EPSILON)).mean())
+    assert low <= centre <= high
+    if k <= 4 or not np.any(values == 1.0):
+        assert low <= mean <= high
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_debiased_cka_interval_with_negative_values_is_the_fisher_z_interval_inside_minus_one_to_one(seed):
+    rng = np.random.default_rng(100 + seed)
+    values = rng.uniform(-0.9, 0.3, 3)  # debiased CKA of unrelated networks goes below 0
+    mean, low, high, scale = bounded_interval_over_folds(values, SIGNED, correction=0.5)
+    z = np.arctanh(values)
+    half = scipy.stats.t.ppf(0.975, 2) * math.sqrt(1 / 3 + 0.5) * z.std(ddof=1)
+    expected = np.tanh([z.mean() - half, z.mean() + half])
+    assert scale == "fisher z" and -1.0 <= low <= mean <= high <= 1.0
+    assert (low, high) == pytest.approx(tuple(expected), abs=1e-12)
+    if seed == 0:  # here the plain interval of the same values leaves [−1, 1]: why the transform is needed
+        assert interval_over_folds(values, correction=0.5)[1] < -1.0
+
+
+def test_values_all_at_a_bound_give_the_point_at_the_bound():
+    assert bounded_interval_over_folds(np.ones(3), UNIT) == (1.0, 1.0, 1.0, "logit")
+    assert bounded_interval_over_folds(np.zeros(5), UNIT, correction=0.25) == (0.0, 0.0, 0.0, "logit")
+    assert bounded_interval_over_folds(np.full(3, -1.0), SIGNED) == (-1.0, -1.0, -1.0, "fisher z")
+    # folds within ε of the bound but not equal: the interval reaches the bound and keeps the plain mean
+    mean, low, high, _ = bounded_interval_over_folds(np.array([1.0, 1 - 1e-8, 1.0]), UNIT)
+    assert high == 1.0 and low <= mean <= high and not math.isnan(low)
+
+
+def test_a_measure_without_a_known_range_keeps_the_plain_interval():
+    values = np.array([0.5, 0.6, 1.7])
+    assert range_scale(None) == range_scale((-math.inf, math.inf)) == "plain"
+    assert bounded_interval_over_folds(values, None, correction=0.5) == (
+        *interval_over_folds(values, correction=0.5), "plain")
+
+
+def test_a_general_range_is_mapped_onto_zero_one_before_the_logit():
+    values = np.array([0.4, 1.1, 1.5])  # a measure in [0, 2]
+    _, low, high, scale = bounded_interval_over_folds(values, (0.0, 2.0), correction=0.5)
+    assert scale == "logit" and 0.0 <= low <= high <= 2.0
+    assert (low, high) == pytest.approx(_hand_logit_interval(values, 0.5, (0.0, 2.0)), abs=1e-12)
+
+
+def _slope_range(hull, bounds):
+    """(min, max) of the transform's slope g' over the interval `hull`: g' = 1/(w u (1 − u)) for the logit,
+    1/(1 − x²) for Fisher z, both convex with their minimum at the range's centre, so the maximum is at an end."""
+    low, high = bounds
+    slope = (lambda x: 1 / (1 - x * x)) if bounds == SIGNED else (
+        lambda x: 1 / ((high - low) * ((x - low) / (high - low)) * (1 - (x - low) / (high - low))))
+    centre = min(max((low + high) / 2, hull[0]), hull[1])
+    return slope(centre), max(slope(hull[0]), slope(hull[1]))
+
+
+@pytest.mark.parametrize(("bounds", "centre"), [(UNIT, 0.3), (UNIT, 0.55), (SIGNED, -0.2), (SIGNED, 0.4)])
+@pytest.mark.parametrize("spread", [0.02, 0.005])
+def test_far_from_the_bounds_the_interval_is_close_to_the_plain_one(bounds, centre, spread):
+    # First order, by the mean value theorem with G = g' ranging over [G_min, G_max] on the hull of the values and
+    # both intervals: the sd on the transformed scale is G·sd (pairwise differences), the mapped-back half-width
+    # is that over G again, so width_bounded / width_plain ∈ [G_min/G_max, G_max/G_min]; the mapped-back centre
+    # is within (G_max/G_min − 1)·mean|x − x̄| of the plain mean, so each end is within
+    # (G_max/G_min − 1)·(mean|x − x̄| + half_plain) of the plain interval's. Both tend to 0 with the spread.
+    values = centre + spread * np.array([-1.0, 0.3, 0.9])
+    mean, low, high, _ = bounded_interval_over_folds(values, bounds, correction=0.5)
+    _, plain_low, plain_high = interval_over_folds(values, correction=0.5)
+    hull = (min(low, plain_low, values.min()), max(high, plain_high, values.max()))
+    g_min, g_max = _slope_range(hull, bounds)
+    ratio = g_max / g_min
+    assert ratio - 1 < 0.5  # the tolerance is informative: the values are far from the bounds
+    assert 1 / ratio - 1e-12 <= (high - low) / (plain_high - plain_low) <= ratio + 1e-12
+    tolerance = (ratio - 1) * (np.abs(values - mean).mean() + (plain_high - plain_low) / 2) + 1e-12
+    assert abs(low - plain_low) <= tolerance and abs(high - plain_high) <= tolerance
+
+
+def test_the_channel_draws_interval_is_the_delta_method_on_the_logit_scale():
+    mean, sd, draws = 0.9, 0.03, 5
+    low, high, scale = bounded_t_interval(mean, sd, draws, UNIT)
+    # delta method: sd of logit(x) ≈ sd · d logit/dx = sd / (m (1 − m))
+    half = scipy.stats.t.ppf(0.975, draws - 1) / math.sqrt(draws) * sd / (mean * (1 - mean))
+    expected = scipy.special.expit(scipy.special.logit(mean) + np.array([-half, half]))
+    assert scale == "logit" and (low, high) == pytest.approx(tuple(expected), abs=1e-12)
+    assert low < mean < high < 1.0
+    # Fisher z: d atanh/dx = 1 / (1 − x²)
+    low, high, scale = bounded_t_interval(-0.4, 0.05, 4, SIGNED)
+    half = scipy.stats.t.ppf(0.975, 3) / 2 * 0.05 / (1 - 0.16)
+    assert scale == "fisher z" and (low, high) == pytest.approx(tuple(np.tanh(np.arctanh(-0.4) + np.array(
+        [-half, half]))), abs=1e-12)
+
+
+@pytest.mark.parametrize("mean", [0.0, 1e-9, 0.02, 0.5, 0.98, 1 - 1e-9, 1.0])
+def test_the_channel_draws_interval_stays_in_the_range_and_contains_the_mean(mean):
+    for sd in (0.0, 0.001, 0.2):
+        low, high, _ = bounded_t_interval(mean, sd, 3, UNIT)
+        assert 0.0 <= low <= mean <= high <= 1.0
+    assert bounded_t_interval(0.5, 0.1, 1, UNIT)[:2] == pytest.approx((math.nan, math.nan), nan_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from medtransfer.analysis.pairs import StudyModel
@@ -82,24 +83,79 @@ def test_the_interval_over_folds_is_a_t_interval_widened_by_the_nadeau_bengio_co
     from scipy import stats
 
     values = [0.8, 0.9, 1.0]
-    rows = [_row("source_vs_finetuned", "natural", fold, "stem", value) for fold, value in enumerate(values)]
+    # a measure without a known range keeps the plain interval
+    rows = [_row("source_vs_finetuned", "natural", fold, "stem", value, measure="other") for fold, value in
+            enumerate(values)]
     plain = summarise(rows)[0]
     low, high = stats.t.interval(0.95, 2, loc=0.9, scale=stats.sem(values))  # the textbook interval (no overlap)
-    assert (plain["ci_low"], plain["ci_high"], plain["ci_basis"]) == (pytest.approx(low), pytest.approx(high), "folds")
+    assert (plain["ci_low"], plain["ci_high"], plain["ci_basis"], plain["ci_scale"]) == (
+        pytest.approx(low), pytest.approx(high), "folds", "plain")
     # n_test / n_train = 0.5: variance factor 1/3 + 1/2 instead of 1/3, so the half-width grows by sqrt(5/2)
     corrected = summarise(rows, correction=0.5)[0]
     assert corrected["ci_high"] - 0.9 == pytest.approx((high - 0.9) * math.sqrt(2.5))
     assert corrected["ci_low"] < low and corrected["mean"] == pytest.approx(0.9)
 
 
-def test_one_fold_gets_the_interval_over_its_channel_draws_and_none_without_draws():
+def _logit_interval(values, correction):
+    """By hand: clip ε inside [0, 1] (a fold at exactly 1 has an infinite logit), t-interval of the logits with
+    the Nadeau–Bengio factor, expit back; an end within 2ε of a bound goes to it."""
+    from scipy import special, stats
+
+    from medtransfer.analysis.paired_statistics import BOUND_EPSILON
+
+    z = special.logit(np.clip(values, BOUND_EPSILON, 1 - BOUND_EPSILON))
+    half = stats.t.ppf(0.975, z.size - 1) * math.sqrt(1 / z.size + correction) * z.std(ddof=1)
+    low, high = special.expit([z.mean() - half, z.mean() + half])
+    return (0.0 if low <= 2 * BOUND_EPSILON else low), (1.0 if 1 - high <= 2 * BOUND_EPSILON else high)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cca_and_cka_intervals_are_logit_intervals_inside_zero_one(seed):
+    rng = np.random.default_rng(seed)
+    values = np.concatenate([[1.0] if seed == 0 else [], rng.uniform(0.05, 0.99, 3 - (seed == 0))])
+    values[0] = {1: 0.999, 2: 0.01}.get(seed, values[0])  # near the bounds too
+    for measure in ("cca", "cka", "svcca", "pwcca"):
+        rows = [_row("source_vs_finetuned", "natural", f, "stem", v, measure=measure) for f, v in enumerate(values)]
+        row = summarise(rows, correction=0.5)[0]
+        assert row["ci_scale"] == "logit" and 0.0 <= row["ci_low"] <= row["mean"] <= row["ci_high"] <= 1.0
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx(_logit_interval(values, 0.5), abs=1e-12)
+
+
+def test_the_issues_linear_cka_example_no_longer_leaves_the_range():
+    # 0.51 ± 0.39 over 3 folds with the 3-fold correction 1/2: the plain interval was [−0.88, 1.90]
+    rows = [_row("source_vs_finetuned", "natural", f, "stem", v, measure="cka")
+            for f, v in enumerate([0.12, 0.6, 0.81])]
+    row = summarise(rows, correction=0.5)[0]
+    assert row["mean"] == pytest.approx(0.51) and row["sd"] == pytest.approx(0.354, abs=1e-3)
+    assert 0.0 < row["ci_low"] < 0.01 and 0.99 < row["ci_high"] < 1.0  # honest: three folds tell little
+    identity = summarise([_row("identity", "natural", f, "stem", 1.0, measure="cka") for f in range(3)])[0]
+    assert (identity["ci_low"], identity["ci_high"]) == (1.0, 1.0)  # a point at the bound, no NaN
+
+
+def test_debiased_cka_with_negative_values_gets_a_fisher_z_interval_inside_minus_one_to_one():
+    values = np.array([-0.35, 0.05, -0.6])
+    rows = [_row("shuffled", "natural", f, "stem", v, measure="cka_debiased") for f, v in enumerate(values)]
+    row = summarise(rows, correction=0.5)[0]
     from scipy import stats
+
+    z = np.arctanh(values)
+    half = stats.t.ppf(0.975, 2) * math.sqrt(1 / 3 + 0.5) * z.std(ddof=1)
+    assert row["ci_scale"] == "fisher z" and -1.0 <= row["ci_low"] <= row["mean"] <= row["ci_high"] <= 1.0
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(np.tanh([z.mean() - half, z.mean() + half])),
+                                                            abs=1e-12)
+
+
+def test_one_fold_gets_the_interval_over_its_channel_draws_and_none_without_draws():
+    from scipy import special, stats
 
     sampled = _row("source_vs_finetuned", "natural", 0, "stem", 0.6)
     sampled.update(channel_draws="5", draw_sd="0.05")  # as read back from similarity.csv
     row = summarise([sampled])[0]
-    half = stats.t.ppf(0.975, 4) * 0.05 / math.sqrt(5)
-    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(0.6 - half), pytest.approx(0.6 + half))
-    assert row["ci_basis"] == "channel draws" and row["count"] == 1
+    # the channel sampling's Monte-Carlo error on the logit scale, by the delta method: sd / (m (1 − m))
+    half = stats.t.ppf(0.975, 4) * 0.05 / (0.6 * 0.4) / math.sqrt(5)
+    low, high = special.expit(special.logit(0.6) + np.array([-half, half]))
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    assert row["ci_basis"] == "channel draws" and row["ci_scale"] == "logit" and row["count"] == 1
     alone = summarise([_row("source_vs_finetuned", "natural", 0, "stem", 0.6)])[0]
     assert math.isnan(alone["ci_low"]) and math.isnan(alone["ci_high"]) and alone["ci_basis"] == ""
+    assert alone["ci_scale"] == ""

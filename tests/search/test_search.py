@@ -65,14 +65,31 @@ def _runs(config, filter_string=""):
     return mlflow.MlflowClient().search_runs([experiment.experiment_id], filter_string=filter_string, max_results=500)
 
 
-def test_a_hopeless_trial_is_pruned(config):
+def test_a_hopeless_trial_is_pruned(config, monkeypatch):
+    """The pruning machinery (report, median rule, KILLED run, a replacement trial) on validation curves forced by
+    the test: the real fine-tuning runs, but each epoch reports a scripted loss by learning rate, so which trial is
+    worse never depends on how training happened to go on this machine."""
+    import medtransfer.search.study as search_study
+
+    real_finetune = search_study.run_finetune
+
+    def scripted_curves(config_, request_, *, on_epoch_end=None, **kwargs):
+        loss = 5.0 if request_.settings.learning_rate < 1e-6 else 0.3
+
+        def report(phase, epoch, metrics):
+            if on_epoch_end is not None:
+                on_epoch_end(phase, epoch, {**metrics, "val_loss": loss})
+
+        return real_finetune(config_, request_, on_epoch_end=report, **kwargs)
+
+    monkeypatch.setattr(search_study, "run_finetune", scripted_curves)
     request = SearchRequest("target", "random", "full", trials=2)
     study = optuna.create_study(storage=create_storage(config.optuna_storage), study_name=study_name(config, request),
                                 direction="minimize")
-    study.enqueue_trial({"learning_rate": 3e-3})  # learns
-    study.enqueue_trial({"learning_rate": 1e-9})  # cannot learn: its validation loss stays put
-    # The same configuration again: training is deterministic, so its curve equals the first one's and the median
-    # rule (prune when worse) lets it complete the requested two.
+    study.enqueue_trial({"learning_rate": 3e-3})  # reports 0.3 each epoch
+    study.enqueue_trial({"learning_rate": 1e-9})  # reports 5.0: worse than the median, pruned after the warm-up
+    # The first configuration again: the same curve as the first trial, and the median rule (prune when worse)
+    # lets it complete the requested two.
     study.enqueue_trial({"learning_rate": 3e-3})
     outcome = run_search(config, request)
     trials = optuna.load_study(study_name=outcome.study, storage=create_storage(config.optuna_storage)).get_trials()

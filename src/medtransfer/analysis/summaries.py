@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from medtransfer.analysis.paired_statistics import interval_over_folds, t_interval
+from medtransfer.analysis.paired_statistics import bounded_interval_over_folds, bounded_t_interval
+from medtransfer.analysis.plots import MEASURE_RANGES
 from medtransfer.analysis.pairs import ROLE_FINETUNED, StudyModel
 from medtransfer.layout import (
     CONTROL_KINDS,
@@ -24,6 +25,7 @@ from medtransfer.layout import (
 )
 
 __all__ = [
+    "BASELINE_REGIME",
     "CURVE_COLUMNS",
     "GAIN_COLUMNS",
     "GAIN_MEASURES",
@@ -42,6 +44,8 @@ __all__ = [
 CURVE_COLUMNS = ["layer", "series", "similarity", "sd"]
 #: Measures of the similarity-vs-gain table and figure.
 GAIN_MEASURES = ("cca", "cka")
+#: The regime of the gain's baseline, as the authors defined it: the random init fine-tuned without freezing.
+BASELINE_REGIME = "full"
 
 SIMILARITY_COLUMNS = [
     "pair_kind", "pair", "model_a", "model_b", "fold", "regime", "layer", "layer_b", "measure", "value", "n",
@@ -50,7 +54,7 @@ SIMILARITY_COLUMNS = [
 ]
 SUMMARY_COLUMNS = [
     "pair_kind", "pair", "regime", "layer", "layer_b", "measure", "mean", "sd", "count", "folds", "ci_low", "ci_high",
-    "ci_basis", "reliable_share", "rows_per_channel",
+    "ci_basis", "ci_scale", "reliable_share", "rows_per_channel",
     "random_vs_random_mean", "random_vs_random_sd", "shuffled_mean", "shuffled_sd",
 ]
 GAIN_COLUMNS = [
@@ -94,7 +98,7 @@ def summarise(rows: Sequence[dict], correction: float = 0.0) -> list[dict]:
     summary = []
     for (kind, pair, regime, layer, measure), members in groups.items():
         mean, sd, count = stats([r["value"] for r in members])
-        low, high, basis = _interval(members, correction)
+        low, high, basis, scale = _interval(members, correction)
         random_floor = floors[(RANDOM_VS_RANDOM, layer, measure)]
         shuffled_floor = floors[(SHUFFLED, layer, measure)]
         summary.append({
@@ -103,6 +107,7 @@ def summarise(rows: Sequence[dict], correction: float = 0.0) -> list[dict]:
             "layer_b": members[0].get("layer_b") or layer, "measure": measure,
             # count: the finite values behind the mean; folds: every fold (and seed) of the group, defined or not
             "mean": mean, "sd": sd, "count": count, "folds": len(members), "ci_low": low, "ci_high": high, "ci_basis": basis,
+            "ci_scale": scale,
             "reliable_share": float(np.mean([bool(r["reliable"]) for r in members])),
             "rows_per_channel": float(np.mean([r["rows_per_channel"] for r in members])),
             "random_vs_random_mean": random_floor[0], "random_vs_random_sd": random_floor[1],
@@ -111,19 +116,28 @@ def summarise(rows: Sequence[dict], correction: float = 0.0) -> list[dict]:
     return summary
 
 
-def _interval(members: Sequence[dict], correction: float) -> tuple[float, float, str]:
-    """(low, high, basis) of the 95 % interval of the members' mean value; NaN and "" where none can be given."""
+def _interval(members: Sequence[dict], correction: float) -> tuple[float, float, str, str]:
+    """(low, high, basis, scale) of the 95 % interval of the members' mean value (members: one group's rows, one
+    measure); NaN and "" where none can be given.
+
+    A measure with a known range (`MEASURE_RANGES`) gets its interval on an unbounded scale (`scale`: logit for
+    [0, 1], Fisher z for [−1, 1]) mapped back: with few folds the plain t-interval, widened by the correction, runs
+    outside the range (linear CKA 0.51 [−1.10, 2.13]), and an interval that claims impossible values is no
+    interval of the measure. Other measures keep the plain interval ("plain")."""
+    bounds = MEASURE_RANGES.get(members[0]["measure"]) if members else None
     values = np.asarray([r["value"] for r in members if _finite(r["value"])], dtype=np.float64)
     if values.size >= 2:
-        _, low, high = interval_over_folds(values, correction=correction if math.isfinite(correction) else 0.0)
-        return low, high, CI_OVER_FOLDS
+        _, low, high, scale = bounded_interval_over_folds(
+            values, bounds, correction=correction if math.isfinite(correction) else 0.0)
+        return low, high, CI_OVER_FOLDS, scale
     if values.size == 1:
         only = next(r for r in members if _finite(r["value"]))
         draws, draw_sd = int(only.get("channel_draws") or 0), only.get("draw_sd")
         if draws >= 2 and _finite(draw_sd):
-            low, high = t_interval(float(values[0]), float(draw_sd), draws)
-            return low, high, CI_OVER_DRAWS
-    return math.nan, math.nan, ""
+            # the Monte-Carlo error of the channel sampling (delta method on the bounded scale), not fold noise
+            low, high, scale = bounded_t_interval(float(values[0]), float(draw_sd), draws, bounds)
+            return low, high, CI_OVER_DRAWS, scale
+    return math.nan, math.nan, "", ""
 
 
 def layer_curve_rows(summary: Sequence[dict], measure: str, layers: Sequence[str]) -> list[dict]:
@@ -176,8 +190,10 @@ def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], laye
                        predictions_loader: Callable[[StudyModel], Any] | None = None,
                        model_layers: Mapping[str, Sequence[str]] | None = None) -> list[dict]:
     """Points (non-random source, regime, fold, layer): similarity of the fine-tuned primary to its source, and the
-    relative test-AUC gain over the random-init fine-tuned primary of the same fold and regime, plus Pearson's r
-    per layer (all points; and per source), for each of `layers` (the manifest's). `reliable_<measure>` says whether
+    relative test-AUC gain over the random-init primary of the same fold fine-tuned without freezing (regime
+    `BASELINE_REGIME`, the authors' definition, whatever the model's own regime), plus Pearson's r per layer over
+    all points (`_layer`) and per source and regime (`_layer_source`, the authors' statistic), for each of
+    `layers` (the manifest's). `reliable_<measure>` says whether
     the similarity rests on enough rows per channel (False also where no similarity was computed). AUCs come from the pointer facts
     that `extract` copied into the manifest, else from the saved predictions (`predictions_loader`).
 
@@ -194,9 +210,9 @@ def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], laye
     any_arch = object()  # the key of the first random-init model, whatever its architecture
     references: dict[tuple, StudyModel] = {}
     for m in sorted(finetuned, key=lambda m: m.source):
-        if m.random_init:
-            references.setdefault((m.fold, m.regime, any_arch), m)
-            references.setdefault((m.fold, m.regime, m.arch), m)
+        if m.random_init and (m.regime or BASELINE_REGIME) == BASELINE_REGIME:
+            references.setdefault((m.fold, any_arch), m)
+            references.setdefault((m.fold, m.arch), m)
 
     def auc(model: StudyModel) -> float:
         if model.test_auc is not None and math.isfinite(float(model.test_auc)):
@@ -211,7 +227,8 @@ def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], laye
 
     points = []
     for m in sorted(finetuned, key=lambda m: (m.source, m.regime or "", m.fold)):
-        reference = references.get((m.fold, m.regime, m.arch)) or references.get((m.fold, m.regime, any_arch))
+        # The authors' gain, whatever the model's regime: over the random init fine-tuned without freezing
+        reference = references.get((m.fold, m.arch)) or references.get((m.fold, any_arch))
         if m.random_init or reference is None:
             continue
         own = set((model_layers or {}).get(m.key, layers))
@@ -229,7 +246,9 @@ def similarity_vs_gain(rows: Sequence[dict], by_key: dict[str, StudyModel], laye
     for layer in layers:
         here = [p for p in points if p["layer"] == layer]
         _annotate_correlation(here, "layer")
-        for _source, group in itertools.groupby(sorted(here, key=lambda p: p["source"]), key=lambda p: p["source"]):
+        # the authors' statistic: one r per source and regime, never pooled over the two regimes
+        by_series = lambda p: (p["source"], p["regime"])  # noqa: E731
+        for _series, group in itertools.groupby(sorted(here, key=by_series), key=by_series):
             _annotate_correlation(list(group), "layer_source")
     return points
 
