@@ -161,7 +161,12 @@ def test_similarity_has_finite_rows_for_the_two_sources(study):
         assert math.isfinite(float(row["value"])) and 0.0 <= float(row["value"]) <= 1.0 + 1e-9, row
     after = [row for row in rows if row["pair_kind"] == "finetuned_vs_finetuned"
              and {row["model_a"].split(".")[1], row["model_b"].split(".")[1]} == set(KERAS_SOURCES)]
-    assert after and all(math.isfinite(float(row["value"])) for row in after)
+    # After fine-tuning a stage can hold dead or constant sampled channels, whatever the machine trained to: a value
+    # is then undefined, and the row says why instead of passing a number.
+    assert after
+    for row in after:
+        value = float(row["value"])
+        assert (math.isfinite(value) and -1e-9 <= value <= 1.0 + 1e-9) or (math.isnan(value) and row["note"]), row
 
 
 def test_the_report_names_both_sources(study):

@@ -46,7 +46,7 @@ def paired_section(target: str, folder: Path) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in paired:
-        differences = ", ".join(f"{100 * float(value):+.1f}" for value in row["differences"].split())
+        differences = ", ".join(_scaled(value, signed=True) for value in row["differences"].split())
         lines.append(f"| {row['regime']} | {row['source_a']} − {row['source_b']} | {row['folds']} | {differences} | "
                      f"{_scaled(row['mean_difference'], signed=True)} | "
                      f"{_scaled(row['low'], signed=True)} to {_scaled(row['high'], signed=True)} | {_p(row['p'])} |")
@@ -60,6 +60,10 @@ def across_targets_section(folders: dict[str, Path]) -> str:
         for row in read_table(folder / PAIRED_FILE):
             per_pair[(row["regime"], row["source_a"], row["source_b"])][target] = _float(row["mean_difference"])
     lines = ["## Across targets: Wilcoxon signed-rank test on the per-target mean differences", ""]
+    if len(folders) < 2:  # a test over targets needs targets: say so once instead of a table of empty rows
+        lines.append(f"Needs two or more targets (at least {WILCOXON_MIN_TARGETS} for p < 0.05); this study has "
+                     f"{len(folders)}. The paired comparison of each target below compares its sources fold by fold.")
+        return "\n".join(lines)
     if not per_pair:
         lines.append("No target pairs two sources on the same folds.")
         return "\n".join(lines)
@@ -77,7 +81,8 @@ def across_targets_section(folders: dict[str, Path]) -> str:
             statistic, p = "–", f"none: {result.reason}"
         else:
             statistic, p = f"{result.statistic:g}", _p(result.p)
-        lines.append(f"| {regime} | {source_a} − {source_b} | {len(values)} | {wins} of {len(values)} | "
+        count = f"{len(values)}" + (f" of {len(by_target)}" if len(values) < len(by_target) else "")
+        lines.append(f"| {regime} | {source_a} − {source_b} | {count} | {wins} of {len(values)} | "
                      f"{_scaled(mean, signed=True)} | {statistic} | {p} |")
     return "\n".join(lines)
 

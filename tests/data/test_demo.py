@@ -79,17 +79,22 @@ def _train_and_score(images, labels, train, test, epochs=12, seed=0) -> float:
 
 
 def test_target_is_learnable_and_a_control_with_labels_independent_of_the_images_is_not(demo_folder, control_labels):
-    torch.set_num_threads(2)
-    dataset = read_medmnist_npz(demo_folder / "fundus_vessels.npz", ["no_vessel", "vessel"])
-    train = np.flatnonzero(dataset.given_split != 2)
-    test = np.flatnonzero(dataset.given_split == 2)
-    accuracy = _train_and_score(dataset.images, dataset.labels, train, test)
-    control_targets = dataset.labels.copy()
-    control_targets[train] = control_labels(dataset.labels[train], 0)
-    control = _train_and_score(dataset.images, control_targets, train, test)
-    # The control's training labels carry no information about the class (exactly balanced within each class), so
-    # its expected accuracy against the true labels is 0.5; a predictor without class information scores
-    # Binomial(150, 0.5) / 150 on the 150 balanced test images, standard deviation 0.041, and 0.5 ± 0.16 is
-    # four of them (two-sided p < 1e-4).
-    assert accuracy >= 0.75, f"the CNN should learn the target (accuracy {accuracy:.3f})"
-    assert abs(control - 0.5) <= 0.16, f"labels independent of the images should give chance (accuracy {control:.3f})"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # restored below: later tests on this worker keep their own thread count
+    try:
+        dataset = read_medmnist_npz(demo_folder / "fundus_vessels.npz", ["no_vessel", "vessel"])
+        train = np.flatnonzero(dataset.given_split != 2)
+        test = np.flatnonzero(dataset.given_split == 2)
+        accuracy = _train_and_score(dataset.images, dataset.labels, train, test)
+        control_targets = dataset.labels.copy()
+        control_targets[train] = control_labels(dataset.labels[train], 0)
+        control_targets[test] = control_labels(dataset.labels[test], 1)
+        control = _train_and_score(dataset.images, control_targets, train, test)
+    finally:
+        torch.set_num_threads(threads)
+    # The control is trained and scored on labels drawn independently of the images (exactly balanced within each
+    # class): whatever the network learned, its predictions depend on the images alone, so its accuracy is
+    # Binomial(150, 0.5) / 150 around 0.5 (sd 0.041) on any machine. 0.5 ± 0.2 is five sd (two-sided p < 1e-6);
+    # the true target must clear chance by the same margin.
+    assert accuracy >= 0.5 + 0.2, f"the CNN should learn the target (accuracy {accuracy:.3f})"
+    assert abs(control - 0.5) <= 0.2, f"labels independent of the images should give chance (accuracy {control:.3f})"

@@ -281,9 +281,10 @@ def test_best_trial_and_champion_are_the_lowest_validation_losses_in_the_runs(co
     assert len(fits) == 2 and {run.data.tags["trial"] for run in fits} == {best.data.tags["trial"]}
     for run in fits:
         assert float(run.data.params["learning_rate"]) == pytest.approx(float(best.data.params["search_learning_rate"]))
-    lowest = min(fits, key=lambda run: run.data.metrics["best_val_loss"])
+    lowest = min(run.data.metrics["best_val_loss"] for run in fits)
     champion = mlflow.MlflowClient().get_model_version_by_alias("target.random.full", "champion")
-    assert champion.run_id == lowest.info.run_id
+    # any fit at the lowest loss (two folds can tie exactly, e.g. both at a loss of 0)
+    assert champion.run_id in {run.info.run_id for run in fits if run.data.metrics["best_val_loss"] == lowest}
     assert outcome.parent_run_id == fits[0].data.tags["mlflow.parentRunId"]
 
 

@@ -122,7 +122,8 @@ def _final_fits(config, request, settings, best_trial: str, best_params: dict, n
                         Tag.FOLD: str(fold),
                         Tag.SEED: str(seed),
                         "source_version": str(source_version.version),
-                        "best_val_loss": f"{result.best_val_loss:.6g}",
+                        # full precision: the champion is elected from this tag, and rounding would make ties
+                        "best_val_loss": repr(float(result.best_val_loss)),
                         Tag.TEST_AUC: f"{result.test_metrics.get('test_auc', float('nan')):.6g}",
                     }
                     version = register_logged_model(result.model_uri, registered_name, tags, **fit_descriptions(
@@ -151,7 +152,8 @@ def _registered_fit(client, registered_name: str, study: str, trial: str, fold: 
 
 
 def _champion(client, fits: list[FoldModel], registered_name: str) -> str:
-    """Alias `champion` on the fit with the lowest validation loss (never chosen by test AUC)."""
+    """Alias `champion` on the fit with the lowest validation loss (never chosen by test AUC); an exact tie goes
+    to the first fit (the lowest fold)."""
     losses = {}
     for fit in fits:
         version = client.get_model_version(registered_name, fit.version)
