@@ -7,7 +7,7 @@ this module only reads them, so a corrected or extended reference is a data chan
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -42,6 +42,8 @@ class PaperResults:
     cross_target_cca: tuple[CrossTargetPair, ...]
     #: target -> (observed, chance) error agreement of the ImageNet and RadImageNet models, no freezing
     error_agreement: dict[str, tuple[float, float]]
+    #: source -> Pearson r per layer of similarity to the source vs relative gain, pooled over targets and folds
+    gain_correlation: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 def load_paper_results(path: Path = REFERENCE_FILE) -> PaperResults:
@@ -97,7 +99,12 @@ def load_paper_results(path: Path = REFERENCE_FILE) -> PaperResults:
             raise ReferenceError(f"{path}: error_agreement.{target} needs observed and chance")
         observed, chance = _numbers([cell.get("observed"), cell.get("chance")], 2, f"error_agreement.{target}", path)
         agreement[target] = (observed, chance)
-    return PaperResults(citation.strip(), targets, sources, regimes, layers, test_auc, tuple(cross_target), agreement)
+    gain_correlation: dict[str, tuple[float, ...]] = {}
+    for source, values in (data.get("gain_correlation") or {}).items():
+        _known(source, sources, f"gain_correlation.{source}", path)
+        gain_correlation[source] = _numbers(values, len(layers), f"gain_correlation.{source}", path)
+    return PaperResults(citation.strip(), targets, sources, regimes, layers, test_auc, tuple(cross_target), agreement,
+                        gain_correlation)
 
 
 def _mapping(data, key: str | None, path: Path, where: str | None = None) -> dict:

@@ -18,11 +18,13 @@ from pathlib import Path
 
 from medtransfer.analysis.paired_statistics import t_interval
 from medtransfer.layout import (
+    GAIN_CORRELATION_FILE,
     PAIRED_FILE,
     PREDICTIONS_FILE,
     PRETRAINED_VS_PRETRAINED,
     RANDOM_VS_RANDOM,
     SIMILARITY_SUMMARY_FILE,
+    SUMMARY_FOLDER,
 )
 from medtransfer.paper_reference import PaperResults, load_paper_results
 from medtransfer.tables import read_table
@@ -60,14 +62,17 @@ def paper_section_for_study(config, pointers: Mapping[str, Sequence], analysis_r
         return None
     fold_aucs = {(pointer.dataset, pointer.source, pointer.regime): [fit.test_auc for fit in pointer.folds]
                  for target_pointers in pointers.values() for pointer in target_pointers}
-    return paper_section(Twins(targets, sources), fold_aucs, {target: analysis_root / target for target in targets})
+    gain_file = config.resolve(SUMMARY_FOLDER) / GAIN_CORRELATION_FILE
+    return paper_section(Twins(targets, sources), fold_aucs, {target: analysis_root / target for target in targets},
+                         gain_rows=read_table(gain_file) if gain_file.is_file() else [])
 
 
 def paper_section(twins: Twins, fold_aucs: Mapping[tuple[str, str, str], Sequence[float]],
-                  analysis_folders: Mapping[str, Path], paper: PaperResults | None = None) -> str:
+                  analysis_folders: Mapping[str, Path], paper: PaperResults | None = None,
+                  gain_rows: Sequence[Mapping[str, str]] = ()) -> str:
     """Markdown for the section. fold_aucs: (target, source, regime) -> each fold's test AUC (0–1);
     analysis_folders: target -> its `results/analysis/<target>/` folder (similarity summary, predictions, paired
-    comparison)."""
+    comparison); gain_rows: the study summary's pooled similarity-vs-gain correlations (`gain_correlation.csv`)."""
     paper = paper or load_paper_results()
     lines = [SECTION_TITLE, "", f"Reference: {paper.citation}", ""]
     targets = {ours: twin for ours, twin in twins.targets.items() if ours in analysis_folders}
@@ -86,6 +91,7 @@ def paper_section(twins: Twins, fold_aucs: Mapping[tuple[str, str, str], Sequenc
     agreement = {target: _agreement_ours(read_table(analysis_folders[target] / PREDICTIONS_FILE), twins)
                  for target in targets}
     lines += ["", *_agreement_table(targets, agreement, paper)]
+    lines += ["", *_gain_correlation_table(gain_rows, twins, paper, len(analysis_folders))]
     paired = {target: read_table(analysis_folders[target] / PAIRED_FILE) for target in targets}
     excess = {target: _agreement_excess(read_table(analysis_folders[target] / PREDICTIONS_FILE), twins)
               for target in targets}
@@ -215,6 +221,31 @@ def _agreement_table(targets: Mapping[str, str], agreement, paper: PaperResults)
         mine = agreement.get(target)
         theirs = paper.error_agreement.get(paper_target)
         lines.append(f"| {target} ({paper_target}) | {_pair(mine)} | {_pair(theirs)} |")
+    return lines
+
+
+# -- similarity vs gain ------------------------------------------------------------------------------------------
+
+
+def _gain_correlation_table(rows: Sequence[Mapping[str, str]], twins: Twins, paper: PaperResults,
+                            targets: int) -> list[str]:
+    """Pearson r per layer of mean CCA to the source vs relative gain: ours pooled over this study's targets and
+    folds (regime full, each source its own r) beside the authors' over their 7 targets × 5 folds."""
+    if not paper.gain_correlation:
+        return []
+    lines = ["### Similarity (mean CCA) to the source vs relative gain: Pearson r per source, ours / the authors'", "",
+             f"Ours pooled over this study's {targets} target(s) and their folds (fine-tuned without freezing; each "
+             "gain over the random init of the same fold); the authors' over their 7 targets × 5 folds.", "",
+             "| source | points | " + " | ".join(paper.layers) + " |", "|---|---|" + "---|" * len(paper.layers)]
+    for paper_source, theirs in paper.gain_correlation.items():
+        ours = twins.ours(paper_source)
+        mine = {row["layer"]: row for row in rows if ours and row["source"] == ours[0]
+                and row["regime"] == "full" and row["measure"] == "cca"}
+        points = max((int(row["points"]) for row in mine.values()), default=0)
+        cells = [f"{_fmt(_float(mine[layer]['pearson_r'])) if layer in mine else '–'} / {value:.2f}"
+                 for layer, value in zip(paper.layers, theirs)]
+        label = f"{ours[0]} ({paper_source})" if ours else f"– ({paper_source})"
+        lines.append(f"| {label} | {points or '–'} | " + " | ".join(cells) + " |")
     return lines
 
 
