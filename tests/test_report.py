@@ -116,6 +116,7 @@ def test_report_tables_come_from_the_outputs(study, markdown_table):
     random_mean = statistics.mean(AUCS[("random", "full")])
     natural_gain = 100 * (statistics.mean(AUCS[("natural", "full")]) - random_mean) / random_mean
     assert study_rows["natural"]["gain over random init"] == f"{natural_gain:+.1f} %"
+    assert study_rows["random"]["gain over random init"] == "(the baseline)"  # never "+0.0 %" against itself
     assert "needs more than one target; this study has one (target)" in text
     across = text.split("## Across targets: Wilcoxon signed-rank test on the per-target mean differences")[1]
     assert across.lstrip().startswith("Needs two or more targets (at least 6 for p < 0.05); this study has 1.")
@@ -273,7 +274,7 @@ def test_a_value_from_too_few_rows_per_channel_is_marked_with_a_legend(study, ma
     assert all("†" not in row[layer] for layer in ("stem", "stage1", "stage2", "stage3"))
     section = text.split("### mean CCA")[1].split("###")[0]
     assert "† unreliable: in at least one fold the comparison had fewer than 10 rows" in section
-    assert "(here as few as 2.0)" in section
+    assert "(here as few as 2.0)" in section and "canonical correlations are biased towards 1" in section
     assert "† unreliable" not in text.split("## Layer-wise similarity")[0]
 
 def test_similarity_cells_give_the_interval_compare_wrote_and_say_what_it_is(study, markdown_table):

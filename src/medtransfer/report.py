@@ -219,7 +219,7 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
         if floors:
             lines.append(f"| {PAIR_KIND_TITLES[SHUFFLED]} | – | " + " | ".join(floors.get(layer, "–") for layer in layers) + " |")
         lines += _interval_legend(selected)
-        lines += _unreliable_legend(selected)
+        lines += _unreliable_legend(selected, measure)
         lines += shortfall_legend("not finite on that fold" for row in selected
                                   if _int(row.get("count")) is not None and _int(row.get("folds")) is not None
                                   and _int(row["count"]) < _int(row["folds"]))
@@ -368,7 +368,12 @@ def _unreliable_mark(row: dict[str, str]) -> str:
     return UNRELIABLE_MARK if is_unreliable(row) else ""
 
 
-def _unreliable_legend(rows: list[dict[str, str]]) -> list[str]:
+#: What too few rows per channel does to each measure the report tabulates.
+FEW_ROWS_BIAS = {"cca": "canonical correlations are biased towards 1",
+                 "cka": "linear CKA is biased upward (its debiased form, `cka_debiased`, corrects for this)"}
+
+
+def _unreliable_legend(rows: list[dict[str, str]], measure: str = "cca") -> list[str]:
     marked = [row for row in rows if _unreliable_mark(row)]
     if not marked:
         return []
@@ -376,8 +381,8 @@ def _unreliable_legend(rows: list[dict[str, str]]) -> list[str]:
     fewest_text = f" (here as few as {fewest:.1f})" if math.isfinite(fewest) else ""
     return ["", f"{UNRELIABLE_MARK} unreliable: in at least one fold the comparison had fewer than "
                 f"{RELIABLE_ROWS_PER_CHANNEL} rows (image positions) per compared channel{fewest_text}, where "
-                "canonical correlations are biased towards 1; sample channels (`analysis.channel_sample`) or use "
-                "more or larger images."]
+                f"{FEW_ROWS_BIAS.get(measure, 'the measure is biased')}; sample channels "
+                "(`analysis.channel_sample`) or use more or larger images."]
 
 
 def _embed_figure(figure: Path, target: str, figures: Path, caption: str) -> list[str]:

@@ -79,6 +79,8 @@ def _auc_table(rows: list[dict[str, str]]) -> list[str]:
             auc += shortfall_note(count, total, reason=UNDEFINED_REASONS["test_auc"])
             short += [UNDEFINED_REASONS["test_auc"]] if count < total else []
         relative = "–" if not math.isfinite(gain) else f"{100 * gain:+.1f} %"
+        if row.get("random_init_source") == row["source"]:
+            relative = "(the baseline)"  # the random init against itself: no gain to report
         protocol = row.get("protocol") or "search"  # summaries written before the protocol was recorded
         lines.append(f"| {row['target']} | {row['source']} | {row['regime']} | {protocol} | {row['folds']} | {auc} | "
                      f"{relative} |")

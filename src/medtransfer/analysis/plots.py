@@ -279,7 +279,8 @@ def plot_similarity_vs_gain_by_measure(points: Sequence[dict], layers: Sequence[
                 label = f"{name}: r = {r_value:.2f}, n = {len(mine)}" if math.isfinite(r_value) \
                     else f"{name}: r n/a, n = {len(mine)}"
                 marker = "o" if regime != "freeze" else "^"
-                axis.scatter(x[~hollow], y[~hollow], s=14, marker=marker, color=palette(k % 10), label=label)
+                if (~hollow).any():  # an empty scatter would still add a legend entry: each series once
+                    axis.scatter(x[~hollow], y[~hollow], s=14, marker=marker, color=palette(k % 10), label=label)
                 if hollow.any():
                     axis.scatter(x[hollow], y[hollow], s=14, marker=marker, facecolors="white",
                                  edgecolors=palette(k % 10), label=None if (~hollow).any() else label)
