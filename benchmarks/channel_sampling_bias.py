@@ -2,7 +2,7 @@
 random-init keras_resnet50 networks (the study's noise-floor pair, whose true similarity does not depend on how
 many channels are compared) over real held-out images, ~10,000 rows per layer.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/channel_sampling_bias.py ../shared/data/breastmnist.npz --size 56
+    PYTHONPATH=src .venv/bin/python benchmarks/channel_sampling_bias.py data/breastmnist/breastmnist.npz --size 56
 
 Mean CCA of m channels over n rows is biased upward by roughly m/n; sampling 64 keeps m/n small at every stage.
 """

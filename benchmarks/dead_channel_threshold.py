@@ -2,7 +2,7 @@
 (the covariance divided by its largest entry, then variance < 1e-12 dropped), on two random-init keras_resnet50
 networks (the study's noise-floor pair) over real held-out images.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/dead_channel_threshold.py ../shared/data/breastmnist.npz --size 56
+    PYTHONPATH=src .venv/bin/python benchmarks/dead_channel_threshold.py data/breastmnist/breastmnist.npz --size 56
 
 Prints, per stage: rows, channels kept under each threshold, and mean CCA under each (all channels).
 """
