@@ -143,10 +143,13 @@ def _verify_pointers(config: Config, pointers: dict[str, list[ModelPointer]], cl
 
 def _header(config: Config) -> str:
     profile = config.project.profile
+    targets = [f"- `{name}`: {config.datasets[name].description or 'no description'}"
+               for name in config.study.targets if name in config.datasets]
     return (
         f"# medtransfer study report — profile `{profile}`\n\n"
         f"{config.project.description}\n\n"
-        f"Every number below is read from the study's outputs (the registry pointers in `{POINTER_FOLDER}/` and the "
+        + ("Targets:\n\n" + "\n".join(targets) + "\n\n" if targets else "")
+        + f"Every number below is read from the study's outputs (the registry pointers in `{POINTER_FOLDER}/` and the "
         f"analysis tables in `{ANALYSIS_FOLDER}/`); rerun `medtransfer report` after the pipeline changes."
     )
 
