@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medtransfer.config_coercion import build_dataclass, named_entries, read_yaml_mapping  # noqa: F401 - re-exported
-from medtransfer.config_rules import (check_dataset, check_distinct_initialisations, check_paper_twins, check_source,
-                                      check_stores, check_study_and_search, check_train)
+from medtransfer.config_rules import (check_analysis, check_dataset, check_distinct_initialisations, check_paper_twins,
+                                      check_seeds, check_source, check_stores, check_study_and_search, check_train)
 from medtransfer.errors import ConfigError
 from medtransfer.layout import DEFAULT_REGIME
 from medtransfer.train.protocols import PROTOCOL_SEARCH
@@ -405,6 +405,8 @@ def config_from_mapping(raw: dict[str, Any], *, source_file: Path) -> Config:
     check_study_and_search(sections, datasets, sources, where)
     check_stores(sections["stores"], where)
     check_paper_twins(datasets, sources, where)
+    check_analysis(sections["analysis"], where)
+    check_seeds(sections, datasets, sources, where)
     return Config(root=source_file.parent, source_file=source_file, datasets=datasets, sources=sources, **sections)
 
 

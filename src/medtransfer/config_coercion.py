@@ -8,6 +8,7 @@ missing value or wrong type. The schema lives in `config`, the rules that types 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -15,16 +16,18 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from medtransfer.config_yaml import StrictLoader
 from medtransfer.errors import ConfigError
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """Parse a YAML file that must hold a mapping; duplicate keys are an error (YAML would keep the last)."""
+    """Parse a YAML file that must hold a mapping; duplicate keys, alias bombs and deep nesting are errors (see
+    `config_yaml`)."""
     if not path.is_file():
         raise ConfigError("params file not found", where=str(path), fix="create it, or pick a profile with 'medtransfer profile use demo'")
     try:
         with path.open(encoding="utf-8") as handle:
-            data = yaml.load(handle, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+            data = yaml.load(handle, Loader=StrictLoader)  # noqa: S506 - a bounded SafeLoader subclass
     except ConfigError as error:
         raise ConfigError(error.what, where=str(path), fix=error.fix) from None
     except yaml.YAMLError as error:
@@ -56,27 +59,6 @@ def named_entries(raw: dict[str, Any], section: str, where: str) -> dict[str, An
                 fix="use letters, digits, '-' and '_' only (it becomes part of file and model names)",
             )
     return entries
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys in a mapping."""
-
-
-def _construct_mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
-    loader.flatten_mapping(node)
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise ConfigError(
-                f"duplicate key '{key}' at line {key_node.start_mark.line + 1}",
-                fix="each name may appear once per section; rename or remove one",
-            )
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_without_duplicates)
 
 
 def is_safe_name(name: str) -> bool:
@@ -147,6 +129,7 @@ def coerce(expected: Any, value: Any, key: str, where: str) -> Any:
     if dataclasses.is_dataclass(expected):
         return build_dataclass(expected, value, key, where)
     if expected is Any:
+        _check_finite(value, key, where)
         return value
     if expected is bool:
         if not isinstance(value, bool):
@@ -159,9 +142,21 @@ def coerce(expected: Any, value: Any, key: str, where: str) -> Any:
     if expected is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"expected a number, got {describe(value)}", where=location)
+        _check_finite(value, key, where)
         return float(value)
     if expected is str:
         if not isinstance(value, str):
             raise ConfigError(f"expected a string, got {describe(value)}", where=location)
         return value
     raise TypeError(f"unsupported type {expected!r} in schema at {key}")  # pragma: no cover - schema bug
+
+
+def _check_finite(value: Any, key: str, where: str) -> None:
+    """YAML reads .nan and .inf as floats, which pass every `<` comparison rule; no setting means them, so refuse
+    them wherever they sit, free-form values (`model_args`) included. The walk is bounded by `config_yaml`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"expected a finite number, got {value}", where=f"{where}: {key}",
+                          fix="write a plain number (.nan and .inf are not settings)")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for name, item in items:
+        _check_finite(item, f"{key}.{name}" if isinstance(value, dict) else f"{key}[{name}]", where)

@@ -17,7 +17,56 @@ from medtransfer.models.architectures import ARCHITECTURES, KERAS_RESNET50, RESE
 from medtransfer.train.protocols import PROTOCOLS
 
 if TYPE_CHECKING:  # annotations only: config imports this module to apply the rules
-    from medtransfer.config import DatasetConfig, SearchConfig, SourceConfig, StoresConfig, StudyConfig, TrainConfig
+    from medtransfer.config import (AnalysisConfig, DatasetConfig, SearchConfig, SourceConfig, StoresConfig,
+                                    StudyConfig, TrainConfig)
+
+#: The similarity measures `compare` computes. They are defined in medtransfer.analysis.similarity, whose import
+#: costs NumPy and SciPy (a third of a second) on every load; tests/test_config_limits.py pins the two equal.
+SIMILARITY_MEASURES: tuple[str, ...] = ("cca", "svcca", "pwcca", "cka", "cka_debiased")
+#: Seeds reach NumPy's legacy RandomState through Optuna's TPE sampler, which takes 0 .. 2**32 - 1 only.
+MAX_SEED = 2**32 - 1
+
+
+def at_least(value: int, minimum: int, key: str, where: str, fix: str | None = None) -> None:
+    """A count or size the code cannot use below `minimum`."""
+    if value < minimum:
+        raise ConfigError(f"must be at least {minimum}, got {value}", where=f"{where}: {key}", fix=fix)
+
+
+def check_analysis(analysis: AnalysisConfig, where: str) -> None:
+    """What `extract` and `compare` would refuse (or crash on) hours later, after every model is trained."""
+    at_least(analysis.positions_per_layer, 1, "analysis.positions_per_layer", where,
+             fix="the original study used 10000")
+    if analysis.images is not None:
+        at_least(analysis.images, 1, "analysis.images", where,
+                 fix="or leave it null to take round(positions_per_layer / (H*W)) images per layer")
+    at_least(analysis.channel_sample, 0, "analysis.channel_sample", where,
+             fix="0 compares all channels; the original study sampled 64 channels, 5 times")
+    at_least(analysis.channel_repeats, 1, "analysis.channel_repeats", where, fix="the original study used 5")
+    at_least(analysis.batch_size, 1, "analysis.batch_size", where)
+    at_least(analysis.bootstrap_resamples, 1, "analysis.bootstrap_resamples", where,
+             fix="1000 is usual for a 95 % interval")
+    unknown = [measure for measure in analysis.measures if measure not in SIMILARITY_MEASURES]
+    if unknown or not analysis.measures:
+        raise ConfigError(f"unknown similarity measure '{unknown[0]}'" if unknown else "no similarity measure given",
+                          where=f"{where}: analysis.measures",
+                          fix=f"use a non-empty list drawn from: {', '.join(SIMILARITY_MEASURES)}")
+
+
+def check_seeds(sections: dict[str, Any], datasets: dict[str, DatasetConfig], sources: dict[str, SourceConfig],
+                where: str) -> None:
+    """Every seed of the file, wherever it sits: an integer type is checked already, its range here."""
+    seeds = {f"{name}.seed": sections[name].seed for name in ("project", "train", "search", "analysis")}
+    seeds.update({f"search.seeds[{index}]": seed for index, seed in enumerate(sections["search"].seeds)})
+    seeds.update({f"datasets.{name}.split.seed": dataset.split.seed for name, dataset in datasets.items()})
+    for name, source in sources.items():
+        seeds[f"sources.{name}.seed"] = source.seed
+        if source.train is not None:
+            seeds[f"sources.{name}.train.seed"] = source.train.seed
+    for key, seed in seeds.items():
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"a seed must be 0 to {MAX_SEED}, got {seed}", where=f"{where}: {key}",
+                              fix="any non-negative integer below 2**32, e.g. 0")
 
 
 def check_dataset(dataset: DatasetConfig, key: str, where: str) -> None:
@@ -212,11 +261,9 @@ def check_study_and_search(sections: dict[str, Any], datasets: dict, sources: di
 def check_train(train: TrainConfig, key: str, where: str) -> None:
     """Values the types let through but training cannot use: found here, not after the data is loaded."""
     for name in ("batch_size", "max_epochs", "head_max_epochs"):
-        if getattr(train, name) < 1:
-            raise ConfigError(f"must be at least 1, got {getattr(train, name)}", where=f"{where}: {key}.{name}")
+        at_least(getattr(train, name), 1, f"{key}.{name}", where)
     for name in ("patience", "head_patience"):
-        if getattr(train, name) < 0:
-            raise ConfigError(f"must be 0 or more, got {getattr(train, name)}", where=f"{where}: {key}.{name}")
+        at_least(getattr(train, name), 0, f"{key}.{name}", where)
     for name in ("learning_rate", "head_learning_rate"):
         if not 0 < getattr(train, name) < float("inf"):
             raise ConfigError(f"must be a positive number, got {getattr(train, name)}", where=f"{where}: {key}.{name}",
