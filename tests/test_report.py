@@ -118,6 +118,10 @@ def test_report_tables_come_from_the_outputs(study, markdown_table):
     assert study_rows["natural"]["gain over random init"] == f"{natural_gain:+.1f} %"
     assert study_rows["random"]["gain over random init"] == "(the baseline)"  # never "+0.0 %" against itself
     assert "Targets:\n\n- `target`: " in text  # each target with its description (e.g. "no patient ids")
+    # the first screen states the comparison in words, from the interval, before any table
+    assert text.index("## The answer in brief") < text.index("## The study across targets")
+    assert ("- **medical vs natural** (full): target: the folds cannot tell them apart (-7.0, 95 % -21.3 to +7.3)."
+            in text)
     assert "needs more than one target; this study has one (target)" in text
     across = text.split("## Across targets: Wilcoxon signed-rank test on the per-target mean differences")[1]
     assert across.lstrip().startswith("Needs two or more targets (at least 6 for p < 0.05); this study has 1.")

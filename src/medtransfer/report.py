@@ -49,6 +49,7 @@ from medtransfer.analysis.stage_matching import cross_architecture_matches
 from medtransfer.analysis.summaries import CI_OVER_DRAWS
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.atomic_files import atomic_directory
+from medtransfer.report_answer import answer_section
 from medtransfer.report_cells import UNDEFINED_REASONS, finite_values, mean_sd_cell, shortfall_legend, shortfall_note
 from medtransfer.report_paper import paper_section_for_study
 from medtransfer.report_html import render_report_html
@@ -104,12 +105,14 @@ def run_report(config: Config, client=None) -> Path:
     with atomic_directory(destination) as staging:
         figures = staging / REPORT_FIGURES_FOLDER
         figures.mkdir()
-        sections = [_header(config), study_section(config.resolve(SUMMARY_FOLDER), list(targets), figures),
+        sections = [_header(config),
+                    answer_section({target: analysis_root / target for target in targets}),
+                    study_section(config.resolve(SUMMARY_FOLDER), list(targets), figures),
                     _auc_section(config, pointers),
                     across_targets_section({target: analysis_root / target for target in targets})]
         beside_the_paper = paper_section_for_study(config, pointers, analysis_root)
         if beside_the_paper:
-            sections.insert(3, beside_the_paper)
+            sections.insert(4, beside_the_paper)
         for target in targets:
             folder = analysis_root / target
             sections.append(paired_section(target, folder))
@@ -196,7 +199,8 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
     layers = list(dict.fromkeys(row["layer"] for row in rows))
     lines = [f"## Layer-wise similarity — {target}"]
     lines += _stage_matching_lines(folder)
-    for measure, title in (("cca", "mean CCA"), ("cka", "linear CKA")):
+    for measure, title in (("cca", "mean CCA"), ("cka", "linear CKA"), ("procrustes_similarity", "Procrustes "
+                           "similarity 1 − d²/2"), ("shape_0.5", "angular shape similarity 1 − 2θ/π, α = 0.5")):
         selected = [row for row in rows if row["measure"] == measure]
         if not selected:
             continue
