@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # annotations only: config imports this module to apply the r
 
 #: The similarity measures `compare` computes. They are defined in medtransfer.analysis.similarity, whose import
 #: costs NumPy and SciPy (a third of a second) on every load; tests/test_config_limits.py pins the two equal.
-SIMILARITY_MEASURES: tuple[str, ...] = ("cca", "svcca", "pwcca", "cka", "cka_debiased")
+SIMILARITY_MEASURES: tuple[str, ...] = ("cca", "svcca", "pwcca", "cka", "cka_debiased", "procrustes_similarity",
+                                         "shape_0", "shape_0.5", "shape_1")
 #: Seeds reach NumPy's legacy RandomState through Optuna's TPE sampler, which takes 0 .. 2**32 - 1 only.
 MAX_SEED = 2**32 - 1
 

@@ -44,13 +44,11 @@ from medtransfer.layout import (
     SOURCE_VS_FINETUNED,
     SUMMARY_FOLDER,
 )
-from medtransfer.analysis.plots import UNRELIABLE_MARK, is_unreliable
 from medtransfer.analysis.stage_matching import cross_architecture_matches
-from medtransfer.analysis.summaries import CI_OVER_DRAWS
-from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.report_answer import answer_section
-from medtransfer.report_cells import UNDEFINED_REASONS, finite_values, mean_sd_cell, shortfall_legend, shortfall_note
+from medtransfer.report_similarity_cells import interval_legend, similarity_cell, unreliable_legend, unreliable_mark
+from medtransfer.report_cells import UNDEFINED_REASONS, finite_values, mean_sd_cell, shortfall_legend
 from medtransfer.report_paper import paper_section_for_study
 from medtransfer.report_html import render_report_html
 from medtransfer.revision import code_revision
@@ -216,17 +214,17 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
                 continue
             named = kind != RANDOM_VS_RANDOM or random_floors > 1  # several architectures: several random floors
             label = dict(SIMILARITY_GROUPS)[kind] + (f": {pair}" if pair and named else "")
-            cells = [_similarity_cell(by_layer[layer]) if layer in by_layer else "–" for layer in layers]
+            cells = [similarity_cell(by_layer[layer]) if layer in by_layer else "–" for layer in layers]
             lines.append(f"| {label} | {regime or '–'} | " + " | ".join(cells) + " |")
         floors = {}
         for row in selected:
             if row["pair_kind"] == SHUFFLED and row["layer"] not in floors and row["shuffled_mean"] not in ("", "nan"):
                 floors[row["layer"]] = mean_sd_cell([_float(row["shuffled_mean"])], sd=_float(row["shuffled_sd"])) \
-                    + _unreliable_mark(row)
+                    + unreliable_mark(row)
         if floors:
             lines.append(f"| {PAIR_KIND_TITLES[SHUFFLED]} | – | " + " | ".join(floors.get(layer, "–") for layer in layers) + " |")
-        lines += _interval_legend(selected)
-        lines += _unreliable_legend(selected, measure)
+        lines += interval_legend(selected)
+        lines += unreliable_legend(selected, measure)
         lines += shortfall_legend("not finite on that fold" for row in selected
                                   if _int(row.get("count")) is not None and _int(row.get("folds")) is not None
                                   and _int(row["count"]) < _int(row["folds"]))
@@ -310,86 +308,6 @@ def _gain_section(target: str, folder: Path, figures: Path) -> str:
     lines += _embed_figure(folder / CONV1_FIGURE_FILE, target, figures,
                            f"first-layer filters of every source and random initialisation, {target}")
     return "\n".join(lines)
-
-
-#: Beside an interval of one fold's value over its channel draws: the Monte-Carlo error of the channel sampling,
-#: not a confidence interval for the similarity (there is no spread over folds to give).
-DRAWS_INTERVAL_MARK = "‡"
-
-
-def _similarity_cell(row: dict[str, str]) -> str:
-    """mean ± sd over folds, the 95 % interval of the mean in brackets where compare gave one (tables written
-    before the interval columns existed show mean ± sd alone; the interval is computed on a bounded scale, so it
-    need not be symmetric about the mean), `DRAWS_INTERVAL_MARK` where it is the channel sampling's error of a
-    single fold, then the marks."""
-    count, total = _int(row.get("count")), _int(row.get("folds"))
-    cell = mean_sd_cell([_float(row["mean"])], sd=_float(row["sd"]))
-    if cell != "–" and count is not None and total is not None:
-        cell += shortfall_note(count, total)
-    low, high = _float(row.get("ci_low", "")), _float(row.get("ci_high", ""))
-    if math.isfinite(low) and math.isfinite(high):
-        cell += f" [{low:.2f}, {high:.2f}]"
-        if row.get("ci_basis") == CI_OVER_DRAWS:
-            cell += DRAWS_INTERVAL_MARK
-    return cell + _unreliable_mark(row)
-
-
-def _interval_legend(rows: list[dict[str, str]]) -> list[str]:
-    """What the bracketed intervals are, when the table holds any: over the folds, on which scale and why, and
-    whether they rest on so few folds (under 5) that they are wide for that reason; the ‡ ones, what they are."""
-    from scipy import stats
-
-    from medtransfer.analysis.paired_statistics import SCALE_FISHER_Z, SCALE_LOGIT
-
-    shown = [row for row in rows if math.isfinite(_float(row.get("ci_low", "")))]
-    if not shown:
-        return []
-    over_folds = [row for row in shown if row.get("ci_basis") != CI_OVER_DRAWS]
-    text = ("[ ] 95 % interval of the mean: Student t over the folds (k − 1 degrees of freedom), widened by Nadeau & "
-            "Bengio's correction (variance factor 1/k + n_test/n_train, as the folds' models share training "
-            "images); with channel sampling each fold's value is the mean over its draws, so the interval holds "
-            "the draws' noise too.")
-    for scale, name in ((SCALE_LOGIT, "the logit scale, as the measure lies in [0, 1]"),
-                        (SCALE_FISHER_Z, "Fisher's z scale (atanh), as the measure lies in [−1, 1]")):
-        if any(row.get("ci_scale") == scale for row in shown):
-            text += (f" It is computed on {name}, and mapped back: a t-interval of the values themselves runs "
-                     "past the bounds when the folds are few; this one stays inside them and is not symmetric about "
-                     "the mean.")
-    folds = sorted({k for k in (_int(row.get("count")) for row in over_folds) if k is not None and k >= 2})
-    if folds and folds[0] < 5:
-        k = folds[0]
-        text += (f" {'With as few as' if len(folds) > 1 else 'With only'} {k} folds the intervals are wide for that "
-                 f"reason: the t quantile with {k - 1} degrees of freedom is {stats.t.ppf(0.975, k - 1):.2f} (1.96 "
-                 "with many folds) and the Nadeau–Bengio factor keeps n_test/n_train in the variance however many "
-                 "folds there are; a wide interval says how little the folds can tell, not that the similarity "
-                 "varies that much.")
-    if len(over_folds) < len(shown):
-        text += (f" {DRAWS_INTERVAL_MARK} one fold only: not a confidence interval for the similarity but the "
-                 "Monte-Carlo error of the channel sampling, a 95 % t-interval over that fold's channel draws (on the "
-                 "same scale, by the delta method); it leaves out the fold-to-fold noise.")
-    return ["", text]
-
-
-def _unreliable_mark(row: dict[str, str]) -> str:
-    """`UNRELIABLE_MARK` when any fold's comparison behind a summary row had too few rows per channel."""
-    return UNRELIABLE_MARK if is_unreliable(row) else ""
-
-
-#: What too few rows per channel does to each measure the report tabulates.
-FEW_ROWS_BIAS = {"cca": "canonical correlations are biased towards 1",
-                 "cka": "linear CKA is biased upward (its debiased form, `cka_debiased`, corrects for this)"}
-
-
-def _unreliable_legend(rows: list[dict[str, str]], measure: str = "cca") -> list[str]:
-    marked = [row for row in rows if _unreliable_mark(row)]
-    if not marked:
-        return []
-    fewest = min(_float(row.get("rows_per_channel", "")) for row in marked)
-    fewest_text = f" (here as few as {fewest:.1f})" if math.isfinite(fewest) else ""
-    return ["", f"{UNRELIABLE_MARK} unreliable: in at least one fold the comparison had fewer than "
-                f"{RELIABLE_ROWS_PER_CHANNEL} rows (image positions) per compared channel{fewest_text}, where "
-                f"{FEW_ROWS_BIAS.get(measure, 'the measure is biased')}; sample channels "
-                "(`analysis.channel_sample`) or use more or larger images."]
 
 
 def _embed_figure(figure: Path, target: str, figures: Path, caption: str) -> list[str]:

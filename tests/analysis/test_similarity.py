@@ -311,7 +311,8 @@ def test_refusal_at_max_channels_plus_one_rows(extra_rows):
         assert res.cca_refused and not res.reliable and "refused" in res.warning
         assert res.mean_cca is res.svcca is res.pwcca is None
         assert res.canonical_correlations.size == 0
-        assert set(res.undefined) == {"cca", "svcca", "pwcca"}
+        # the fully whitened shape metric (alpha = 0) needs as many rows as CCA and is refused with it
+        assert set(res.undefined) == {"cca", "svcca", "pwcca", "shape_0"}
         with pytest.raises(InsufficientSamplesError):
             res.require_cca()
     else:

@@ -118,10 +118,15 @@ def filter_grid(weights: np.ndarray, channel_order: str = "RGB") -> np.ndarray:
 # -- Small multiples -----------------------------------------------------------------------------------------------
 
 #: Each measure's range: error bars are clipped to it (a mean ± sd above 1 is not a value the measure can take).
+# The Procrustes and shape measures are reported as similarities in [0, 1] (see analysis/shape_metrics.py).
 MEASURE_RANGES = {"cca": (0.0, 1.0), "svcca": (0.0, 1.0), "pwcca": (0.0, 1.0), "cka": (0.0, 1.0),
-                  "cka_debiased": (-1.0, 1.0)}
+                  "cka_debiased": (-1.0, 1.0), "procrustes_similarity": (0.0, 1.0), "shape_0": (0.0, 1.0),
+                  "shape_0.5": (0.0, 1.0), "shape_1": (0.0, 1.0)}
 MEASURE_NAMES = {"cca": "mean CCA", "svcca": "SVCCA", "pwcca": "PWCCA", "cka": "linear CKA",
-                 "cka_debiased": "debiased linear CKA"}
+                 "cka_debiased": "debiased linear CKA", "procrustes_similarity": "Procrustes similarity (1 − d²/2)",
+                 "shape_0": "shape similarity, α = 0 (1 − 2θ/π)",
+                 "shape_0.5": "shape similarity, α = 0.5 (1 − 2θ/π)",
+                 "shape_1": "shape similarity, α = 1 (1 − 2θ/π)"}
 _FLOOR_STYLE = {RANDOM_VS_RANDOM: ("tab:grey", PAIR_KIND_TITLES[RANDOM_VS_RANDOM]),
                 SHUFFLED: ("tab:brown", PAIR_KIND_TITLES[SHUFFLED])}
 

@@ -1,4 +1,5 @@
-"""Streaming representation-similarity measures: mean CCA, SVCCA, PWCCA, linear CKA and debiased linear CKA.
+"""Streaming representation-similarity measures: mean CCA, SVCCA, PWCCA, linear CKA, debiased linear CKA, the
+Procrustes similarity and the angular shape metrics (as similarities; see `shape_metrics`).
 
 Conventions: an activation matrix has one row per datapoint and one column per channel (neuron). ``X`` is
 ``n x p`` and ``Y`` is ``n x q``; row ``i`` of both belongs to the same datapoint.
@@ -34,9 +35,11 @@ from typing import Iterable
 import numpy as np
 from scipy.linalg.blas import dgemm, dsyrk
 
+from medtransfer.analysis.shape_metrics import ALIGNMENT_MEASURES, FULLY_WHITENED_MEASURES, alignment_measures
 from medtransfer.analysis.similarity_measures import CentredBlocks, cca_family, cka, kept_channels, mm
 
 __all__ = [
+    "ALIGNMENT_MEASURES",
     "ALL_MEASURES",
     "CCA_MEASURES",
     "CKA_MEASURES",
@@ -46,6 +49,7 @@ __all__ = [
     "DEFAULT_SVCCA_THRESHOLD",
     "InsufficientSamplesError",
     "NonFiniteInputError",
+    "REFUSED_WITH_CCA",
     "SimilarityAccumulator",
     "SimilarityResult",
     "compute_similarity",
@@ -54,7 +58,9 @@ __all__ = [
 #: Measure names, as used in results, on the command line and in JSON output.
 CCA_MEASURES: tuple[str, ...] = ("cca", "svcca", "pwcca")
 CKA_MEASURES: tuple[str, ...] = ("cka", "cka_debiased")
-ALL_MEASURES: tuple[str, ...] = CCA_MEASURES + CKA_MEASURES
+ALL_MEASURES: tuple[str, ...] = CCA_MEASURES + CKA_MEASURES + ALIGNMENT_MEASURES
+#: Measures refused (None) whenever the CCA family is: they whiten fully and need as many rows.
+REFUSED_WITH_CCA: tuple[str, ...] = CCA_MEASURES + FULLY_WHITENED_MEASURES
 
 DEFAULT_CHANNEL_RTOL = 1e-8
 DEFAULT_EIG_RTOL = 1e-10
@@ -91,6 +97,8 @@ class SimilarityResult:
     Attributes:
         mean_cca, svcca, pwcca, cka, cka_debiased: the measures (floats in [0, 1]; debiased CKA can be slightly
             negative).
+        alignment: `ALIGNMENT_MEASURES` by name (``procrustes_similarity``, ``shape_<alpha>``), each in [0, 1],
+            larger = more similar; only the requested ones are present.
         canonical_correlations: shape ``(min(rank_x, rank_y),)``, descending, float64 (empty when the CCA family
             was not computed).
         svcca_dims: principal directions kept per side for SVCCA, ``(kx, ky)``, or ``None``.
@@ -119,11 +127,14 @@ class SimilarityResult:
     warning: str | None = None
     cca_refused: bool = False
     undefined: dict[str, str] = field(default_factory=dict)
+    alignment: dict[str, float | None] = field(default_factory=dict)
 
     def value(self, measure: str) -> float | None:
-        """The value of a measure by its public name (``cca``, ``svcca``, ``pwcca``, ``cka``, ``cka_debiased``)."""
+        """The value of a measure by its public name (one of `ALL_MEASURES`); None if not requested or undefined."""
         if measure not in ALL_MEASURES:
             raise KeyError(f"unknown measure {measure!r}; known: {', '.join(ALL_MEASURES)}")
+        if measure in ALIGNMENT_MEASURES:
+            return self.alignment.get(measure)
         return getattr(self, "mean_cca" if measure == "cca" else measure)
 
     def require_cca(self) -> None:
@@ -272,6 +283,10 @@ class SimilarityAccumulator:
                     undefined[name] = warning
             else:
                 cca = cca_family(blocks, keep_x, keep_y, wanted, eig_rtol, svcca_threshold)
+        alignment = {}
+        if wanted & set(ALIGNMENT_MEASURES):
+            alignment = alignment_measures(blocks.sxx, blocks.syy, blocks.sxy, keep_x, keep_y, wanted, eig_rtol,
+                                           warning if refused else None, undefined)
         return SimilarityResult(
             n=blocks.n,
             p=self.p,
@@ -282,6 +297,7 @@ class SimilarityAccumulator:
             warning=warning,
             cca_refused=refused,
             undefined=undefined,
+            alignment=alignment,
             **values,
             **cca,
         )

@@ -21,8 +21,9 @@ import numpy as np
 
 from medtransfer.analysis.similarity import (
     ALL_MEASURES,
-    CCA_MEASURES,
+    CKA_MEASURES,
     DEFAULT_BLOCK_BYTES,
+    REFUSED_WITH_CCA,
     NonFiniteInputError,
     SimilarityAccumulator,
     SimilarityResult,
@@ -49,6 +50,10 @@ _DISPLAY = {
     "pwcca": "PWCCA",
     "cka": "linear CKA",
     "cka_debiased": "debiased linear CKA",
+    "procrustes_similarity": "Procrustes similarity, 1 - d^2/2",
+    "shape_0": "angular shape similarity, alpha 0",
+    "shape_0.5": "angular shape similarity, alpha 0.5",
+    "shape_1": "angular shape similarity, alpha 1",
 }
 
 
@@ -164,7 +169,7 @@ def compute(x_path: Path, y_path: Path, measures: list[str]) -> SimilarityResult
         if result.value(name) is not None:
             continue
         reason = result.undefined.get(name, "undefined")
-        if name in CCA_MEASURES and result.cca_refused and min(result.p_kept, result.q_kept) > 0:
+        if name in REFUSED_WITH_CCA and result.cca_refused and min(result.p_kept, result.q_kept) > 0:
             raise InputError(
                 f"cannot compute {name}: {reason}",
                 where=f"{x_path}, {y_path}",
@@ -181,7 +186,8 @@ def compute(x_path: Path, y_path: Path, measures: list[str]) -> SimilarityResult
 def peak_bytes(p: int, q: int, measures: list[str]) -> int:
     """Bytes the command holds at its peak for ``p`` + ``q`` channels: the finalisation's matrices, plus the
     accumulator's cross-product block and one streamed chunk per file."""
-    matrices = CCA_PEAK_MATRICES if any(name in CCA_MEASURES for name in measures) else CKA_PEAK_MATRICES
+    # Every measure but CKA decomposes (p, p), (q, q) or (p, q) blocks, like the CCA path.
+    matrices = CKA_PEAK_MATRICES if all(name in CKA_MEASURES for name in measures) else CCA_PEAK_MATRICES
     return int(matrices * 8 * (p + q) ** 2) + DEFAULT_BLOCK_BYTES + 2 * CHUNK_BYTES
 
 
@@ -263,7 +269,7 @@ def format_table(result: SimilarityResult, measures: list[str]) -> str:
     rows.append(("q_kept", f"{result.q_kept} of {result.q}"))
     if "svcca" in measures and result.svcca_dims is not None:
         rows.append(("svcca_dims", f"{result.svcca_dims[0]} (X), {result.svcca_dims[1]} (Y)"))
-    wanted_cca = any(name in CCA_MEASURES for name in measures)
+    wanted_cca = any(name in REFUSED_WITH_CCA for name in measures)
     width = max(len("measure"), *(len(label) for label, _ in rows))
     lines = [f"{'measure':<{width}}  value", f"{'-' * width}  {'-' * 9}"]
     lines += [f"{label:<{width}}  {value}" for label, value in rows]
@@ -283,7 +289,7 @@ def to_json_dict(result: SimilarityResult, measures: list[str]) -> dict[str, obj
     if "svcca" in measures:
         out["svcca_dims"] = list(result.svcca_dims) if result.svcca_dims is not None else None
     out.update(n=result.n, p=result.p, q=result.q, p_kept=result.p_kept, q_kept=result.q_kept)
-    wanted_cca = any(name in CCA_MEASURES for name in measures)
+    wanted_cca = any(name in REFUSED_WITH_CCA for name in measures)
     out["reliable"] = bool(result.reliable) if wanted_cca else True
     out["warning"] = result.warning if wanted_cca else None
     return out
