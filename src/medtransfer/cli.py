@@ -38,6 +38,9 @@ def _add_prepare(commands) -> None:
         "and write data/prepared/NAME/ atomically (images, labels, splits, manifest.json).",
     )
     parser.add_argument("--dataset", required=True, help="a name under 'datasets' in params.yaml")
+    parser.add_argument("--allow-duplicates", action="store_true",
+                        help="keep identical images that fall on both sides of a split (train or val vs test) "
+                        "instead of refusing them; manifest.json records that and their count")
     parser.set_defaults(handler=_run_prepare)
 
 
@@ -45,7 +48,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
     from medtransfer.data.prepare import describe_prepared, log_prepare_run, prepare_dataset
 
     config = _config(args)
-    manifest = prepare_dataset(config, args.dataset)
+    manifest = prepare_dataset(config, args.dataset, allow_duplicates=args.allow_duplicates)
     folder = config.prepared_data_dir / args.dataset
     print(describe_prepared(manifest, folder))
     log_prepare_run(config, manifest, folder)
@@ -85,8 +88,23 @@ def _add_download(commands) -> None:
     which.add_argument("--all", action="store_true", help="every such dataset of params.yaml")
     which.add_argument("--subset", help="a MedMNIST subset by name (e.g. breastmnist), saved under <raw_data>/medmnist/")
     parser.add_argument("--size", type=int, default=28, help="resolution for --subset: 28, 64, 128 or 224 (default 28)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer (default 30)")
+    parser.add_argument("--timeout", type=_timeout_seconds, default=30.0,
+                        help="seconds to wait for an answer (default 30)")
     parser.set_defaults(handler=_run_download)
+
+
+def _timeout_seconds(text: str) -> float:
+    """A finite, positive number of seconds: NaN would crash the socket layer with a traceback, 0 or less means
+    no wait at all (argparse turns the error into its one-line usage error, exit 2)."""
+    import math
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text!r}")
+    return seconds
 
 
 def _run_download(args: argparse.Namespace) -> int:

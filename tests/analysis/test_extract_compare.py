@@ -431,6 +431,20 @@ def test_prepared_data_of_another_version_is_refused(study):
         path.write_text(original)
 
 
+def test_a_changed_prepared_images_array_stops_extract(study):
+    images = study.prepared_data_dir / DATASET / "images.npy"
+    original = images.read_bytes()
+    images.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))  # one pixel, same size: the manifest is intact
+    try:
+        with pytest.raises(DataError) as error:
+            run_extract(study, DATASET)
+        line = error.value.one_line()
+        assert "\n" not in line and line.startswith(f"{images}: changed since prepare")
+        assert f"medtransfer prepare --dataset {DATASET}" in line
+    finally:
+        images.write_bytes(original)  # a new mtime, the same bytes: the next load rehashes and passes
+
+
 def test_stale_activations_are_dvcs_to_notice(repo_root):
     """Replaces compare's own check of the pointers (test_compare_refuses_activations_of_other_model_versions): the
     behaviour moved to DVC. extract depends on the pointers, so a new model version reruns it; compare depends on

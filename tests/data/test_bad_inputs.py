@@ -24,9 +24,10 @@ def _npz(path, medmnist_npz, **changes):
 
 
 def _folder(root, classes=("no", "yes"), per_class=4):
-    for label in classes:
+    """`per_class` images per class, no two alike (prepare refuses identical images across a split)."""
+    for position, label in enumerate(classes):
         for index in range(per_class):
-            _image(root / label / f"{label}{index}.png", value=40 * index)
+            _image(root / label / f"{label}{index}.png", value=(per_class * position + index) * 10)
 
 
 def _csv(path, rows, header=("path", "label")):

@@ -88,10 +88,28 @@ def test_real_breastmnist_from_a_test_only_params_file(tmp_path, breastmnist_pat
     config = load_config(
         write_params({"breastmnist": {**_entry(str(breastmnist_path)), "classes": ["malignant", "normal_or_benign"]}})
     )
-    manifest = prepare_dataset(config, "breastmnist")
+    # MedMNIST's own split puts one image in train (label 0) and, pixel for pixel, in test (label 1).
+    with pytest.raises(DataError, match=r"1 set\(s\) of identical images .* train_images\[115\] \(train\) = "
+                       r"test_images\[76\] \(test\) in fold 0 -- .*--allow-duplicates"):
+        prepare_dataset(config, "breastmnist")
+    manifest = prepare_dataset(config, "breastmnist", allow_duplicates=True)
     assert manifest["folds"][0]["counts"] == {"train": 546, "val": 78, "test": 156}
     assert manifest["num_classes"] == 2 and manifest["num_images"] == 780
     assert manifest["image_shape"] == [28, 28, 1]
+    assert manifest["duplicates"] == {
+        "method": "sha256 of the decoded, resized uint8 pixels", "sets": 1, "images": 2, "sets_across_split": 1,
+        "sets_with_two_labels": 1, "allowed": True, "example": ["train_images[115]", "test_images[76]"],
+        "example_across_split": {"fold": 0, "train": "train_images[115]", "test": "test_images[76]"},
+    }
+
+
+def test_real_breastmnist_as_the_demo_profile_splits_it_has_no_copy_across_folds(breastmnist_path, write_params):
+    """params.yaml's 3 stratified folds (seed 0) put the pair in one test fold: prepare needs no escape."""
+    split = {"scheme": "stratified_kfold", "folds": 3, "val_fraction": 0.15, "seed": 0}
+    entry = {**_entry(str(breastmnist_path)), "classes": ["malignant", "normal_or_benign"], "split": split}
+    manifest = prepare_dataset(load_config(write_params({"breastmnist": entry})), "breastmnist")
+    assert manifest["duplicates"]["sets"] == 1 and manifest["duplicates"]["sets_across_split"] == 0
+    assert manifest["duplicates"]["allowed"] is False
 
 
 # -- the command: exit code 2, one stderr line, no traceback, no partial output -------------------------------------

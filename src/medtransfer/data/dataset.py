@@ -26,6 +26,8 @@ class ImageDataset:
     given_split: (N,) int8 with SPLIT_CODES values when the source fixes train/val/test, else None
     predefined_fold: (N,) int64 test-fold index 0..K-1 when the source publishes its folds, else None
     origin:      where the data came from, for messages
+    names:       (N,) a name for each image in messages (file path, `train_images[3]`), or None
+    skipped:     what the reader passed over, as (reason, count, example) per reason; recorded in the manifest
     """
 
     images: np.ndarray
@@ -35,6 +37,8 @@ class ImageDataset:
     given_split: np.ndarray | None = None
     predefined_fold: np.ndarray | None = None
     origin: str = ""
+    names: tuple[str, ...] | None = None
+    skipped: tuple[tuple[str, int, str], ...] = ()
 
     def __post_init__(self) -> None:
         where = self.origin or None
@@ -72,6 +76,8 @@ class ImageDataset:
         ):
             if extra is not None and extra.shape != labels.shape:
                 raise DataError(f"{name} has shape {extra.shape}, expected {labels.shape}", where=where)
+        if self.names is not None and len(self.names) != labels.shape[0]:
+            raise DataError(f"{len(self.names)} image names for {labels.shape[0]} images", where=where)
 
     @property
     def num_images(self) -> int:

@@ -83,11 +83,20 @@ def load_images(paths: Sequence[Path], size: int, channels: int, resize: str) ->
     """(len(paths), size, size, channels) uint8; decoding runs on a few threads (PIL releases the GIL)."""
     images = np.empty((len(paths), size, size, channels), dtype=np.uint8)
 
-    def fill(index: int) -> None:
-        images[index] = load_image(paths[index], size, channels, resize)
+    def fill(index: int) -> DataError | None:
+        try:
+            images[index] = load_image(paths[index], size, channels, resize)
+        except DataError as error:
+            return error
+        return None
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(fill, range(len(paths))))
+        failures = [error for error in pool.map(fill, range(len(paths))) if error is not None]
+    if failures:
+        # Name the first, count them all: fixing one file at a time, one rerun each, hides how many are broken.
+        first = failures[0]
+        count = f"; {len(failures)} of the {len(paths)} images are unreadable" if len(failures) > 1 else ""
+        raise DataError(first.what + count, where=first.where, fix=first.fix)
     return images
 
 
@@ -97,13 +106,16 @@ def read_image_folder(config: DatasetConfig, folder: Path) -> ImageDataset:
     if not folder.is_dir():
         raise DataError("image folder not found", where=where, fix="download the dataset there, or fix 'path'")
     resolver = LabelResolver(config.classes, config.label_map, where)
-    paths, labels, skipped = [], [], []
+    paths, labels, skipped, broken = [], [], [], []
     class_folders = sorted(entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if not class_folders:
         raise DataError("no class subfolders", where=where, fix="put each class's images in a subfolder named by its label")
     for class_folder in class_folders:
         label = resolver.index(class_folder.name, f"folder {class_folder.name}/")
-        for file in _files_below(class_folder, folder, config.exclude):
+        files, links = _files_below(class_folder, folder, config.exclude)
+        broken.extend(relative for relative in (link.relative_to(folder).as_posix() for link in links)
+                      if not _excluded(relative, config.exclude))
+        for file in files:
             relative = file.relative_to(folder).as_posix()
             if _excluded(relative, config.exclude):
                 continue
@@ -114,6 +126,8 @@ def read_image_folder(config: DatasetConfig, folder: Path) -> ImageDataset:
             labels.append(label)
     if skipped:
         warn(f"{folder}: skipped {len(skipped)} non-image file(s), e.g. {skipped[0]}")
+    if broken:
+        warn(f"{folder}: skipped {len(broken)} dangling symlink(s) or special file(s), e.g. {broken[0]}")
     if not paths:
         raise DataError("no images found", where=where, fix=f"image files end in {', '.join(sorted(IMAGE_SUFFIXES))}")
     groups = None
@@ -121,22 +135,30 @@ def read_image_folder(config: DatasetConfig, folder: Path) -> ImageDataset:
         relative_paths = [path.relative_to(folder).as_posix() for path in paths]
         groups = _group_codes([_group_of(name, config.group_pattern, where) for name in relative_paths])
     images = load_images(paths, config.image_size, config.channels, config.resize)
-    return ImageDataset(images, np.asarray(labels, dtype=np.int64), tuple(config.classes), groups=groups, origin=where)
+    passed_over = (("non_image", skipped), ("dangling_symlink_or_special", broken))
+    return ImageDataset(
+        images, np.asarray(labels, dtype=np.int64), tuple(config.classes), groups=groups, origin=where,
+        names=tuple(path.relative_to(folder).as_posix() for path in paths),
+        skipped=tuple((reason, len(names), names[0]) for reason, names in passed_over if names),
+    )
 
 
-def _files_below(folder: Path, root: Path, exclude: Sequence[str]) -> list[Path]:
-    """Every file below `folder` (excluded subfolders pruned), sorted. `Path.rglob` passes over a folder it may
-    not read without a word, which would drop its images silently (or a whole class); here that is an error."""
+def _files_below(folder: Path, root: Path, exclude: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """Every file below `folder` (excluded subfolders pruned), sorted, and, apart, the entries that are no file:
+    dangling or looping symlinks, sockets, pipes (the caller counts them rather than dropping them unseen).
+    `Path.rglob` passes over a folder it may not read without a word, which would drop its images silently (or a
+    whole class); here that is an error."""
     def refuse(error: OSError) -> None:
         raise DataError(f"cannot read folder {error.filename} ({(error.strerror or str(error)).lower()})",
                         where=str(root), fix="make it readable (chmod -R u+rX), or list it under 'exclude' in params.yaml")
 
-    files = []
+    files, others = [], []
     for parent, folders, names in os.walk(folder, onerror=refuse):
         here = Path(parent)
         folders[:] = sorted(name for name in folders if not _excluded((here / name).relative_to(root).as_posix(), exclude))
-        files.extend(here / name for name in names if (here / name).is_file())
-    return sorted(files)
+        for name in names:
+            (files if (here / name).is_file() else others).append(here / name)
+    return sorted(files), sorted(others)
 
 
 def read_csv_manifest(config: DatasetConfig, manifest: Path) -> ImageDataset:
@@ -162,6 +184,7 @@ def read_csv_manifest(config: DatasetConfig, manifest: Path) -> ImageDataset:
         raise DataError("CSV has no rows", where=where)
     resolver = LabelResolver(config.classes, config.label_map, where)
     paths, labels = [], []
+    first_row: dict[Path, tuple[int, str, str, int]] = {}  # resolved file → its first row, path, raw label, class
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         relative = row["path"].strip()
         if not relative:
@@ -171,14 +194,34 @@ def read_csv_manifest(config: DatasetConfig, manifest: Path) -> ImageDataset:
             raise DataError(
                 f"row {line} points to a missing file: {relative}", where=where, fix="fix the path or remove the row"
             )
+        label = resolver.index(row["label"], f"row {line}")
+        if path in first_row:
+            first_line, first_relative, first_label, first_class = first_row[path]
+            spelled = f" (as {relative} on row {line})" if relative != first_relative else ""
+            _refuse_repeated_file(first_relative + spelled, (first_line, line), (first_label, row["label"].strip()),
+                                  first_class != label, where)
+        first_row[path] = (line, relative, row["label"].strip(), label)
         paths.append(path)
-        labels.append(resolver.index(row["label"], f"row {line}"))
+        labels.append(label)
     groups = _group_codes([row["group"].strip() for row in rows]) if "group" in columns else None
     folds = _fold_codes([row["fold"].strip() for row in rows], where) if "fold" in columns else None
     images = load_images(paths, config.image_size, config.channels, config.resize)
     return ImageDataset(
-        images, np.asarray(labels, dtype=np.int64), tuple(config.classes), groups=groups, predefined_fold=folds, origin=where
+        images, np.asarray(labels, dtype=np.int64), tuple(config.classes), groups=groups, predefined_fold=folds,
+        origin=where, names=tuple(row["path"].strip() for row in rows),
     )
+
+
+def _refuse_repeated_file(relative: str, lines: tuple[int, int], raw_labels: tuple[str, str], relabelled: bool,
+                          where: str) -> None:
+    """A file (same resolved path) on two rows of a CSV manifest would be counted twice and may land in train and
+    test at once; with labels of two classes it also contradicts itself. Either way the manifest is wrong."""
+    (first, second), (first_label, second_label) = lines, raw_labels
+    if relabelled:
+        raise DataError(f"{relative} has two labels: '{first_label}' on row {first} and '{second_label}' on row "
+                        f"{second}", where=where, fix="keep one row for the file, with its right label")
+    raise DataError(f"{relative} is listed twice, on rows {first} and {second}", where=where,
+                    fix=f"remove row {second} (or row {first})")
 
 
 def _excluded(relative: str, patterns: Sequence[str]) -> bool:

@@ -68,6 +68,8 @@ def read_medmnist_npz(
         classes=tuple(classes),
         given_split=np.concatenate(parts_split),
         origin=where,
+        names=tuple(f"{split}_images[{index}]" for split, part in zip(MEDMNIST_SPLITS, parts_images)
+                    for index in range(part.shape[0])),
     )
 
 

@@ -6,7 +6,8 @@ The prepared folder is what DVC versions and what every later step reads:
     labels.npy     (N,) int64
     groups.npy     (N,) int64, only when the dataset has groups
     splits.npy     (folds, N) int8: 0 train, 1 val, 2 test for each fold
-    manifest.json  classes, counts per split, image shape, source path and hash, content fingerprint
+    manifest.json  classes, counts per split, image shape, source path and hash, content fingerprint, the arrays'
+                   sha256s (checked by `load_prepared`), identical images found, files the reader passed over
 
 Everything in it is a deterministic function of the source and the params (no timestamps), so DVC sees an
 unchanged output when nothing changed.
@@ -26,11 +27,13 @@ from medtransfer import __version__
 from medtransfer.atomic_files import atomic_directory, restore_interrupted
 from medtransfer.config import Config
 from medtransfer.data.dataset import SPLIT_CODES, ImageDataset, content_fingerprint
+from medtransfer.data.duplicates import check_duplicates, duplicates_record, find_duplicates
+from medtransfer.data.integrity import array_records, stamp_path, verify_arrays, write_stamp
 from medtransfer.data.readers import read_dataset
 from medtransfer.data.splits import check_split_assignment, fold_indices, make_split_assignment, split_counts
-from medtransfer.errors import DataError
+from medtransfer.errors import DataError, warn
 from medtransfer.hashing import file_sha256
-from medtransfer.layout import STEP_PREPARE, Tag
+from medtransfer.layout import LOCK_FOLDER, STEP_PREPARE, Tag
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "medtransfer-prepared-v1"
@@ -65,8 +68,12 @@ class PreparedDataset:
         return fold_indices(self.splits, fold)
 
 
-def prepare_dataset(config: Config, name: str) -> dict[str, Any]:
-    """Prepare dataset `name` of `config` into `<prepared_data>/<name>/`; returns the manifest written."""
+def prepare_dataset(config: Config, name: str, *, allow_duplicates: bool = False) -> dict[str, Any]:
+    """Prepare dataset `name` of `config` into `<prepared_data>/<name>/`; returns the manifest written.
+
+    Identical images on both sides of a split (train or val vs test, in any fold) are refused unless
+    `allow_duplicates`; either way the manifest counts them.
+    """
     dataset_config = config.dataset(name)
     source = config.resolve(dataset_config.path)
     dataset = read_dataset(dataset_config, source)
@@ -80,8 +87,18 @@ def prepare_dataset(config: Config, name: str) -> dict[str, Any]:
         )
     splits = make_split_assignment(dataset, dataset_config.split)
     check_split_assignment(splits, dataset.labels, where=f"datasets.{name}")
+    duplicates = find_duplicates(dataset.images, splits)
+    check_duplicates(duplicates, splits, dataset.names, allowed=allow_duplicates, where=str(source), dataset=name)
+    if duplicates.crossing:
+        warn(f"{source}: {len(duplicates.crossing)} set(s) of identical images fall on both sides of a split; "
+             "kept because of --allow-duplicates (recorded in manifest.json)")
     manifest = build_manifest(config, name, dataset, splits, fingerprint, source)
-    write_prepared(config.prepared_data_dir / name, dataset, splits, manifest)
+    manifest["duplicates"] = duplicates_record(duplicates, splits, dataset.labels, dataset.names,
+                                               allowed=allow_duplicates)
+    manifest["skipped"] = {reason: {"count": count, "example": example} for reason, count, example in dataset.skipped}
+    folder = config.prepared_data_dir / name
+    write_prepared(folder, dataset, splits, manifest)
+    write_stamp(stamp_path(config.root, LOCK_FOLDER, name), folder, manifest["arrays"])
     return manifest
 
 
@@ -114,13 +131,14 @@ def build_manifest(
 
 
 def write_prepared(folder: Path, dataset: ImageDataset, splits: np.ndarray, manifest: dict[str, Any]) -> None:
-    """Write the prepared folder; it appears complete or not at all."""
+    """Write the prepared folder; it appears complete or not at all. Adds the arrays' sha256s to `manifest`."""
     with atomic_directory(folder) as staging:
         np.save(staging / "images.npy", np.ascontiguousarray(dataset.images), allow_pickle=False)
         np.save(staging / "labels.npy", dataset.labels.astype(np.int64), allow_pickle=False)
         if dataset.groups is not None:
             np.save(staging / "groups.npy", dataset.groups.astype(np.int64), allow_pickle=False)
         np.save(staging / "splits.npy", splits.astype(np.int8), allow_pickle=False)
+        manifest["arrays"] = array_records(staging)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
@@ -141,6 +159,15 @@ def load_prepared(config: Config, name: str) -> PreparedDataset:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if manifest.get("schema") != MANIFEST_SCHEMA:
             raise ValueError("unknown schema")
+    except (OSError, ValueError) as error:
+        raise DataError(
+            f"prepared data is damaged ({error})",
+            where=str(folder),
+            fix=f"run 'medtransfer prepare --dataset {name}' again",
+        ) from None
+    # The arrays, not only the manifest: a replaced images.npy would otherwise pass under the manifest's fingerprint.
+    verify_arrays(folder, manifest.get("arrays"), stamp_path(config.root, LOCK_FOLDER, name), name)
+    try:
         images = np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False)
         labels = np.load(folder / "labels.npy", allow_pickle=False)
         groups_path = folder / "groups.npy"
@@ -187,8 +214,15 @@ def describe_prepared(manifest: dict, folder: Path) -> str:
         f"fold {fold['fold']}: " + "/".join(f"{fold['counts'][part]}" for part in ("train", "val", "test"))
         for fold in manifest["folds"]
     )
+    duplicates = manifest.get("duplicates") or {}
+    noted = ""
+    if duplicates.get("sets"):
+        noted = (f"\n  identical images: {duplicates['sets']} set(s) of {duplicates['images']} images, "
+                 f"{duplicates['sets_across_split']} across a split" + (" (allowed)" if duplicates["allowed"] else "")
+                 + (f", {duplicates['sets_with_two_labels']} with two labels" if duplicates.get("sets_with_two_labels")
+                    else ""))
     return (
         f"prepared {manifest['dataset']}: {manifest['num_images']} images {tuple(manifest['image_shape'])}, "
         f"{manifest['num_classes']} classes, train/val/test {counts}\n"
-        f"  fingerprint {manifest['fingerprint']}\n  -> {folder}"
+        f"  fingerprint {manifest['fingerprint']}{noted}\n  -> {folder}"
     )
