@@ -73,15 +73,17 @@ class SplitConfig:
     `given` keeps the dataset's own train/val/test split (one fold). `stratified_kfold` pools every image and
     makes `folds` test folds with the class proportions kept; `grouped_kfold` does the same by group (patient,
     exam) so that no group crosses folds; `predefined_folds` takes the test folds from the data's own `fold`
-    column (a published split, reproduced exactly). In all three, `val_fraction` of the remaining images
-    (stratified by class, or by whole groups when there are groups) is held out for early stopping; the test
-    fold is only ever used for reporting.
+    column (a published split, reproduced exactly). In all three, `val_fraction` of the images (stratified by
+    class, or by whole groups when there are groups) is held out for early stopping, taken from the training part
+    (`val_from: train`) or from the held-out fold (`val_from: test`, the authors' later split: training keeps
+    (K−1)/K of the data); the test images are only ever used for reporting.
     """
 
     scheme: Literal["given", "stratified_kfold", "grouped_kfold", "predefined_folds"] = "given"
     folds: int = 5
     val_fraction: float = 0.1
     seed: int = 0
+    val_from: Literal["train", "test"] = "train"
 
 
 @dataclass(frozen=True)

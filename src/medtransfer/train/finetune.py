@@ -24,7 +24,8 @@ from medtransfer.models.backbones import Classifier
 from medtransfer.models.packaging import ModelSpec
 from medtransfer.registry import ALIAS_DEFAULT, Tag, model_uri, source_model_name
 from medtransfer.train.augment import AugmentationSettings
-from medtransfer.train.loop import REGIMES, EpochCallback, PhaseResult, Split, Trainer
+from medtransfer.train.loop import REGIMES, EpochCallback, PhaseResult, Split, Trainer, head_linear
+from medtransfer.train.presets import LoopOptions, head_dropout, loop_options
 from medtransfer.layout import CONFUSION_FILE, ROC_FILE, TEST_PREDICTIONS_FILE
 from medtransfer.train.reporting import write_confusion, write_predictions, write_roc_plot
 
@@ -68,8 +69,28 @@ def fold_splits(prepared: PreparedDataset, fold: int) -> dict[str, tuple[np.ndar
     }
 
 
-def seeded_head(model: Classifier, num_classes: int, seed: int) -> None:
-    model.replace_head(num_classes, generator=torch.Generator().manual_seed(seed))
+def seeded_head(model: Classifier, num_classes: int, seed: int, options: LoopOptions | None = None) -> None:
+    """A new head drawn from `seed`. With `options.binary_head == "sigmoid"` and two classes, the head is one
+    sigmoid unit inside the 2-way linear layer (`LoopOptions`): logit 0 zero, logit 1 glorot-uniform as a Keras
+    Dense(1) (fan-out 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    model.replace_head(num_classes, generator=generator)
+    if options is not None and options.binary_head == "sigmoid" and num_classes == 2:
+        linear = head_linear(model)
+        bound = (6.0 / (linear.in_features + 1)) ** 0.5
+        with torch.no_grad():
+            linear.weight.zero_()
+            linear.bias.zero_()
+            linear.weight[1].uniform_(-bound, bound, generator=generator)
+
+
+def prepare_model(model: Classifier, num_classes: int, seed: int, preset: str | None,
+                  random_source: bool) -> LoopOptions:
+    """Give `model` the head a run trains (the preset's dropout and binary head) and return the loop options."""
+    options = loop_options(preset, random_source=random_source)
+    model.dropout = head_dropout(preset, model.dropout, random_source=random_source)
+    seeded_head(model, num_classes, seed, options)
+    return options
 
 
 def run_finetune(
@@ -103,7 +124,8 @@ def run_finetune(
     source = load_registered_model(source_uri)
     model = source.model
     torch.manual_seed(request.settings.seed)
-    seeded_head(model, len(prepared.classes), request.settings.seed)
+    random_source = config.sources[request.source].kind == "random" if request.source in config.sources else False
+    options = prepare_model(model, len(prepared.classes), request.settings.seed, request.preset, random_source)
     augmentation = AugmentationSettings(horizontal_flip=dataset_config.horizontal_flip)
 
     tags = {
@@ -126,7 +148,7 @@ def run_finetune(
     else:
         context = step_run(config, step=tags[Tag.STEP], run_name=name, tags=tags)
     with context as run:
-        mlflow.log_params(_run_params(request, source.version))
+        mlflow.log_params(_run_params(request, source.version, options, model.dropout))
         log_prepared_dataset(prepared.manifest, prepared.folder, context="training")
         epoch_counter = {"step": 0}
 
@@ -138,7 +160,7 @@ def run_finetune(
                 on_epoch_end(phase, epoch, metrics)
 
         trainer = Trainer(model, source.spec.preprocessing, request.settings, augmentation, on_epoch_end=log_epoch,
-                          label=name)
+                          label=name, options=options)
         phases = trainer.fit(request.regime, splits["train"][1], splits["val"][1])
         final_val = trainer.evaluate(splits["val"][1]).metrics
         test_indices, test_split = splits["test"]
@@ -177,7 +199,8 @@ def _split_of(key: str) -> str:
     return key if key.startswith("val_") else f"train_{key}"
 
 
-def _run_params(request: FinetuneRequest, source_version: str) -> dict[str, Any]:
+def _run_params(request: FinetuneRequest, source_version: str, options: LoopOptions,
+                head_dropout_rate: float) -> dict[str, Any]:
     return {
         "dataset": request.dataset,
         "source": request.source,
@@ -186,4 +209,6 @@ def _run_params(request: FinetuneRequest, source_version: str) -> dict[str, Any]
         "fold": request.fold,
         "preset": request.preset or "none",
         **dataclasses.asdict(request.settings),
+        **{f"loop_{key}": value for key, value in dataclasses.asdict(options).items()},
+        "head_dropout": head_dropout_rate,
     }

@@ -1,7 +1,8 @@
 """The training loop: phases with early stopping and best-epoch restore, freeze regimes, per-epoch metrics.
 
 One loop serves fine-tuning and pretraining. A *phase* trains a chosen set of parameters with one optimiser until
-its monitored validation quantity stops improving for `patience` epochs, then restores the best epoch's weights.
+its monitored validation quantity stops improving for `patience` epochs, then restores the best epoch's weights
+(unless the phase says otherwise: the `paper` preset's head phase keeps its last epoch, as the authors' did).
 The regimes are sequences of phases:
 
     full    everything trainable; monitor validation loss
@@ -33,6 +34,7 @@ from medtransfer.models.preprocessing import Preprocessing
 from medtransfer.progress import epoch_line, progress_line
 from medtransfer.train.augment import AugmentationSettings, augment_batch
 from medtransfer.train.metrics import classification_metrics
+from medtransfer.train.presets import DEFAULT_LOOP_OPTIONS, LoopOptions
 
 EVAL_BATCH = 256
 
@@ -58,6 +60,7 @@ class Phase:
     max_epochs: int
     patience: int
     monitor: str  # "val_loss" (lower is better) or "val_accuracy" (higher is better)
+    restore_best: bool = True  # end on the best epoch's weights (else on the last epoch's)
 
 
 @dataclass
@@ -69,10 +72,11 @@ class PhaseResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def regime_phases(regime: str, settings: TrainConfig) -> list[Phase]:
+def regime_phases(regime: str, settings: TrainConfig, options: LoopOptions = DEFAULT_LOOP_OPTIONS) -> list[Phase]:
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; use one of {', '.join(REGIMES)}")
-    head = Phase("head", False, settings.head_learning_rate, settings.head_max_epochs, settings.head_patience, "val_accuracy")
+    head = Phase("head", False, settings.head_learning_rate, settings.head_max_epochs, settings.head_patience,
+                 "val_accuracy", restore_best=options.head_restores_best)
     full = Phase("full", True, settings.learning_rate, settings.max_epochs, settings.patience, "val_loss")
     linear = Phase("linear", False, settings.head_learning_rate, settings.max_epochs, settings.patience, "val_loss")
     return {"full": [full], "freeze": [head, full], "linear": [linear]}[regime]
@@ -92,6 +96,7 @@ class Trainer:
         on_epoch_end: EpochCallback | None = None,
         progress: bool = True,
         label: str = "train",
+        options: LoopOptions = DEFAULT_LOOP_OPTIONS,
     ) -> None:
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
@@ -101,11 +106,17 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.progress = progress
         self.label = label  # names the model in the log's epoch lines
+        self.options = options
+        # One sigmoid unit inside the 2-way head (see LoopOptions.binary_head): logit 0 pinned at zero.
+        self.single_unit = options.binary_head == "sigmoid" and model.num_classes == 2
+        if self.single_unit:
+            pin_first_logit(model)
         self.generator = torch.Generator().manual_seed(settings.seed)  # batch order and augmentation
         torch.manual_seed(settings.seed)  # dropout draws from the global generator
         self.loss = nn.CrossEntropyLoss()
-        # On a GPU: bfloat16 autocast and channels-last convolutions; on a CPU: plain float32, deterministic.
-        self.autocast = self.device.type == "cuda"
+        # On a GPU: bfloat16 autocast (unless options.autocast is off: float32) and channels-last convolutions;
+        # on a CPU: plain float32, deterministic.
+        self.autocast = uses_autocast(self.device, options)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -113,7 +124,7 @@ class Trainer:
     # -- phases ---------------------------------------------------------------------------------------------------
 
     def fit(self, regime: str, train: Split, val: Split) -> list[PhaseResult]:
-        return [self.run_phase(phase, train, val) for phase in regime_phases(regime, self.settings)]
+        return [self.run_phase(phase, train, val) for phase in regime_phases(regime, self.settings, self.options)]
 
     def run_phase(self, phase: Phase, train: Split, val: Split) -> PhaseResult:
         if len(train) < 2:
@@ -145,7 +156,7 @@ class Trainer:
                 progress_line(epoch_line(self.label, phase.name, epoch, phase.max_epochs, metrics))
             if stale >= phase.patience:
                 break
-        if best_state is not None:
+        if best_state is not None and phase.restore_best:
             self.model.load_state_dict(best_state)
         result.best_epoch, result.best_value = best_epoch, best_value
         for parameter in self.model.parameters():
@@ -153,11 +164,11 @@ class Trainer:
         return result
 
     def _optimizer(self, parameters, learning_rate: float) -> torch.optim.Optimizer:
-        settings = self.settings
+        settings, eps = self.settings, self.options.adam_eps
         if settings.optimizer == "adam":
-            return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=settings.weight_decay)
+            return torch.optim.Adam(parameters, lr=learning_rate, eps=eps, weight_decay=settings.weight_decay)
         if settings.optimizer == "adamw":
-            return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=settings.weight_decay)
+            return torch.optim.AdamW(parameters, lr=learning_rate, eps=eps, weight_decay=settings.weight_decay)
         return torch.optim.SGD(parameters, lr=learning_rate, momentum=settings.momentum, weight_decay=settings.weight_decay)
 
     # -- epochs ---------------------------------------------------------------------------------------------------
@@ -184,6 +195,8 @@ class Trainer:
                 logits = model(inputs)
                 loss = self.loss(logits.float(), targets)
             loss.backward()
+            if self.single_unit:
+                zero_first_logit_grad(model)
             optimizer.step()
             total_loss += float(loss.detach()) * len(batch)
             seen += len(batch)
@@ -230,6 +243,35 @@ class Trainer:
             f"loss {loss:.4f} {rate:.1f} batch/s"
         )
         sys.stderr.flush()
+
+
+def uses_autocast(device: torch.device, options: LoopOptions) -> bool:
+    """bfloat16 autocast: on a GPU, unless the options ask for float32."""
+    return device.type == "cuda" and options.autocast
+
+
+def head_linear(model: Classifier) -> nn.Linear:
+    """The linear layer of a `Classifier`'s head (dropout + linear)."""
+    linears = [module for module in model.head.modules() if isinstance(module, nn.Linear)]
+    if len(linears) != 1:
+        raise ValueError("the head has no single linear layer")
+    return linears[0]
+
+
+def pin_first_logit(model: Classifier) -> None:
+    """Make a 2-way head one sigmoid unit: logit 0's weights and bias zero (logit 1 is the unit's z)."""
+    linear = head_linear(model)
+    with torch.no_grad():
+        linear.weight[0].zero_()
+        linear.bias[0].zero_()
+
+
+def zero_first_logit_grad(model: Classifier) -> None:
+    """Keep logit 0 at zero: with a zero gradient, Adam (no weight decay) and SGD leave it where it is."""
+    linear = head_linear(model)
+    for parameter in (linear.weight, linear.bias):
+        if parameter.grad is not None:
+            parameter.grad[0].zero_()
 
 
 @dataclass(frozen=True)
