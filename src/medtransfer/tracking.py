@@ -82,15 +82,22 @@ def use_tracking_store(config: Config) -> str:
 
     from medtransfer.config import TRACKING_URI_ENV_VAR
     from medtransfer.relocate import check_store_location
-    from medtransfer.store_check import check_sqlite_store
+    from medtransfer.store_check import check_server_reachable, check_sqlite_store
 
     configured = config.tracking_uri
     launcher = os.environ.get("MLFLOW_TRACKING_URI")
     if launched_by_mlflow_run() and launcher:
-        check_sqlite_store(launcher, "$MLFLOW_TRACKING_URI")
+        uri, where = launcher, "$MLFLOW_TRACKING_URI"
     else:
         from_env = bool(os.environ.get(TRACKING_URI_ENV_VAR))
-        check_sqlite_store(configured, f"${TRACKING_URI_ENV_VAR}" if from_env else f"{config.source_file}: stores.tracking_uri")
+        uri = configured
+        where = f"${TRACKING_URI_ENV_VAR}" if from_env else f"{config.source_file}: stores.tracking_uri"
+    check_sqlite_store(uri, where)
+    check_server_reachable(uri, where)
+    # A server that stops answering later: bounded retries instead of MLflow's minutes of back-off (a user's own
+    # settings win).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     check_store_location(config)  # a copied study must not log into, or load from, the original's artifacts
     if launched_by_mlflow_run() and launcher:
         check_launched_run(config)  # the CLI checked already; library callers under a launcher are checked here
