@@ -4,6 +4,9 @@ MLflow store on the same server; heartbeats and retries after a SIGKILL; repeate
 Every test needs a PostgreSQL server ($MEDTRANSFER_TEST_POSTGRES_URL, started by .ci/run) and skips without one.
 MLflow talks to PostgreSQL directly here (a `postgresql://` tracking URI, as every worker of a cluster could);
 tests/test_study_server.py runs the whole study through a tracking server on PostgreSQL.
+
+No wait here is unbounded: the workers of a test share one deadline (WORKERS_SECONDS); a worker past it prints its
+stacks (SIGABRT) before it is killed, and every worker still alive at the end of a test is killed, stopped or not.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ SEARCH = {
     "pruner_warmup_epochs": 1,
 }
 FOLDS = 2
+HEARTBEAT_SECONDS, GRACE_SECONDS = 1, 4
+# All the workers of one test, together: about a minute on a quiet machine, three times that on a loaded one. Below
+# the test's own timeout (slow(minutes=5)), so a worker that hangs is aborted, and prints its stacks, first.
+WORKERS_SECONDS = 600
 
 
 @pytest.fixture
@@ -54,8 +61,8 @@ def project(tmp_path, write_params, blob_npz, postgres_database, monkeypatch):
         "artifact_root": "mlartifacts",
         "experiment": "scale-test",
         "optuna_storage": postgres_database("optuna"),
-        "optuna_heartbeat_seconds": 1,
-        "optuna_grace_seconds": 4,
+        "optuna_heartbeat_seconds": HEARTBEAT_SECONDS,
+        "optuna_grace_seconds": GRACE_SECONDS,
     }
     params = write_params(
         {"target": {"format": "medmnist", "path": "data/raw/target.npz", "classes": ["a", "b"],
@@ -80,20 +87,48 @@ def _env():
     return env
 
 
-def _start(config, trials: int) -> subprocess.Popen:
-    return subprocess.Popen(_command(config, trials), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+class Workers:
+    """`medtransfer search` workers on one project, all waited for within one deadline (WORKERS_SECONDS)."""
+
+    def __init__(self, config, process_waits) -> None:
+        self.config = config
+        self.waits = process_waits
+        self.deadline = time.monotonic() + WORKERS_SECONDS
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, trials: int) -> subprocess.Popen:
+        worker = subprocess.Popen(_command(self.config, trials), env=_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.started.append(worker)
+        return worker
+
+    def outcome(self, worker: subprocess.Popen) -> tuple[int, str]:
+        """The exit code and output of `worker`, before the deadline; past it, its stacks fail the test."""
+        try:
+            output, _ = self.waits.finish(worker, timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a worker was still running after {WORKERS_SECONDS} s (its output and stacks: captured stderr)")
+        return worker.returncode, output
+
+    def finish(self, worker: subprocess.Popen) -> str:
+        returncode, output = self.outcome(worker)
+        assert returncode == 0, output[-3000:]
+        return output
+
+    def kill(self, worker: subprocess.Popen) -> None:
+        self.waits.kill(worker)
+
+    def kill_all(self) -> None:
+        for worker in self.started:
+            if worker.returncode is None:
+                self.waits.kill(worker)  # SIGKILL ends a stopped process too
 
 
-def _finish(worker: subprocess.Popen, timeout: float = 900) -> str:
-    output, _ = worker.communicate(timeout=timeout)
-    assert worker.returncode == 0, output[-3000:]
-    return output
-
-
-def _kill(worker: subprocess.Popen) -> None:
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.communicate()
+@pytest.fixture
+def workers(project, process_waits):
+    pool = Workers(project, process_waits)
+    yield pool
+    pool.kill_all()
 
 
 def _study(config):
@@ -148,20 +183,48 @@ def _assert_consistent(config, trials: int) -> list:
     return every
 
 
-def test_three_workers_on_postgres_complete_exactly_the_requested_trials(project):
-    workers = [_start(project, trials=4) for _ in range(3)]
-    for worker in workers:
-        _finish(worker)
+def _stop_mid_trial(config, worker: subprocess.Popen, attempts: int = 5):
+    """SIGSTOP `worker` in the middle of a trial that has recorded heartbeats (a trial with none is never stale);
+    returns that trial as it was at the stop."""
+    for _ in range(attempts):
+        trial = _wait_for_a_running_trial(config)
+        time.sleep(2 * HEARTBEAT_SECONDS)
+        os.killpg(worker.pid, signal.SIGSTOP)
+        still = [t for t in _study(config).get_trials() if t.number == trial.number and t.state == TrialState.RUNNING]
+        if still:
+            assert still[0].user_attrs["worker"]["pid"] == worker.pid
+            return still[0]
+        os.killpg(worker.pid, signal.SIGCONT)  # the trial ended meanwhile: try the next one
+    pytest.fail(f"the worker was never caught mid-trial in {attempts} attempts")
+
+
+def _snapshot(config) -> dict:
+    """What any worker could change: Optuna's trials, MLflow's runs and registered versions, the pointer file."""
+    trials = [(t.number, t.state.name, t.params, t.values, t.user_attrs, t.system_attrs, t.intermediate_values,
+               t.datetime_complete) for t in _study(config).get_trials()]
+    client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.stores.experiment)
+    runs = sorted((r.info.run_id, r.info.status, r.info.end_time, r.data.tags, r.data.metrics, r.data.params)
+                  for r in client.search_runs([experiment.experiment_id], max_results=1000))
+    versions = sorted((v.name, v.version, v.run_id, v.tags, v.status, v.last_updated_timestamp)
+                      for v in client.search_model_versions("name = 'target.random.full'"))
+    pointer = pointer_path(config, "target", "random", "full").read_bytes()
+    return {"trials": trials, "runs": runs, "versions": versions, "pointer": pointer}
+
+
+def test_three_workers_on_postgres_complete_exactly_the_requested_trials(project, workers):
+    for worker in [workers.start(trials=4) for _ in range(3)]:
+        workers.finish(worker)
     every = _assert_consistent(project, trials=4)
     pids = {t.user_attrs["worker"]["pid"] for t in every if "worker" in t.user_attrs}
     assert len(pids) >= 2, "the trials were shared between workers"
 
 
-def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_by_a_survivor(project):
-    doomed = _start(project, trials=2)
+def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_by_a_survivor(project, workers):
+    doomed = workers.start(trials=2)
     victim = _wait_for_a_running_trial(project)
-    _kill(doomed)
-    _finish(_start(project, trials=2))
+    workers.kill(doomed)
+    workers.finish(workers.start(trials=2))
     every = _assert_consistent(project, trials=2)
     by_number = {t.number: t for t in every}
     assert by_number[victim.number].state == TrialState.FAIL, "the heartbeat marked the dead worker's trial failed"
@@ -170,15 +233,38 @@ def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_by_a_survivor
     assert retries[0].params == victim.params
 
 
-def test_killing_the_search_at_random_points_then_rerunning_keeps_everything_consistent(project):
+def test_killing_the_search_at_random_points_then_rerunning_keeps_everything_consistent(project, workers):
     """SIGKILL at random moments (in trials, between them, in the final fits), three times, then a clean rerun."""
     rng = random.Random(20261127)
     for _ in range(3):
-        worker = _start(project, trials=2)
+        worker = workers.start(trials=2)
         time.sleep(rng.uniform(3.0, 25.0))
         if worker.poll() is None:
-            _kill(worker)
+            workers.kill(worker)
         else:
-            worker.communicate()
-    _finish(_start(project, trials=2))
+            workers.outcome(worker)
+    workers.finish(workers.start(trials=2))
     _assert_consistent(project, trials=2)
+
+
+def test_a_stopped_worker_is_failed_by_heartbeat_and_the_others_finish_without_waiting_on_it(project, workers):
+    """SIGSTOP one worker mid-trial: alive, holding its connections, never heartbeating. The other two complete the
+    study with exactly the requested trials within WORKERS_SECONDS, its trial failed by heartbeat and retried once.
+    Continued afterwards (SIGCONT), it exits with code 2 and one line, and changes nothing."""
+    stopped = workers.start(trials=3)
+    victim = _stop_mid_trial(project, stopped)
+    for worker in [workers.start(trials=3) for _ in range(2)]:
+        workers.finish(worker)
+    every = _assert_consistent(project, trials=3)
+    assert {t.number: t for t in every}[victim.number].state == TrialState.FAIL, "failed by heartbeat"
+    retries = [t for t in every if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE, "retried once, by another worker"
+    assert retries[0].params == victim.params
+    assert retries[0].user_attrs["worker"]["pid"] != stopped.pid
+    before = _snapshot(project)
+    os.killpg(stopped.pid, signal.SIGCONT)
+    returncode, output = workers.outcome(stopped)
+    last = output.strip().splitlines()[-1]
+    assert returncode == 2, output[-3000:]
+    assert last.startswith("medtransfer search: error: this worker was stalled for"), output[-3000:]
+    assert _snapshot(project) == before, "the continued worker changed nothing"

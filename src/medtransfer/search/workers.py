@@ -15,13 +15,20 @@ import time
 
 from medtransfer.config import Config
 from medtransfer.layout import LOCK_FOLDER, STEP_FINAL_FIT, STEP_SEARCH, Tag
-from medtransfer.search.storage import advisory_lock, is_postgresql, lock_key, supports_heartbeats
+from medtransfer.search.storage import (LOCK_POLL_SECONDS, WorkerStalled, advisory_lock, is_postgresql, lock_key,
+                                        supports_heartbeats)
 
 #: Trial user attributes: the worker running it ({"host", "pid"}), its MLflow run, and whether it was surplus.
 WORKER_ATTR = "worker"
 RUN_ATTR = "mlflow_run_id"
 SURPLUS_ATTR = "surplus"
 ELECTION_PAUSE_SECONDS = 0.5
+# Bounds on waiting for other workers. One worker fits every fold under the final-fit lock while the others wait;
+# a wait longer than this means its holder is stopped or stuck. Trials of other workers that show no progress (no
+# epoch reported, no trial ended) for this long belong to stopped or stuck workers that no heartbeat reaps (a
+# storage without heartbeats, whose reaping only sees dead processes; a trial stopped before its first heartbeat).
+FINAL_FIT_WAIT_SECONDS = 6 * 3600
+OTHERS_STALL_SECONDS = 3600
 
 
 # -- the parent run ------------------------------------------------------------------------------------------------
@@ -116,13 +123,15 @@ def _process_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def final_fit_lock(config: Config, study: str):
+def final_fit_lock(config: Config, study: str, wait_seconds: float = FINAL_FIT_WAIT_SECONDS):
     """An exclusive lock per study, so that parallel workers register the final fits once: a PostgreSQL advisory
     lock when the Optuna storage is PostgreSQL (workers on several hosts), else an fcntl lock on a file under the
     repository (workers on one host). Either is released by the operating system or the server when its holder
-    dies, so a killed worker never blocks the others."""
+    dies, so a killed worker never blocks the others; a stopped one blocks them `wait_seconds` at most."""
+    holder = f"another worker to fit and register the final models of {study}"
     if is_postgresql(config.optuna_storage):
-        with advisory_lock(config.optuna_storage, lock_key(f"final-fit:{study}")):
+        with advisory_lock(config.optuna_storage, lock_key(f"final-fit:{study}"), wait_seconds=wait_seconds,
+                           holder=holder):
             yield
         return
     import fcntl
@@ -131,11 +140,28 @@ def final_fit_lock(config: Config, study: str):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha256(study.encode()).hexdigest()[:16]}.lock"
     with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        _flock_within(handle, wait_seconds, holder)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _flock_within(handle, wait_seconds: float, holder: str) -> None:
+    """fcntl's exclusive lock on `handle`, polled until `wait_seconds` have passed (a blocking flock has no
+    timeout)."""
+    import fcntl
+
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise WorkerStalled(f"waited {wait_seconds:.0f} s for {holder}",
+                                   fix="a worker that is stopped (SIGSTOP) or stuck holds the lock: end it, then rerun")
+            time.sleep(LOCK_POLL_SECONDS)
 
 
 def close_orphaned_fits(client, experiment_id: str, study: str) -> int:
@@ -160,17 +186,28 @@ def close_orphaned_fits(client, experiment_id: str, study: str) -> int:
     return len(runs)
 
 
-def wait_for_other_workers(study, client, poll_seconds: float = 2.0) -> None:
-    """Block until no other worker is running a trial, so that every worker picks the same best trial."""
+def wait_for_other_workers(study, client, poll_seconds: float = 2.0,
+                           stall_seconds: float = OTHERS_STALL_SECONDS) -> None:
+    """Block until no other worker is running a trial, so that every worker picks the same best trial. Trials of
+    dead workers are failed meanwhile (stale heartbeats, or gone processes on this host); running trials that show no
+    progress for `stall_seconds` end the wait with an error."""
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
     close_mlflow_run = mlflow_run_closer(client)
+    progress, since = None, time.monotonic()
     while True:
         running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                    if not t.user_attrs.get(SURPLUS_ATTR)]
         if not running:
             return
+        now = {(t.number, len(t.intermediate_values)) for t in running}
+        if now != progress:
+            progress, since = now, time.monotonic()
+        elif time.monotonic() - since > stall_seconds:
+            numbers = ", ".join(str(number) for number, _ in sorted(now))
+            raise WorkerStalled(f"trials {numbers} of other workers have shown no progress for {stall_seconds:.0f} s",
+                               fix="the workers running them are stopped (SIGSTOP) or stuck: end them, then rerun")
         if supports_heartbeats(study._storage):  # noqa: SLF001
             fail_stale_trials(study)
         else:

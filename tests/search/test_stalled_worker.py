@@ -1,0 +1,167 @@
+"""No wait without a bound (issue 37), without a database server: a worker stalled past its heartbeats' grace period
+stops with one line before it writes again; locks and waits on other workers end with a one-line error; database
+connections carry timeouts. tests/search/test_postgres.py stops a worker of a real study on PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from medtransfer.config import load_config
+from medtransfer.search import storage
+from medtransfer.search.storage import (CONNECT_TIMEOUT_SECONDS, SQLITE_BUSY_SECONDS, WorkerStalled,
+                                        bounded_engine_kwargs, lease_storage_class, supports_heartbeats)
+from medtransfer.search.workers import WORKER_ATTR, final_fit_lock, wait_for_other_workers
+
+HEARTBEAT_SECONDS, GRACE_SECONDS = 1, 3  # the lease lapses after 2 s without running
+# A trial that writes a user attribute every 0.2 s, as many times as argv[2] says, through a heartbeat storage.
+WORKER = """
+import sys, time, warnings
+import optuna
+from medtransfer.search.storage import lease_storage_class
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+study = optuna.create_study(study_name="s", storage=lease_storage_class()(
+    sys.argv[1], heartbeat_interval={heartbeat}, grace_period={grace}))
+
+def objective(trial):
+    for step in range(int(sys.argv[2])):
+        trial.set_user_attr(f"step{{step:05d}}", step)
+        time.sleep(0.2)
+    return 0.0
+
+study.optimize(objective, n_trials=1)
+""".format(heartbeat=HEARTBEAT_SECONDS, grace=GRACE_SECONDS)
+
+
+def _start_worker(tmp_path, process_waits, steps: int):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    worker = subprocess.Popen([sys.executable, str(script), url, str(steps)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return worker, url
+
+
+def _steps_written(url: str) -> int:
+    """The steps the worker has written, read straight from the file: Optuna would create its tables on open, which
+    races the worker creating them."""
+    path = url.removeprefix("sqlite:///")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as connection:
+            return connection.execute("SELECT COUNT(*) FROM trial_user_attributes").fetchone()[0]
+    except sqlite3.OperationalError:  # no file or no table yet
+        return 0
+
+
+def _wait_for_steps(url: str, worker, steps: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while _steps_written(url) < steps:
+        assert worker.poll() is None, worker.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"the worker wrote fewer than {steps} steps in {timeout} s"
+        time.sleep(0.2)
+
+
+def test_a_worker_stopped_past_its_grace_period_exits_with_one_line_and_writes_nothing_more(tmp_path, process_waits):
+    worker, url = _start_worker(tmp_path, process_waits, steps=100_000)
+    try:
+        _wait_for_steps(url, worker, 3)
+        os.killpg(worker.pid, signal.SIGSTOP)
+        written = _steps_written(url)
+        time.sleep(GRACE_SECONDS + 1)  # past the grace period: the other workers may have failed its trial
+        os.killpg(worker.pid, signal.SIGCONT)
+        _, err = process_waits.finish(worker, timeout=60)
+    finally:
+        process_waits.kill(worker)
+    assert worker.returncode == 2, err[-3000:]
+    assert len(err.strip().splitlines()) == 1, err[-3000:]
+    assert err.startswith("medtransfer search: error: this worker was stalled for "), err
+    assert _steps_written(url) == written, "no write after the stall"
+
+
+def test_a_worker_stopped_within_its_grace_period_goes_on(tmp_path, process_waits):
+    worker, url = _start_worker(tmp_path, process_waits, steps=15)
+    try:
+        _wait_for_steps(url, worker, 3)
+        os.killpg(worker.pid, signal.SIGSTOP)
+        time.sleep(0.5)
+        os.killpg(worker.pid, signal.SIGCONT)
+        _, err = process_waits.finish(worker, timeout=120)
+    finally:
+        process_waits.kill(worker)
+    assert worker.returncode == 0, err[-3000:]
+    assert _steps_written(url) == 15
+
+
+def test_failing_heartbeats_stop_the_worker_once_the_last_good_one_is_older_than_the_limit(monkeypatch):
+    stops = []
+
+    def stop(what, fix=None):
+        stops.append(what)
+        raise SystemExit(2)
+
+    def lost():
+        raise ConnectionError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(storage, "_stop_worker", stop)
+    lease = storage.HeartbeatLease(limit=0.3)  # no watchdog thread: ticks by hand
+    lease.beat(7, lambda: None)
+    lease.beat(7, lost)
+    assert not stops, "one failed heartbeat within the limit is retried at the next"
+    time.sleep(0.4)
+    lease.last_tick = time.monotonic()
+    with pytest.raises(SystemExit):
+        lease.beat(7, lost)
+    assert stops[0].startswith("no heartbeat could be recorded for ") and "ConnectionError" in stops[0]
+
+
+def test_a_study_sees_the_heartbeats_of_the_storage_it_wraps(tmp_path):
+    # Optuna wraps an RDBStorage in a cache inside a study; the waits of `search.workers` look at the wrapper.
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=lease_storage_class()(url, heartbeat_interval=1, grace_period=3))
+    assert supports_heartbeats(study._storage)  # noqa: SLF001
+    assert not supports_heartbeats(optuna.create_study(storage=url)._storage)  # noqa: SLF001
+
+
+def test_database_connections_carry_timeouts_and_the_urls_own_settings_win():
+    connect = bounded_engine_kwargs("postgresql://u@db.example/optuna")["connect_args"]
+    assert connect["connect_timeout"] == CONNECT_TIMEOUT_SECONDS and connect["keepalives"] == 1
+    assert "-c statement_timeout=" in connect["options"]
+    assert "-c idle_in_transaction_session_timeout=" in connect["options"]
+    own = bounded_engine_kwargs("postgresql+psycopg://u@db/o?connect_timeout=3&options=-c%20statement_timeout%3D5000")
+    assert "connect_timeout" not in own["connect_args"]
+    assert own["connect_args"]["options"].endswith("-c statement_timeout=5000"), "the URL's own setting comes last"
+    assert bounded_engine_kwargs("sqlite:///optuna.db") == {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}}
+    assert bounded_engine_kwargs("mysql://u@db/o") == {}
+
+
+def test_the_final_fit_lock_is_waited_for_within_a_bound(tmp_path, write_params):
+    config = load_config(write_params({}))
+    with final_fit_lock(config, "e/target.random.full"):  # held by "another worker"
+        started = time.monotonic()
+        with pytest.raises(WorkerStalled, match="waited 1 s for another worker to fit and register"):
+            with final_fit_lock(config, "e/target.random.full", wait_seconds=1):
+                pass
+        assert time.monotonic() - started < 30
+    with final_fit_lock(config, "e/target.random.full", wait_seconds=1):
+        pass  # free again
+
+
+def test_waiting_on_other_workers_trials_that_never_progress_ends_with_an_error():
+    study = optuna.create_study()
+    trial = study.ask()  # RUNNING, owned by a live process on this host (this one): never reaped as dead
+    trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid()})
+    with pytest.raises(WorkerStalled, match=f"trials {trial.number} of other workers have shown no progress"):
+        wait_for_other_workers(study, client=None, poll_seconds=0.05, stall_seconds=0.3)
+    assert study.trials[0].state == TrialState.RUNNING
