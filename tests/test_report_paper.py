@@ -159,13 +159,14 @@ def test_the_authors_pooled_gain_r_stands_beside_ours_per_source_and_layer(tmp_p
     assert paper.gain_correlation["radimagenet"] == (-0.15, -0.45, -0.43, -0.56, -0.47)
     folder = _analysis_folder(tmp_path, pretrained=[0.6] * 5, floor=[0.5] * 5, agreement=[(0.9, 0.5)],
                               paired=(0.0, -0.1, 0.1))
-    rows = [{"source": source, "regime": regime, "layer": layer, "measure": measure, "points": "10",
+    rows = [{"source": source, "regime": regime, "layer": layer, "measure": measure, "points": "10", "targets": "2",
              "pearson_r": repr(r)}
             for source, base in (("inet", -0.2), ("rad", -0.5)) for regime in ("full", "freeze")
             for index, layer in enumerate(LAYERS) for measure, r in (("cca", base + 0.01 * index + (regime == "freeze")),
                                                                        ("cka", 0.9))]
     section = paper_section(TWINS, {}, {"busi": folder}, paper=paper, gain_rows=rows)
     table = section.split("### Similarity (mean CCA) to the source vs relative gain")[1]
+    assert "Ours pooled over all 2 target(s) of this study" in table  # the summary's count, not the twins
     # ours: regime full and mean CCA only (the freeze rows and the CKA rows hold other values)
     assert "| inet (imagenet) | 10 | -0.20 / -0.16 | -0.19 / -0.03 | -0.18 / -0.07 | -0.17 / -0.10 | -0.16 / -0.13 |" in table
     assert "| rad (radimagenet) | 10 | -0.50 / -0.15 | -0.49 / -0.45 |" in table

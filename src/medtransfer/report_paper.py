@@ -91,7 +91,7 @@ def paper_section(twins: Twins, fold_aucs: Mapping[tuple[str, str, str], Sequenc
     agreement = {target: _agreement_ours(read_table(analysis_folders[target] / PREDICTIONS_FILE), twins)
                  for target in targets}
     lines += ["", *_agreement_table(targets, agreement, paper)]
-    lines += ["", *_gain_correlation_table(gain_rows, twins, paper, len(analysis_folders))]
+    lines += ["", *_gain_correlation_table(gain_rows, twins, paper)]
     paired = {target: read_table(analysis_folders[target] / PAIRED_FILE) for target in targets}
     excess = {target: _agreement_excess(read_table(analysis_folders[target] / PREDICTIONS_FILE), twins)
               for target in targets}
@@ -227,15 +227,18 @@ def _agreement_table(targets: Mapping[str, str], agreement, paper: PaperResults)
 # -- similarity vs gain ------------------------------------------------------------------------------------------
 
 
-def _gain_correlation_table(rows: Sequence[Mapping[str, str]], twins: Twins, paper: PaperResults,
-                            targets: int) -> list[str]:
-    """Pearson r per layer of mean CCA to the source vs relative gain: ours pooled over this study's targets and
-    folds (regime full, each source its own r) beside the authors' over their 7 targets × 5 folds."""
+def _gain_correlation_table(rows: Sequence[Mapping[str, str]], twins: Twins, paper: PaperResults) -> list[str]:
+    """Pearson r per layer of mean CCA to the source vs relative gain: ours pooled over every target of the study
+    and its folds (regime full, each source its own r; twins or not, as the summary pools them) beside the
+    authors' over their 7 targets × 5 folds."""
     if not paper.gain_correlation:
         return []
+    targets = max((int(_float(row.get("targets"))) for row in rows if math.isfinite(_float(row.get("targets")))),
+                  default=0)
     lines = ["### Similarity (mean CCA) to the source vs relative gain: Pearson r per source, ours / the authors'", "",
-             f"Ours pooled over this study's {targets} target(s) and their folds (fine-tuned without freezing; each "
-             "gain over the random init of the same fold); the authors' over their 7 targets × 5 folds.", "",
+             f"Ours pooled over all {targets} target(s) of this study and their folds, twins of the paper's or not "
+             "(fine-tuned without freezing; each gain over the random init of the same fold); the authors' over "
+             "their 7 targets × 5 folds.", "",
              "| source | points | " + " | ".join(paper.layers) + " |", "|---|---|" + "---|" * len(paper.layers)]
     for paper_source, theirs in paper.gain_correlation.items():
         ours = twins.ours(paper_source)
