@@ -48,7 +48,7 @@ from medtransfer.analysis.stage_matching import cross_architecture_matches
 from medtransfer.atomic_files import atomic_directory
 from medtransfer.report_answer import answer_section
 from medtransfer.report_similarity_cells import interval_legend, similarity_cell, unreliable_legend, unreliable_mark
-from medtransfer.report_cells import UNDEFINED_REASONS, finite_values, mean_sd_cell, shortfall_legend
+from medtransfer.report_cells import UNDEFINED_REASONS, as_float, as_int, finite_values, mean_sd_cell, shortfall_legend
 from medtransfer.report_paper import paper_section_for_study
 from medtransfer.report_html import render_report_html
 from medtransfer.revision import code_revision
@@ -219,15 +219,15 @@ def _similarity_section(target: str, folder: Path, figures: Path) -> str:
         floors = {}
         for row in selected:
             if row["pair_kind"] == SHUFFLED and row["layer"] not in floors and row["shuffled_mean"] not in ("", "nan"):
-                floors[row["layer"]] = mean_sd_cell([_float(row["shuffled_mean"])], sd=_float(row["shuffled_sd"])) \
+                floors[row["layer"]] = mean_sd_cell([as_float(row["shuffled_mean"])], sd=as_float(row["shuffled_sd"])) \
                     + unreliable_mark(row)
         if floors:
             lines.append(f"| {PAIR_KIND_TITLES[SHUFFLED]} | – | " + " | ".join(floors.get(layer, "–") for layer in layers) + " |")
         lines += interval_legend(selected)
         lines += unreliable_legend(selected, measure)
         lines += shortfall_legend("not finite on that fold" for row in selected
-                                  if _int(row.get("count")) is not None and _int(row.get("folds")) is not None
-                                  and _int(row["count"]) < _int(row["folds"]))
+                                  if as_int(row.get("count")) is not None and as_int(row.get("folds")) is not None
+                                  and as_int(row["count"]) < as_int(row["folds"]))
         lines += _embed_figure(folder / LAYER_FIGURE_FILE.format(measure=measure), target, figures, f"{title} per layer, {target}")
     return "\n".join(lines)
 
@@ -264,7 +264,7 @@ def _predictions_section(target: str, folder: Path, figures: Path) -> str:
     short = []
     for (pair, regime), group in sorted(grouped.items()):
         def stat(key: str) -> str:
-            values = [_float(row[key]) for row in group]
+            values = [as_float(row[key]) for row in group]
             if len(finite_values(values)) < len(values):
                 short.append(UNDEFINED_REASONS.get(key, ""))
             return mean_sd_cell(values, expected=len(values), reason=UNDEFINED_REASONS.get(key, ""))
@@ -298,11 +298,11 @@ def _gain_section(target: str, folder: Path, figures: Path) -> str:
             continue
         seen.add(key)
         lines.append(f"| {row['layer']} | {row['source']} | {row['regime'] or '–'} | "
-                     f"{row.get('points_layer_source', '')} | {_fmt(_float(row.get('pearson_cca_layer_source')))} | "
-                     f"{_fmt(_float(row.get('pearson_cka_layer_source')))} |")
+                     f"{row.get('points_layer_source', '')} | {_fmt(as_float(row.get('pearson_cca_layer_source')))} | "
+                     f"{_fmt(as_float(row.get('pearson_cka_layer_source')))} |")
     if not seen:
         lines.append("| (needs fine-tuned models from a random initialisation) | | | | | |")
-    elif any(not math.isfinite(_float(row.get("pearson_cca_layer_source"))) for row in rows):
+    elif any(not math.isfinite(as_float(row.get("pearson_cca_layer_source"))) for row in rows):
         lines += ["", "– : r needs at least 3 points with spread (folds of one source and regime)."]
     lines += _embed_figure(folder / GAIN_FIGURE_FILE, target, figures, f"similarity vs gain, {target}")
     lines += _embed_figure(folder / CONV1_FIGURE_FILE, target, figures,
@@ -352,19 +352,5 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(stream))
 
 
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
 def _fmt(value: float, digits: int = 2) -> str:
     return "–" if not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _int(text: str | None) -> int | None:
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return None

@@ -58,3 +58,19 @@ def shortfall_legend(reasons: Iterable[str], unit: str = "folds") -> list[str]:
     why = "; ".join(reason for reason in distinct if reason)
     return ["", f"(k of n {unit}): the mean and sd rest on the k {unit} where the value is defined; the other "
                 f"{unit} are left out, not counted as zero" + (f" ({why})." if why else ".")]
+
+
+def as_float(text) -> float:
+    """A table cell (text, number or None) as a float; NaN where it holds none."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def as_int(text) -> int | None:
+    """A table cell as an int; None where it holds none."""
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None

@@ -9,7 +9,7 @@ import math
 from medtransfer.analysis.plots import UNRELIABLE_MARK, is_unreliable
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.analysis.summaries import CI_OVER_DRAWS
-from medtransfer.report_cells import mean_sd_cell, shortfall_note
+from medtransfer.report_cells import as_float, as_int, mean_sd_cell, shortfall_note
 
 
 #: Beside an interval of one fold's value over its channel draws: the Monte-Carlo error of the channel sampling,
@@ -22,11 +22,11 @@ def similarity_cell(row: dict[str, str]) -> str:
     before the interval columns existed show mean ± sd alone; the interval is computed on a bounded scale, so it
     need not be symmetric about the mean), `DRAWS_INTERVAL_MARK` where it is the channel sampling's error of a
     single fold, then the marks."""
-    count, total = _int(row.get("count")), _int(row.get("folds"))
-    cell = mean_sd_cell([_float(row["mean"])], sd=_float(row["sd"]))
+    count, total = as_int(row.get("count")), as_int(row.get("folds"))
+    cell = mean_sd_cell([as_float(row["mean"])], sd=as_float(row["sd"]))
     if cell != "–" and count is not None and total is not None:
         cell += shortfall_note(count, total)
-    low, high = _float(row.get("ci_low", "")), _float(row.get("ci_high", ""))
+    low, high = as_float(row.get("ci_low", "")), as_float(row.get("ci_high", ""))
     if math.isfinite(low) and math.isfinite(high):
         cell += f" [{low:.2f}, {high:.2f}]"
         if row.get("ci_basis") == CI_OVER_DRAWS:
@@ -41,7 +41,7 @@ def interval_legend(rows: list[dict[str, str]]) -> list[str]:
 
     from medtransfer.analysis.paired_statistics import SCALE_FISHER_Z, SCALE_LOGIT
 
-    shown = [row for row in rows if math.isfinite(_float(row.get("ci_low", "")))]
+    shown = [row for row in rows if math.isfinite(as_float(row.get("ci_low", "")))]
     if not shown:
         return []
     over_folds = [row for row in shown if row.get("ci_basis") != CI_OVER_DRAWS]
@@ -55,7 +55,7 @@ def interval_legend(rows: list[dict[str, str]]) -> list[str]:
             text += (f" It is computed on {name}, and mapped back: a t-interval of the values themselves runs "
                      "past the bounds when the folds are few; this one stays inside them and is not symmetric about "
                      "the mean.")
-    folds = sorted({k for k in (_int(row.get("count")) for row in over_folds) if k is not None and k >= 2})
+    folds = sorted({k for k in (as_int(row.get("count")) for row in over_folds) if k is not None and k >= 2})
     if folds and folds[0] < 5:
         k = folds[0]
         text += (f" {'With as few as' if len(folds) > 1 else 'With only'} {k} folds the intervals are wide for that "
@@ -84,23 +84,9 @@ def unreliable_legend(rows: list[dict[str, str]], measure: str = "cca") -> list[
     marked = [row for row in rows if unreliable_mark(row)]
     if not marked:
         return []
-    fewest = min(_float(row.get("rows_per_channel", "")) for row in marked)
+    fewest = min(as_float(row.get("rows_per_channel", "")) for row in marked)
     fewest_text = f" (here as few as {fewest:.1f})" if math.isfinite(fewest) else ""
     return ["", f"{UNRELIABLE_MARK} unreliable: in at least one fold the comparison had fewer than "
                 f"{RELIABLE_ROWS_PER_CHANNEL} rows (image positions) per compared channel{fewest_text}, where "
                 f"{FEW_ROWS_BIAS.get(measure, 'the measure is biased')}; sample channels "
                 "(`analysis.channel_sample`) or use more or larger images."]
-
-
-def _float(text) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _int(text) -> int | None:
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return None

@@ -23,7 +23,7 @@ from medtransfer.analysis.plots import UNRELIABLE_MARK, is_unreliable
 from medtransfer.analysis.study_summary import stage_order
 from medtransfer.analysis.similarity import RELIABLE_ROWS_PER_CHANNEL
 from medtransfer.errors import DataError
-from medtransfer.report_cells import UNDEFINED_REASONS, mean_sd_cell, shortfall_legend, shortfall_note
+from medtransfer.report_cells import UNDEFINED_REASONS, as_float, as_int, mean_sd_cell, shortfall_legend, shortfall_note
 from medtransfer.tables import read_table
 
 MAIN_GROUPS = tuple((kind, PAIR_KIND_TITLES[kind]) for kind in (
@@ -72,8 +72,8 @@ def _auc_table(rows: list[dict[str, str]]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     short: list[str] = []
     for row in rows:
-        mean, sd, gain = _float(row["test_auc_mean"]), _float(row["test_auc_sd"]), _float(row["relative_gain"])
-        count, total = _int(row.get("folds")), _int(row.get("folds_total"))
+        mean, sd, gain = as_float(row["test_auc_mean"]), as_float(row["test_auc_sd"]), as_float(row["relative_gain"])
+        count, total = as_int(row.get("folds")), as_int(row.get("folds_total"))
         auc = mean_sd_cell([mean], sd=sd, digits=1, scale=100)
         if auc != "–" and count is not None and total is not None:
             auc += shortfall_note(count, total, reason=UNDEFINED_REASONS["test_auc"])
@@ -107,7 +107,7 @@ def _gain_table(rows: list[dict[str, str]], measure: str, title: str, layers: li
             if row is None:
                 cells.append("–")
                 continue
-            pooled, per_target = _float(row["pearson_r"]), _float(row["mean_per_target_r"])
+            pooled, per_target = as_float(row["pearson_r"]), as_float(row["mean_per_target_r"])
             cell = "–" if not math.isfinite(pooled) else f"{pooled:.2f}"
             cells.append(cell + (f" ({per_target:.2f})" if math.isfinite(per_target) else ""))
         lines.append(f"| {source} | {regime} | {points} | " + " | ".join(cells) + " |")
@@ -131,10 +131,10 @@ def _cross_target_table(rows: list[dict[str, str]], measure: str, title: str, la
         cells = []
         for layer in layers:
             row = by_layer.get(layer)
-            mean, sd = (_float(row["mean"]), _float(row["sd"])) if row else (math.nan, math.nan)
+            mean, sd = (as_float(row["mean"]), as_float(row["sd"])) if row else (math.nan, math.nan)
             mark = UNRELIABLE_MARK if row and is_unreliable(row) else ""
             cell = mean_sd_cell([mean], sd=sd)
-            count, total = (_int(row.get("targets")), _int(row.get("targets_with_pair"))) if row else (None, None)
+            count, total = (as_int(row.get("targets")), as_int(row.get("targets_with_pair"))) if row else (None, None)
             if cell != "–" and count is not None and total is not None:
                 cell += shortfall_note(count, total, unit="targets")
                 short += ["not finite on that target"] if count < total else []
@@ -145,17 +145,3 @@ def _cross_target_table(rows: list[dict[str, str]], measure: str, title: str, la
                       f"fewer than {RELIABLE_ROWS_PER_CHANNEL} rows per compared channel, where canonical correlations "
                       "are biased towards 1."]
     return lines + shortfall_legend(short, unit="targets")
-
-
-def _float(text) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _int(text) -> int | None:
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return None
