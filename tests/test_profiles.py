@@ -42,8 +42,30 @@ def test_switching_profiles_changes_the_active_params(repo_copy):
 
 def test_hand_edited_params_is_reported_as_no_profile(repo_copy):
     params = repo_copy / "params.yaml"
-    params.write_text(params.read_text() + "\n# a local tweak\n")
+    params.write_text(params.read_text().replace("  seed: 0\n", "  seed: 1\n", 1))
     assert active_profile(repo_copy) is None
+
+
+def test_params_rewritten_in_another_layout_is_still_its_profile(repo_copy):
+    """`dvc exp run` rewrites params.yaml (block lists, no comments) without changing a value."""
+    import yaml
+
+    params = repo_copy / "params.yaml"
+    header = params.read_text().splitlines()[0]
+    params.write_text(header + "\n" + yaml.safe_dump(yaml.safe_load(params.read_text()), default_flow_style=False))
+    assert active_profile(repo_copy) == "demo"
+
+
+def test_profile_use_refuses_to_overwrite_edits_and_force_sets_them_aside(repo_copy, cli):
+    params = repo_copy / "params.yaml"
+    edited = params.read_text().replace("  seed: 0\n", "  seed: 1\n", 1)
+    params.write_text(edited)
+    refused = cli("profile", "use", "medmnist", cwd=repo_copy)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "holds edits that no profile has" in refused.stderr and params.read_text() == edited
+    forced = cli("profile", "use", "medmnist", "--force", cwd=repo_copy)
+    assert forced.returncode == 0, forced.stderr
+    assert (repo_copy / "params.yaml.edited").read_text() == edited and active_profile(repo_copy) == "medmnist"
 
 
 def test_unknown_and_invalid_profiles_leave_params_untouched(repo_copy):

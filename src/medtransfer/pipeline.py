@@ -58,6 +58,9 @@ def run_pipeline(config: Config, *, force: bool = False) -> PipelineOutcome:
         mlflow.log_params({"profile": config.project.profile, "targets": ",".join(config.study.targets),
                            "sources": ",".join(config.study.sources), "regimes": ",".join(config.study.regimes)})
         env = {**os.environ, PIPELINE_RUN_ENV: run.info.run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+        # The stages call `medtransfer` by name: the one beside this interpreter, also from a shell without the
+        # virtual environment on PATH (`.venv/bin/medtransfer study`).
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.pop("MLFLOW_RUN_ID", None)  # the stages are children of the pipeline's run, not that run itself
         command = [dvc, "repro", *(["--force"] if force else [])]
         output = _stream(command, cwd=config.root, env=env)

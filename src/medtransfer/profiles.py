@@ -47,13 +47,31 @@ def active_profile(root: Path) -> str | None:
         return None
     name = first_line[len(HEADER_PREFIX):].split()[0]
     profile = root / PROFILES_DIR_NAME / f"{name}.yaml"
-    if profile.is_file() and render_active_params(name, profile.read_text(encoding="utf-8")) == text:
+    if not profile.is_file():
+        return None
+    if render_active_params(name, profile.read_text(encoding="utf-8")) == text:
         return name
-    return None
+    # Compared by content, not text: `dvc exp run -S …` rewrites params.yaml in its own layout (block lists, empty
+    # for null, no comments) even where it changed nothing, and that is still the profile.
+    return name if _same_content(params, profile) else None
 
 
-def activate_profile(root: Path, name: str) -> Path:
-    """Validate `profiles/<name>.yaml` and make it the active params.yaml; returns the params path."""
+def _same_content(a: Path, b: Path) -> bool:
+    try:
+        return read_yaml_mapping(a) == read_yaml_mapping(b)
+    except ConfigError:
+        return False
+
+
+#: Where `profile use --force` sets aside a params.yaml that holds edits no profile has.
+SET_ASIDE_NAME = "params.yaml.edited"
+
+
+def activate_profile(root: Path, name: str, *, force: bool = False) -> Path:
+    """Validate `profiles/<name>.yaml` and make it the active params.yaml; returns the params path.
+
+    A params.yaml that matches no profile holds edits that would be lost: refused, unless `force`, which first
+    copies it to `SET_ASIDE_NAME` beside it."""
     profile = root / PROFILES_DIR_NAME / f"{name}.yaml"
     if not profile.is_file():
         known = ", ".join(available_profiles(root)) or "none"
@@ -66,8 +84,21 @@ def activate_profile(root: Path, name: str) -> Path:
     except ConfigError as error:
         where = str(profile) + error.where[len(str(target)):] if (error.where or "").startswith(str(target)) else error.where
         raise ConfigError(error.what, where=where, fix=error.fix) from None
+    if target.is_file() and _holds_edits(root):
+        if not force:
+            raise ConfigError("params.yaml holds edits that no profile has; 'profile use' would overwrite them",
+                              where=str(target), fix=f"copy them into a profile (profiles/NAME.yaml), or run "
+                              f"'medtransfer profile use {name} --force' to set them aside in {SET_ASIDE_NAME}")
+        atomic_write_text(root / SET_ASIDE_NAME, target.read_text(encoding="utf-8", errors="replace"))
     atomic_write_text(target, render_active_params(name, profile.read_text(encoding="utf-8")))
     return target
+
+
+def _holds_edits(root: Path) -> bool:
+    try:
+        return active_profile(root) is None
+    except ConfigError:  # not even text: nothing a profile could restore either
+        return True
 
 
 def render_active_params(name: str, profile_text: str) -> str:
@@ -88,6 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser, parser_class: type[argparse.A
     listing.set_defaults(handler=run_list)
     use = actions.add_parser("use", help="make profiles/NAME.yaml the active params.yaml")
     use.add_argument("name")
+    use.add_argument("--force", action="store_true",
+                     help=f"replace a params.yaml that holds edits no profile has (kept in {SET_ASIDE_NAME})")
     use.set_defaults(handler=run_use)
 
 
@@ -106,6 +139,10 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_use(args: argparse.Namespace) -> int:
-    target = activate_profile(_root(args), args.name)
+    root = _root(args)
+    edited = args.force and (root / PARAMS_FILE_NAME).is_file() and _holds_edits(root)
+    target = activate_profile(root, args.name, force=args.force)
+    if edited:
+        print(f"the edited params.yaml is kept in {root / SET_ASIDE_NAME}")
     print(f"active profile: {args.name} -> {target}")
     return 0
