@@ -48,7 +48,7 @@ def run_pipeline(config: Config, *, force: bool = False) -> PipelineOutcome:
     """`dvc repro` of the whole pipeline under one MLflow run, each stage that runs a child of it."""
     import mlflow
 
-    from medtransfer.tracking import PIPELINE_RUN_ENV, step_run
+    from medtransfer.tracking import step_run
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
     if not Path(dvc).exists():
@@ -57,11 +57,7 @@ def run_pipeline(config: Config, *, force: bool = False) -> PipelineOutcome:
     with step_run(config, step=STEP_PIPELINE, run_name=f"study {config.project.profile}") as run:
         mlflow.log_params({"profile": config.project.profile, "targets": ",".join(config.study.targets),
                            "sources": ",".join(config.study.sources), "regimes": ",".join(config.study.regimes)})
-        env = {**os.environ, PIPELINE_RUN_ENV: run.info.run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
-        # The stages call `medtransfer` by name: the one beside this interpreter, also from a shell without the
-        # virtual environment on PATH (`.venv/bin/medtransfer study`).
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env.pop("MLFLOW_RUN_ID", None)  # the stages are children of the pipeline's run, not that run itself
+        env = stage_environment(os.environ, run.info.run_id, mlflow.get_tracking_uri())
         command = [dvc, "repro", *(["--force"] if force else [])]
         output = _stream(command, cwd=config.root, env=env)
         ran, skipped = _RAN.findall(output.text), _SKIPPED.findall(output.text)
@@ -74,6 +70,18 @@ def run_pipeline(config: Config, *, force: bool = False) -> PipelineOutcome:
         if report.is_file():
             mlflow.log_artifacts(str(report.parent), artifact_path=REPORT_ARTIFACT_FOLDER)
     return PipelineOutcome(run.info.run_id, ran, skipped, report if report.is_file() else None)
+
+
+def stage_environment(base: dict[str, str], run_id: str, tracking_uri: str) -> dict[str, str]:
+    """The environment `dvc repro` runs the stages in: the pipeline's run as their parent, its tracking store, and
+    this interpreter's bin folder first on PATH — the stages call `medtransfer` by name, which must be the one beside
+    this interpreter, also from a shell without the virtual environment on PATH (`.venv/bin/medtransfer study`)."""
+    from medtransfer.tracking import PIPELINE_RUN_ENV
+
+    env = {**base, PIPELINE_RUN_ENV: run_id, "MLFLOW_TRACKING_URI": tracking_uri}
+    env["PATH"] = os.pathsep.join(part for part in (str(Path(sys.executable).parent), base.get("PATH", "")) if part)
+    env.pop("MLFLOW_RUN_ID", None)  # the stages are children of the pipeline's run, not that run itself
+    return env
 
 
 @dataclass(frozen=True)
