@@ -56,7 +56,7 @@ from medtransfer.report_statistics import across_targets_section, paired_section
 from medtransfer.report_summary import study_section
 from medtransfer.config import Config
 from medtransfer.errors import DataError
-from medtransfer.pointers import ModelPointer, pointer_path, pointers_for_dataset, verify_pointer
+from medtransfer.pointers import ModelPointer, pointer_path, pointers_for_dataset
 
 SIMILARITY_GROUPS = tuple((kind, PAIR_KIND_TITLES[kind]) for kind in (
     SOURCE_VS_FINETUNED,
@@ -134,9 +134,10 @@ def _verify_pointers(config: Config, pointers: dict[str, list[ModelPointer]], cl
 
         use_tracking_store(config)
         client = mlflow.MlflowClient()
-    for target_pointers in pointers.values():
-        for pointer in target_pointers:
-            verify_pointer(client, pointer, str(pointer_path(config, pointer.dataset, pointer.source, pointer.regime)))
+    from medtransfer.models.weights_check import verify_published
+
+    verify_published(client, [pointer for target_pointers in pointers.values() for pointer in target_pointers],
+                     lambda pointer: str(pointer_path(config, pointer.dataset, pointer.source, pointer.regime)))
 
 
 # -- sections ------------------------------------------------------------------------------------------------------

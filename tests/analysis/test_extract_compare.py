@@ -417,6 +417,37 @@ def test_a_registry_that_disagrees_with_a_pointer_is_refused(study):
         client.set_model_version_tag(name, fold0, Tag.WEIGHTS_SHA256, original)
 
 
+def test_weights_changed_or_deleted_in_the_artifact_store_stop_report_and_summary(study):
+    """What `report` and `summary` publish is checked against the artifact store, not only the registry's tags."""
+    from urllib.parse import urlparse
+
+    from medtransfer.models.weights_check import verify_published
+    from medtransfer.pointers import pointer_path, pointers_for_dataset
+
+    use_tracking_store(study)
+    client = mlflow.MlflowClient()
+    pointers = pointers_for_dataset(study, DATASET)
+    where = lambda pointer: str(pointer_path(study, pointer.dataset, pointer.source, pointer.regime))  # noqa: E731
+    verify_published(client, pointers, where)  # intact: passes
+    name = finetuned_model_name(DATASET, "natural", REGIME)
+    version = client.get_model_version_by_alias(name, "fold0")
+    location = client.get_logged_model(version.source.rsplit("/", 1)[-1]).artifact_location
+    (weights,) = Path(urlparse(location).path).rglob("weights.safetensors")
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one bit flipped
+        with pytest.raises(ModelError) as error:
+            verify_published(client, pointers, where)
+        assert "\n" not in str(error.value) and "weights changed after registration" in str(error.value)
+        assert f"models:/{name}/{version.version}" in str(error.value)
+        weights.unlink()
+        with pytest.raises(ModelError, match="weights are missing"):
+            verify_published(client, pointers, where)
+    finally:
+        weights.write_bytes(original)
+    verify_published(client, pointers, where)
+
+
 def test_prepared_data_of_another_version_is_refused(study):
     path = pointer_path(study, DATASET, "medical", REGIME)
     original = path.read_text()

@@ -164,8 +164,11 @@ def summary_metrics(correlations: Sequence[dict], cross_target: Sequence[dict]) 
     return {key.replace(" ", "_"): value for key, value in metrics.items()}
 
 
-def run_summary(config: Config) -> Path:
-    """`medtransfer summary`: write the tables (`write_summary`), then log them to MLflow; returns the folder."""
+def run_summary(config: Config, client=None) -> Path:
+    """`medtransfer summary`: check every model it publishes against the registry and the artifact store (`client`,
+    default: the configured tracking store's), write the tables (`write_summary`), then log them to MLflow; returns
+    the folder."""
+    _verify_published_models(config, client)
     destination, metrics = write_summary(config)
     _log_summary(config, destination, metrics, len(config.study.targets))
     return destination
@@ -248,6 +251,23 @@ def _write_figures(staging: Path, cross_target: Sequence[dict], layers: Sequence
         figure.tight_layout()
         figure.savefig(staging / f"cross_target_{measure}.png")
         plt.close(figure)
+
+
+def _verify_published_models(config: Config, client) -> None:
+    """The summary publishes each target's versions and AUCs: refuse (one line) when the registry disagrees with a
+    pointer or a version's weights changed in the artifact store, as `report` does."""
+    from medtransfer.models.weights_check import verify_published
+    from medtransfer.pointers import pointer_path, pointers_for_dataset
+
+    if client is None:
+        import mlflow
+
+        from medtransfer.tracking import use_tracking_store
+
+        use_tracking_store(config)
+        client = mlflow.MlflowClient()
+    pointers = [pointer for target in config.study.targets for pointer in pointers_for_dataset(config, target)]
+    verify_published(client, pointers, lambda p: str(pointer_path(config, p.dataset, p.source, p.regime)))
 
 
 def _log_summary(config: Config, folder: Path, metrics: dict[str, float], targets: int) -> None:
