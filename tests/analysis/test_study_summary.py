@@ -122,7 +122,8 @@ class _RegistryAsThePointersSay:
         return SimpleNamespace(version=str(int(alias.removeprefix("fold")) + 1))
 
 
-def test_summary_writes_tables_metrics_and_the_auc_table_with_the_gain_over_random_init(tmp_path, write_params):
+def test_summary_writes_tables_metrics_and_the_auc_table_with_the_gain_over_random_init(tmp_path, write_params,
+                                                                                      monkeypatch):
     params = write_params(
         {target: {"format": "medmnist", "path": "t.npz", "classes": ["a", "b"]} for target in TARGETS[:2]},
         sources={"natural": {"kind": "safetensors", "arch": "resnet18", "path": "natural.safetensors"},
@@ -143,7 +144,19 @@ def test_summary_writes_tables_metrics_and_the_auc_table_with_the_gain_over_rand
         folder = tmp_path / "results/analysis" / target
         _write_csv(folder / "similarity_summary.csv", _summary_rows(index))
         _write_csv(folder / "similarity_vs_gain.csv", _gain_rows(index))
+    import matplotlib.figure
+
+    saved = matplotlib.figure.Figure.savefig
+    x_orders = []
+
+    def remember_x_order(figure, *args, **kwargs):
+        x_orders.append([label.get_text() for label in figure.axes[0].get_xticklabels()])
+        return saved(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", remember_x_order)
     folder = run_summary(config, client=_RegistryAsThePointersSay())
+    # every cross-target figure runs in stage order (stem first), never sorted by name
+    assert x_orders and all(order == list(LAYERS) for order in x_orders), x_orders
     with (folder / "auc_table.csv").open() as stream:
         table = {(row["target"], row["source"]): row for row in csv.DictReader(stream)}
     natural = table[("alpha", "natural")]
