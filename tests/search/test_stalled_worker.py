@@ -69,7 +69,8 @@ def _wait_for_steps(url: str, worker, steps: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while _steps_written(url) < steps:
         assert worker.poll() is None, worker.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, f"the worker wrote fewer than {steps} steps in {timeout} s"
+        if time.monotonic() >= deadline:  # a bound on the wait, not a claim about speed
+            pytest.fail(f"the worker wrote fewer than {steps} steps in {timeout} s")
         time.sleep(0.2)
 
 
@@ -149,11 +150,10 @@ def test_database_connections_carry_timeouts_and_the_urls_own_settings_win():
 def test_the_final_fit_lock_is_waited_for_within_a_bound(tmp_path, write_params):
     config = load_config(write_params({}))
     with final_fit_lock(config, "e/target.random.full"):  # held by "another worker"
-        started = time.monotonic()
+        # the wait ends at its bound with one line (the suite's timeout catches a wait that never ends)
         with pytest.raises(WorkerStalled, match="waited 1 s for another worker to fit and register"):
             with final_fit_lock(config, "e/target.random.full", wait_seconds=1):
                 pass
-        assert time.monotonic() - started < 30
     with final_fit_lock(config, "e/target.random.full", wait_seconds=1):
         pass  # free again
 
