@@ -160,11 +160,7 @@ def load_prepared(config: Config, name: str) -> PreparedDataset:
         if manifest.get("schema") != MANIFEST_SCHEMA:
             raise ValueError("unknown schema")
     except (OSError, ValueError) as error:
-        raise DataError(
-            f"prepared data is damaged ({error})",
-            where=str(folder),
-            fix=f"run 'medtransfer prepare --dataset {name}' again",
-        ) from None
+        raise _damaged(folder, name, error) from None
     # The arrays, not only the manifest: a replaced images.npy would otherwise pass under the manifest's fingerprint.
     verify_arrays(folder, manifest.get("arrays"), stamp_path(config.root, LOCK_FOLDER, name), name)
     try:
@@ -174,12 +170,13 @@ def load_prepared(config: Config, name: str) -> PreparedDataset:
         groups = np.load(groups_path, allow_pickle=False) if groups_path.is_file() else None
         splits = np.load(folder / "splits.npy", allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise DataError(
-            f"prepared data is damaged ({error})",
-            where=str(folder),
-            fix=f"run 'medtransfer prepare --dataset {name}' again",
-        ) from None
+        raise _damaged(folder, name, error) from None
     return PreparedDataset(name, folder, manifest, images, labels, groups, splits)
+
+
+def _damaged(folder: Path, name: str, error: Exception) -> DataError:
+    return DataError(f"prepared data is damaged ({error})", where=str(folder),
+                     fix=f"run 'medtransfer prepare --dataset {name}' again")
 
 
 def log_prepare_run(config: Config, manifest: dict, folder: Path) -> bool:
