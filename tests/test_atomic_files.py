@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -11,7 +12,10 @@ import sys
 
 import pytest
 
-from medtransfer.atomic_files import atomic_directory, atomic_write_text, current_umask, lock_path, restore_interrupted
+from medtransfer.atomic_files import (
+    atomic_directory, atomic_write, atomic_write_text, current_umask, lock_path, restore_interrupted,
+)
+from medtransfer.errors import as_user_error
 
 
 def test_atomic_write_replaces_and_cleans_up(tmp_path):
@@ -213,3 +217,37 @@ def test_a_replaced_file_or_folder_keeps_its_mode(tmp_path, umask):
     folder.chmod(0o750)
     _write_folder(folder, "new")
     assert _mode(folder) == 0o750
+
+
+def test_files_of_a_replaced_folder_keep_their_modes_under_an_owner_only_umask(tmp_path):
+    folder = tmp_path / "reports"
+    with atomic_directory(folder) as staging:
+        (staging / "report.md").write_text("old")
+    (folder / "report.md").chmod(0o644)
+    previous = os.umask(0o077)
+    try:
+        with atomic_directory(folder) as staging:
+            (staging / "report.md").write_text("new")
+            (staging / "figure.png").write_bytes(b"new")  # no old counterpart: the umask decides
+    finally:
+        os.umask(previous)
+    assert (folder / "report.md").read_text() == "new"
+    assert _mode(folder / "report.md") == 0o644
+    assert _mode(folder / "figure.png") == 0o600
+
+
+def _disk_full(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")  # as a write() raises it: no file name
+
+
+def test_a_full_disk_names_the_output_it_was_writing(tmp_path):
+    with pytest.raises(OSError) as caught:
+        atomic_write(tmp_path / "results" / "table.csv", _disk_full)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "results" / "table.csv")
+    with pytest.raises(OSError) as caught, atomic_directory(tmp_path / "prepared"):
+        _disk_full()
+    assert caught.value.filename == str(tmp_path / "prepared")
+    fault = as_user_error(caught.value)
+    assert "no space left on device" in fault.one_line() and str(tmp_path) in fault.one_line()
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == [".prepared.lock", "results"]
+    assert list((tmp_path / "results").iterdir()) == []

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import socket
+import sqlite3
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from medtransfer.errors import ConfigError
-from medtransfer.store_check import check_server_reachable, masked, store_timeout
+from medtransfer.store_check import (
+    bound_postgres_waits, check_server_reachable, check_sqlite_store, database_fault, masked, store_timeout,
+)
 
 
 def _closed_port() -> int:
@@ -55,3 +63,162 @@ def test_a_step_on_an_unreachable_tracking_server_exits_2_with_one_line(tmp_path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"cannot reach the store {uri}" in lines[0], result.stderr
     assert "$MEDTRANSFER_TRACKING_URI" in lines[0]
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder whose files nobody may write: permission bits for a plain user; for root (who ignores them) a
+    read-only tmpfs mounted for the test. Yields (folder, make_read_only); skips where neither can be had."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = False
+
+    def make_read_only() -> None:
+        nonlocal mounted
+        if os.geteuid() != 0:
+            for entry in folder.iterdir():
+                entry.chmod(0o444)
+            folder.chmod(0o555)
+            return
+        staged = tmp_path / "staged"
+        shutil.copytree(folder, staged)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("root here cannot mount a read-only tmpfs (no CAP_SYS_ADMIN)")
+        mounted = True
+        for entry in staged.iterdir():
+            shutil.copy2(entry, folder / entry.name)
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+
+    yield folder, make_read_only
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+    else:
+        folder.chmod(0o755)
+
+
+def _mlflow_like_store(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name TEXT)")
+        connection.execute("INSERT INTO experiments VALUES (0, 'Default')")
+        connection.commit()
+
+
+def test_a_read_only_sqlite_store_is_refused_up_front_and_left_unchanged(read_only_folder):
+    folder, make_read_only = read_only_folder
+    store = folder / "mlflow.db"
+    _mlflow_like_store(store)
+    check_sqlite_store(f"sqlite:///{store}", "here")  # writable: passes, and the probe leaves nothing behind
+    before = store.read_bytes()
+    make_read_only()
+    with pytest.raises(ConfigError) as raised:
+        check_sqlite_store(f"sqlite:///{store}", "params.yaml: stores.tracking_uri")
+    message = raised.value.one_line()
+    assert "\n" not in message and f"cannot write to the tracking store {store}" in message
+    assert "readonly" in message and "writable" in message
+    assert store.read_bytes() == before
+    with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as connection:
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master")]
+    assert tables == ["experiments"]
+
+
+def test_a_step_on_a_read_only_store_exits_2_with_one_line_before_any_output(tmp_path, write_params, cli,
+                                                                             read_only_folder):
+    folder, make_read_only = read_only_folder
+    _mlflow_like_store(folder / "mlflow.db")
+    make_read_only()
+    params = write_params({}, sources={"random": {"kind": "random", "arch": "resnet18", "seed": 0}})
+    result = cli("--params", str(params), "source", "--name", "random",
+                 env={"MEDTRANSFER_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write to the tracking store" in lines[0], result.stderr
+    assert not (tmp_path / "mlartifacts").exists()
+
+
+class _DriverError(Exception):
+    """Stands in for a DB-API driver's error (psycopg2.OperationalError); only its module and name matter."""
+
+
+_DriverError.__module__ = "psycopg2.errors"
+_DriverError.__name__ = _DriverError.__qualname__ = "OperationalError"
+
+
+def _wrapped(message: str) -> Exception:
+    """The chain MLflow raises for a failed statement: MlflowException from SQLAlchemy's from the driver's."""
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    driver = _DriverError(message)
+    try:
+        try:
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, driver) from driver
+        except sqlalchemy.exc.OperationalError as error:
+            raise MlflowException("(psycopg2.OperationalError) ...\n" * 30) from error
+    except MlflowException as error:
+        return error
+
+
+@pytest.mark.parametrize(("message", "fix"), [
+    ("canceling statement due to statement timeout\n", "server is up"),
+    ("server closed the connection unexpectedly\n\tThis probably means", "server is up"),
+    ("database is locked", "another process holds the SQLite store"),
+    ("attempt to write a readonly database", "writable"),
+])
+def test_a_database_failure_deep_in_a_chain_becomes_one_line(message, fix):
+    fault = database_fault(_wrapped(message))
+    assert fault is not None and fault.exit_code == 2
+    line = fault.one_line()
+    assert "\n" not in line and "OperationalError" in line and message.split("\n")[0] in line and fix in line
+
+
+def test_other_errors_are_not_taken_for_database_faults():
+    assert database_fault(ValueError("a bug")) is None
+    try:
+        raise RuntimeError("outer") from KeyError("inner")
+    except RuntimeError as error:
+        assert database_fault(error) is None
+
+
+def test_the_cli_prints_one_line_for_a_database_failure_and_re_raises_anything_else(monkeypatch, capsys):
+    from medtransfer import cli
+
+    def fail_with(error):
+        def handler(_args):
+            raise error
+        return handler
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    subparser_action = next(action for action in parser._actions if action.dest == "command")
+    subparser_action.choices["summary"].set_defaults(handler=fail_with(_wrapped("canceling statement due to statement timeout")))
+    assert cli.main(["summary"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medtransfer summary: error: a store's database failed")
+    subparser_action.choices["summary"].set_defaults(handler=fail_with(ZeroDivisionError("a bug")))
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["summary"])
+
+
+def test_postgresql_tracking_stores_get_bounded_sessions(monkeypatch, postgres_database):
+    import sqlalchemy
+    from mlflow.store.db.utils import create_sqlalchemy_engine
+
+    for variable in ("PGCONNECT_TIMEOUT", "PGOPTIONS"):
+        monkeypatch.delenv(variable, raising=False)
+    bound_postgres_waits("sqlite:///mlflow.db")
+    assert "PGOPTIONS" not in os.environ and "PGCONNECT_TIMEOUT" not in os.environ
+    uri = postgres_database("bounds")
+    bound_postgres_waits(uri)
+    assert os.environ["PGCONNECT_TIMEOUT"] == "10"
+    engine = create_sqlalchemy_engine(uri)  # MLflow's own engine, built from the URI alone
+    try:
+        with engine.connect() as connection:
+            shown = {name: connection.execute(sqlalchemy.text(f"SHOW {name}")).scalar()
+                     for name in ("statement_timeout", "idle_in_transaction_session_timeout")}
+    finally:
+        engine.dispose()
+    assert shown == {"statement_timeout": "1min", "idle_in_transaction_session_timeout": "15s"}
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=5000")
+    bound_postgres_waits(uri)
+    assert os.environ["PGOPTIONS"] == "-c statement_timeout=5000"  # the user's setting wins

@@ -8,6 +8,7 @@ readable by its group or a web server.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -56,10 +57,34 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+        _raise_naming(error, path)
         raise
+
+
+# A full disk fails a write() that knows no file name, so the error would not say where; these get the output's.
+_NAMELESS_SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _raise_naming(error: BaseException, path: Path) -> None:
+    """Raise `error` again with `path` as its file name when it is a nameless out-of-space error; else return."""
+    if isinstance(error, OSError) and error.errno in _NAMELESS_SPACE_ERRORS and not error.filename:
+        raise OSError(error.errno, error.strerror or os.strerror(error.errno), str(path)) from error
+
+
+def _keep_modes(staging: Path, final: Path) -> None:
+    """Give each file of the new output that replaces one of the old the old one's mode, as `atomic_write` does
+    for a single file: a folder written afresh would otherwise carry the writer's umask (077: owner-only)."""
+    for new in staging.rglob("*"):
+        if new.is_symlink():
+            continue
+        with contextlib.suppress(OSError):
+            old, fresh = os.stat(final / new.relative_to(staging), follow_symlinks=False), new.stat()
+            same_kind = stat.S_IFMT(old.st_mode) == stat.S_IFMT(fresh.st_mode)
+            if same_kind and stat.S_IMODE(old.st_mode) != stat.S_IMODE(fresh.st_mode):
+                os.chmod(new, stat.S_IMODE(old.st_mode))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -148,9 +173,12 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         os.chmod(staging, _mode_for(final, 0o777))  # mkdtemp makes it private; the output is an ordinary folder
         try:
             yield staging
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
+            _raise_naming(error, final)
             raise
+        if final.is_dir():
+            _keep_modes(staging, final)
         retired = None
         if final.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))

@@ -435,6 +435,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medtransfer {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as caught:  # noqa: BLE001 -- only a database's failure is translated; anything else re-raised
+        from medtransfer.store_check import database_fault
+
+        fault = database_fault(caught)
+        if fault is None:
+            raise
+        print(f"medtransfer {args.command}: error: {fault.one_line()}", file=sys.stderr)
+        return fault.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,7 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from medtransfer.errors import ConfigError
+from medtransfer.errors import ConfigError, EnvironmentFault
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 _SQLITE_PREFIX = "sqlite:///"
@@ -58,6 +58,10 @@ def check_sqlite_store(tracking_uri: str, where: str) -> None:
     if problem:
         raise ConfigError(f"the tracking store {store} is damaged ({problem})", where=where,
                           fix=f"restore it from a backup, move it away to start afresh, or {fix_uri}")
+    problem = _write_probe(store)
+    if problem:
+        raise ConfigError(f"cannot write to the tracking store {store} ({problem})", where=where,
+                          fix=f"make it and its folder writable (a read-only copy: copy it elsewhere first), or {fix_uri}")
 
 
 def _quick_check(store: Path) -> str | None:
@@ -73,6 +77,26 @@ def _quick_check(store: Path) -> str | None:
         return str(error)
     results = [row[0] for row in rows]
     return None if results == ["ok"] else "; ".join(results[:2])
+
+
+def _write_probe(store: Path) -> str | None:
+    """Whether SQLite can write to `store`: a table created inside a transaction that is rolled back, so nothing
+    changes. Permission bits alone cannot tell (root ignores them, a read-only mount does not), and SQLite opens an
+    unwritable file read-only without a word; MLflow would then fail at its first write, after the step's work. None
+    if writable (or busy: another writer holds it, and MLflow waits for it)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=rw", uri=True, timeout=5,
+                                                isolation_level=None)) as connection:
+            connection.execute("BEGIN")
+            try:
+                connection.execute("CREATE TABLE medtransfer_write_probe (x)")
+            finally:
+                connection.execute("ROLLBACK")
+    except sqlite3.OperationalError as error:
+        return None if "locked" in str(error) else str(error)
+    except sqlite3.Error as error:
+        return str(error)
+    return None
 
 
 #: How long one store may take to accept a connection before the step stops with one line (several addresses of
@@ -130,3 +154,53 @@ def check_server_reachable(uri: str, where: str, timeout: float | None = None) -
     raise ConfigError(f"cannot reach the store {masked(uri)}: {cause}", where=where,
                       fix=f"start the server, or fix the address and port where the URI is set; ${STORE_TIMEOUT_ENV} "
                           "sets the wait in seconds")
+
+
+#: Server settings for every PostgreSQL session MLflow opens (libpq reads $PGOPTIONS): a statement, or a transaction
+#: left idle, that a stopped peer or a stuck server keeps waiting ends with an error instead of holding the step.
+POSTGRES_SESSION_OPTIONS = "-c statement_timeout=60000 -c idle_in_transaction_session_timeout=15000"
+
+
+def bound_postgres_waits(uri: str) -> None:
+    """Bound MLflow's own waits on a PostgreSQL tracking store. MLflow builds its SQLAlchemy engine from the URI
+    alone, so the bounds go where libpq reads them, the environment (inherited by every stage a study starts):
+    $PGCONNECT_TIMEOUT (the store timeout) and $PGOPTIONS (statement and idle-in-transaction timeouts). A value the
+    user set, or the URI's own `?connect_timeout=`/`?options=`, wins. Other stores are left alone."""
+    if urlsplit(uri).scheme.split("+", 1)[0].lower() not in ("postgresql", "postgres"):
+        return
+    os.environ.setdefault("PGCONNECT_TIMEOUT", str(max(2, round(store_timeout()))))
+    os.environ.setdefault("PGOPTIONS", POSTGRES_SESSION_OPTIONS)
+
+
+#: Driver errors that mean the database, not the program, failed: a lost or refused connection, a statement or lock
+#: timeout, a read-only or locked file. Matched by class name and module, so no driver needs importing here.
+_DATABASE_FAULTS = {("sqlalchemy", "OperationalError"), ("sqlalchemy", "InterfaceError"), ("sqlalchemy", "TimeoutError"),
+                    ("psycopg2", "OperationalError"), ("psycopg2", "InterfaceError"), ("psycopg", "OperationalError"),
+                    ("sqlite3", "OperationalError"), ("optuna", "StorageInternalError")}
+
+
+def database_fault(error: BaseException) -> EnvironmentFault | None:
+    """The one-line fault for an error whose cause chain holds a database driver's connection, timeout or write
+    failure (as MLflow, Optuna and SQLAlchemy raise them, wrapped several layers deep), or None for any other error."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    found: BaseException | None = None
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        kind = (type(cause).__module__.split(".", 1)[0], type(cause).__name__)
+        if kind in _DATABASE_FAULTS:
+            found = cause  # keep walking: the innermost driver error says most
+        cause = cause.__cause__ or cause.__context__
+    if found is None:
+        return None
+    inner = getattr(found, "orig", None) or found
+    detail = " ".join(str(inner).split())[:200] or type(inner).__name__
+    if "locked" in detail:
+        fix = ("another process holds the SQLite store; wait for it, or use a PostgreSQL store for several workers "
+               "(stores.optuna_storage, stores.tracking_uri)")
+    elif "readonly" in detail or "read-only" in detail:
+        fix = "make the store and its folder writable, then rerun"
+    else:
+        fix = ("check that the database server is up and not overloaded, then rerun; a search worker's unfinished "
+               "trial is failed by heartbeat and retried by the others")
+    return EnvironmentFault(f"a store's database failed ({type(inner).__name__}: {detail})", fix=fix)

@@ -82,7 +82,7 @@ def use_tracking_store(config: Config) -> str:
 
     from medtransfer.config import TRACKING_URI_ENV_VAR
     from medtransfer.relocate import check_store_location
-    from medtransfer.store_check import check_server_reachable, check_sqlite_store
+    from medtransfer.store_check import bound_postgres_waits, check_server_reachable, check_sqlite_store
 
     configured = config.tracking_uri
     launcher = os.environ.get("MLFLOW_TRACKING_URI")
@@ -94,6 +94,7 @@ def use_tracking_store(config: Config) -> str:
         where = f"${TRACKING_URI_ENV_VAR}" if from_env else f"{config.source_file}: stores.tracking_uri"
     check_sqlite_store(uri, where)
     check_server_reachable(uri, where)
+    bound_postgres_waits(uri)
     # A server that stops answering later: bounded retries instead of MLflow's minutes of back-off (a user's own
     # settings win).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
