@@ -4,7 +4,6 @@ each claim's verdict from those numbers."""
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pytest

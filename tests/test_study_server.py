@@ -93,7 +93,7 @@ def project(tmp_path_factory, repo_root, blob_npz, server, backend):
         "study": {"targets": ["target", "second"], "sources": ["tiny", "tiny_b", "random"], "regimes": ["full"],
                   "protocol": "search"},
         "analysis": {"positions_per_layer": 200, "images": None, "channel_sample": 0, "channel_repeats": 5,
-                     "bootstrap_resamples": 200,
+                     "bootstrap_resamples": 200, "gram_precision": "float32",   # the fast path, end to end
                      "measures": ["cca", "cka"], "batch_size": 32, "seed": 0},
         "sources": {"tiny": {"kind": "pretrained", "arch": "resnet18", "dataset": "pretext", "seed": 5,
                              "train": {**tiny, "max_epochs": 1}},

@@ -516,7 +516,8 @@ def test_compare_opens_only_data_its_dvc_stage_depends_on(study, repo_root):
     deps = _stage_paths(stage["deps"], params, DATASET)
     outputs = _stage_paths([*stage["outs"], *stage.get("plots", [])], params, DATASET)
     assert stage["params"] == [f"analysis.{key}" for key in
-                               ("measures", "channel_sample", "channel_repeats", "bootstrap_resamples", "seed")]
+                               ("measures", "channel_sample", "channel_repeats", "bootstrap_resamples", "seed",
+                                "gram_precision")]
     root = study.root.resolve()
     opened: list[Path] = []
     writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND

@@ -265,7 +265,8 @@ def _log_compare_run(config: Config, dataset: str, manifest: dict[str, Any], tar
     with step_run(config, step="compare", run_name=f"compare {dataset}", tags=tags):
         analysis = config.analysis
         mlflow.log_params({
-            "measures": ",".join(measures), "channel_sample": analysis.channel_sample,
+            "measures": ",".join(measures), "gram_precision": analysis.gram_precision,
+            "channel_sample": analysis.channel_sample,
             "channel_repeats": analysis.channel_repeats, "positions_per_layer": manifest["sampling"]["positions_per_layer"],
             "images": manifest["sampling"]["images"], "seed": manifest["sampling"]["seed"],
             "models": sum(1 for record in manifest["models"].values() if record.get("channels")),

@@ -45,9 +45,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.linalg
 
-from medtransfer.analysis.similarity_measures import mm
+from medtransfer.analysis.similarity_measures import CentredBlocks
+from medtransfer.analysis.spectra import Spectra, nuclear_norm
 
 __all__ = [
     "ALIGNMENT_MEASURES",
@@ -68,13 +68,6 @@ ALIGNMENT_MEASURES: tuple[str, ...] = (PROCRUSTES, *SHAPE_ALPHAS)
 FULLY_WHITENED_MEASURES: tuple[str, ...] = tuple(name for name, alpha in SHAPE_ALPHAS.items() if alpha == 0.0)
 
 
-def _singular_values(m: np.ndarray) -> np.ndarray:
-    try:
-        return scipy.linalg.svd(m, compute_uv=False, check_finite=False)
-    except np.linalg.LinAlgError:  # gesdd occasionally fails to converge; gesvd is slower but robust
-        return scipy.linalg.svd(m, compute_uv=False, check_finite=False, lapack_driver="gesvd")
-
-
 def procrustes_cosine(sxx: np.ndarray, syy: np.ndarray, sxy: np.ndarray) -> float | None:
     """``|S_xy|_* / sqrt(tr S_xx tr S_yy)`` in [0, 1] (shapes ``(p, p)``, ``(q, q)``, ``(p, q)``); None when a side
     has no variance."""
@@ -82,49 +75,34 @@ def procrustes_cosine(sxx: np.ndarray, syy: np.ndarray, sxy: np.ndarray) -> floa
     if tx <= 0.0 or ty <= 0.0:
         return None
     # Cauchy-Schwarz bounds it by 1; rounding can overshoot by an ulp.
-    return min(1.0, float(_singular_values(sxy).sum()) / math.sqrt(tx * ty))
+    return min(1.0, nuclear_norm(sxy) / math.sqrt(tx * ty))
 
 
-def _eig_desc(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lam, vec = scipy.linalg.eigh(s, check_finite=False, driver="evd")
-    # Rounding can leave tiny negative eigenvalues on a positive semi-definite scatter matrix.
-    return np.clip(lam[::-1], 0.0, None), vec[:, ::-1]
-
-
-def _whitening_scales(lam: np.ndarray, alpha: float, eig_rtol: float) -> np.ndarray:
+def _whitening_scales(lam: np.ndarray, alpha: float) -> np.ndarray:
     """``d_i = (alpha + (1 - alpha) t_i)^(-1/2)`` for the eigenvalues ``lam`` ``(k,)`` of a scatter matrix, with
-    ``t = k lam / sum lam`` (mean 1). At alpha = 0 directions ``<= eig_rtol * lam_max`` get 0: dividing by their
-    square root would turn rounding noise into spurious correlation (see `similarity_measures._whiten_basis`)."""
+    ``t = k lam / sum lam`` (mean 1), for 0 < alpha <= 1 (alpha = 0 is the CCA family's whitening, see
+    `alignment_measures`)."""
     t = lam * (len(lam) / lam.sum())
-    if alpha > 0.0:
-        return 1.0 / np.sqrt(alpha + (1.0 - alpha) * t)
-    d = np.zeros_like(t)
-    kept = lam > eig_rtol * lam[0]
-    d[kept] = 1.0 / np.sqrt(t[kept])
-    return d
+    return 1.0 / np.sqrt(alpha + (1.0 - alpha) * t)
 
 
-def shape_cosines(
-    sxx: np.ndarray, syy: np.ndarray, sxy: np.ndarray, alphas: list[float], eig_rtol: float
-) -> dict[float, float | None]:
-    """``cos theta_alpha = |W_x S_xy W_y|_* / sqrt(tr(W_x S_xx W_x) tr(W_y S_yy W_y))`` for each alpha.
+def shape_cosines(spectra: Spectra, alphas: list[float]) -> dict[float, float | None]:
+    """``cos theta_alpha = |W_x S_xy W_y|_* / sqrt(tr(W_x S_xx W_x) tr(W_y S_yy W_y))`` for each 0 < alpha <= 1.
 
-    One eigen-decomposition per side serves every alpha: ``S = V diag(lam) V^T`` gives ``W = V diag(d) V^T``, and the
-    nuclear norm is invariant under the orthogonal ``V``'s, so ``|W_x S_xy W_y|_* = |D_x (V_x^T S_xy V_y) D_y|_*``
-    and ``tr(W S W) = sum lam_i d_i^2``. None for every alpha when a side has no variance.
+    One eigen-decomposition per side (`spectra.Spectra`) serves every alpha: ``S = V diag(lam) V^T`` gives
+    ``W = V diag(d) V^T``, and the nuclear norm is invariant under the orthogonal ``V``'s, so
+    ``|W_x S_xy W_y|_* = |D_x (V_x^T S_xy V_y) D_y|_*`` and ``tr(W S W) = sum lam_i d_i^2``. None for every alpha when
+    a side has no variance.
     """
-    if float(np.trace(sxx)) <= 0.0 or float(np.trace(syy)) <= 0.0:
+    lam_x, lam_y = spectra.lam_x, spectra.lam_y
+    if float(lam_x.sum()) <= 0.0 or float(lam_y.sum()) <= 0.0:
         return {alpha: None for alpha in alphas}
-    lam_x, v_x = _eig_desc(sxx)
-    lam_y, v_y = _eig_desc(syy)
-    rotated = mm(mm(v_x.T, sxy), v_y)  # (p, q)
-    del v_x, v_y
     out: dict[float, float | None] = {}
     for alpha in alphas:
-        dx, dy = _whitening_scales(lam_x, alpha, eig_rtol), _whitening_scales(lam_y, alpha, eig_rtol)
+        dx, dy = _whitening_scales(lam_x, alpha), _whitening_scales(lam_y, alpha)
         fx, fy = float(lam_x @ dx**2), float(lam_y @ dy**2)
-        nuclear = float(_singular_values(dx[:, None] * rotated * dy[None, :]).sum())
-        out[alpha] = min(1.0, nuclear / math.sqrt(fx * fy)) if fx > 0.0 and fy > 0.0 else None
+        weighted = spectra.rotated if alpha == 1.0 else dx[:, None] * spectra.rotated * dy[None, :]
+        out[alpha] = min(1.0, nuclear_norm(weighted) / math.sqrt(fx * fy)) if fx > 0.0 and fy > 0.0 else None
     return out
 
 
@@ -134,29 +112,34 @@ def angle_to_similarity(cosine: float) -> float:
 
 
 def alignment_measures(
-    sxx: np.ndarray,
-    syy: np.ndarray,
-    sxy: np.ndarray,
-    keep_x: np.ndarray,
-    keep_y: np.ndarray,
+    blocks: CentredBlocks,
+    spectra: Spectra | None,
+    cca: dict[str, object] | None,
+    all_kept: bool,
     wanted: set[str],
-    eig_rtol: float,
     refused: str | None,
     undefined: dict[str, str],
 ) -> dict[str, float | None]:
     """The wanted `ALIGNMENT_MEASURES` by name; undefined ones are None with their reason in ``undefined``.
 
-    keep_x, keep_y: the channels the CCA family keeps (`similarity_measures.kept_channels`); the shape metrics use
-    the same ones, so ``shape_0`` rests on the same canonical correlations. refused: the CCA family's refusal reason
-    (None when computed), which also refuses `FULLY_WHITENED_MEASURES`.
+    spectra: the kept channels' decompositions (`spectra.side_spectra`; None when a side keeps no channel), the
+    same the CCA family uses, so ``shape_0`` rests on the same canonical correlations; cca: `cca_family`'s output
+    (None when it was refused, the reason in ``refused``, which also refuses `FULLY_WHITENED_MEASURES`); all_kept:
+    no channel was dropped, so ``shape_1`` is the Procrustes cosine itself.
+
+    Fully whitened (alpha = 0), ``|X_0^T Y_0|_* / (|X_0|_F |Y_0|_F) = sum_i rho_i / sqrt(r_x r_y)`` (module docstring):
+    no decomposition beyond the CCA family's.
     """
     out: dict[str, float | None] = {}
     no_variance = "one side has no variance (all channels constant)"
-    if PROCRUSTES in wanted:
-        out[PROCRUSTES] = procrustes_cosine(sxx, syy, sxy)
-        if out[PROCRUSTES] is None:
-            undefined[PROCRUSTES] = no_variance
     names = [name for name in SHAPE_ALPHAS if name in wanted]
+    procrustes = None
+    if PROCRUSTES in wanted or ("shape_1" in names and all_kept):
+        procrustes = procrustes_cosine(blocks.sxx, blocks.syy, blocks.sxy)
+    if PROCRUSTES in wanted:
+        out[PROCRUSTES] = procrustes
+        if procrustes is None:
+            undefined[PROCRUSTES] = no_variance
     if refused is not None:
         for name in (n for n in names if n in FULLY_WHITENED_MEASURES):
             out[name] = None
@@ -164,17 +147,20 @@ def alignment_measures(
         names = [name for name in names if name not in FULLY_WHITENED_MEASURES]
     if not names:
         return out
-    if len(keep_x) == 0 or len(keep_y) == 0:
+    if spectra is None:
         for name in names:
             out[name] = None
             undefined[name] = no_variance
         return out
-    # Copies only when a channel is dropped: the blocks can be large.
-    if len(keep_x) < sxx.shape[0]:
-        sxx, sxy = sxx[np.ix_(keep_x, keep_x)], sxy[keep_x]
-    if len(keep_y) < syy.shape[0]:
-        syy, sxy = syy[np.ix_(keep_y, keep_y)], sxy[:, keep_y]
-    cosines = shape_cosines(sxx, syy, sxy, [SHAPE_ALPHAS[name] for name in names], eig_rtol)
+    cosines: dict[float, float | None] = {}
+    if cca is not None and "shape_0" in names:
+        rho = cca["canonical_correlations"]
+        rank_x, rank_y = cca["cca_ranks"]
+        cosines[0.0] = min(1.0, float(np.sum(rho)) / math.sqrt(rank_x * rank_y))
+    if procrustes is not None and "shape_1" in names and all_kept:
+        cosines[1.0] = procrustes
+    rest = [SHAPE_ALPHAS[name] for name in names if SHAPE_ALPHAS[name] not in cosines]
+    cosines.update(shape_cosines(spectra, rest))
     for name in names:
         cosine = cosines[SHAPE_ALPHAS[name]]
         out[name] = None if cosine is None else angle_to_similarity(cosine)

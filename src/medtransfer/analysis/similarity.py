@@ -5,10 +5,13 @@ Conventions: an activation matrix has one row per datapoint and one column per c
 ``n x p`` and ``Y`` is ``n x q``; row ``i`` of both belongs to the same datapoint.
 
 Everything is computed from sufficient statistics accumulated by `SimilarityAccumulator` (this module), never from
-stored data; the measures' algebra on the centred statistics is in `similarity_measures.py`. The statistics:
-the count ``n``, the column sums and the cross-product blocks ``X'^T X'``, ``Y'^T Y'``, ``X'^T Y'`` of *shifted*
-data ``X' = X - K_x``, ``Y' = Y - K_y`` (``K`` = the column means of the first chunk seen), plus a few fourth-moment
-sums for debiased CKA. Memory is ``O((p + q)^2)`` plus a bounded row block, independent of ``n``.
+stored data. The statistics: the count ``n``, the column sums and the cross-product blocks ``X'^T X'``, ``Y'^T Y'``,
+``X'^T Y'`` of *shifted* data ``X' = X - K_x``, ``Y' = Y - K_y`` (``K`` = the column means of the first chunk seen),
+plus a few fourth-moment sums for debiased CKA. Memory is ``O((p + q)^2)`` plus a bounded row block, independent of
+``n``. The cross products are formed in float64, or (``gram_precision="float32"``) in float32 blocks summed in
+float64, about twice as fast on wide layers with a bounded error (`cross_products`, which also centres them).
+Finalising shares its decompositions across measures (`spectra`: one eigen-decomposition per side for the CCA
+family and the shape metrics); the measures' algebra is in `similarity_measures` and `shape_metrics`.
 
 Why shift: the centred scatter ``sum_i c_i c_i^T = S' - n mu' mu'^T`` (``c_i = x_i - mean``) cancels catastrophically
 when the data have a large mean (ReLU activations do). After shifting by an estimate of the mean, ``mu'`` is small
@@ -35,8 +38,12 @@ from typing import Iterable
 import numpy as np
 from scipy.linalg.blas import dgemm, dsyrk
 
-from medtransfer.analysis.shape_metrics import ALIGNMENT_MEASURES, FULLY_WHITENED_MEASURES, alignment_measures
-from medtransfer.analysis.similarity_measures import CentredBlocks, cca_family, cka, kept_channels, mm
+from medtransfer.analysis.cross_products import (FLOAT32_BLOCK_ROWS, GRAM_PRECISIONS, add_float32_block,
+                                                 centred_blocks, channel_scales)
+from medtransfer.analysis.shape_metrics import (ALIGNMENT_MEASURES, FULLY_WHITENED_MEASURES, PROCRUSTES,
+                                                alignment_measures)
+from medtransfer.analysis.similarity_measures import cca_family, cka, kept_channels
+from medtransfer.analysis.spectra import side_spectra
 
 __all__ = [
     "ALIGNMENT_MEASURES",
@@ -153,28 +160,43 @@ class SimilarityAccumulator:
 
     ``update`` may be called any number of times with chunks of any row count (float16/32/64 or integer input);
     the result equals one update with all rows up to rounding. Working memory is ``(p+q)^2`` float64 for the
-    cross-product matrix plus one row block of about ``block_bytes`` bytes, whatever the chunk or total size.
+    cross-product matrix plus one row block of about ``block_bytes`` bytes, whatever the chunk or total size
+    (``gram_precision="float32"`` adds a ``(p+q)^2`` float32 block product and a float32 copy of the row block).
 
     Accumulated, on shifted rows ``x'_i = x_i - K_x``, ``y'_i = y_i - K_y`` (``K`` = the first chunk's column
     means, then fixed), with ``z'_i = [x'_i, y'_i]``, ``r'_i = |x'_i|^2``, ``t'_i = |y'_i|^2``:
 
-    * ``G = sum z'_i z'_i^T`` (upper triangle, one ``dsyrk`` per block), shape ``(p+q, p+q)``;
+    * ``G = sum z'_i z'_i^T`` (upper triangle, one ``dsyrk`` per block, or one float32 ``ssyrk`` per block of at
+      most `cross_products.FLOAT32_BLOCK_ROWS` rows summed in float64: see `cross_products` for the error bound),
+      shape ``(p+q, p+q)``;
     * ``sum z'_i``, ``sum r'_i z'_i``, ``sum t'_i z'_i``, each shape ``(p+q,)``;
     * ``sum r'_i``, ``sum t'_i``, ``sum r'_i^2``, ``sum t'_i^2``, ``sum r'_i t'_i``.
+
+    Only ``G`` changes with the precision; the sums are formed in float64 from the float64 shifted rows in both.
     """
 
-    def __init__(self, p: int, q: int, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
+    def __init__(self, p: int, q: int, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                 gram_precision: str = "float64") -> None:
         if p < 1 or q < 1:
             raise ValueError(f"need at least one channel per side, got p={p}, q={q}")
+        if gram_precision not in GRAM_PRECISIONS:
+            raise ValueError(f"gram_precision must be one of {', '.join(GRAM_PRECISIONS)}, got {gram_precision!r}")
         self.p = int(p)
         self.q = int(q)
+        self.gram_precision = gram_precision
         d = self.p + self.q
         self.block_rows = max(1, int(block_bytes) // (8 * d))
+        if gram_precision == "float32":
+            self.block_rows = min(self.block_rows, FLOAT32_BLOCK_ROWS)
         self.n = 0
         self._shift: np.ndarray | None = None  # (p+q,) = [K_x, K_y]
         self._buf: np.ndarray | None = None  # (block_rows, p+q), C order; its row slices transpose to Fortran order
         # Fortran order so that dsyrk updates it in place instead of copying it in and out on every block.
         self._gram = np.zeros((d, d), order="F")
+        # float32 path: per-channel powers of two (set on the first block), the float32 row block and block product
+        self._scales: np.ndarray | None = None
+        self._buf32: np.ndarray | None = None
+        self._block_product: np.ndarray | None = None
         # Weights w_i = (1, r'_i, t'_i). Columns of sum z'_i w_i^T: sum z', sum r' z', sum t' z'; the upper triangle
         # of sum w_i w_i^T holds n, sum r', sum t', sum r'^2, sum r't', sum t'^2. Fortran order: updated in place.
         self._weighted_sums = np.zeros((d, 3), order="F")
@@ -208,9 +230,10 @@ class SimilarityAccumulator:
             self._shift = np.concatenate([np.mean(x, axis=0, dtype=np.float64), np.mean(y, axis=0, dtype=np.float64)])
             if not np.isfinite(self._shift).all():
                 self._raise_first_non_finite(x, y)
+        if self._buf is None or self._buf.shape[0] < min(self.block_rows, m_total):
             self._buf = np.empty((min(self.block_rows, m_total), p + self.q))
-        elif self._buf.shape[0] < min(self.block_rows, m_total):
-            self._buf = np.empty((min(self.block_rows, m_total), p + self.q))
+            if self.gram_precision == "float32":
+                self._buf32 = np.empty(self._buf.shape, dtype=np.float32)
         kx, ky = self._shift[:p], self._shift[p:]
         for start in range(0, m_total, self.block_rows):
             stop = min(start + self.block_rows, m_total)
@@ -242,13 +265,34 @@ class SimilarityAccumulator:
             if not np.isfinite(norms.sum()):
                 bad = np.flatnonzero(~np.isfinite(norms))  # empty if only the sum overflowed
                 raise NonFiniteInputError(side, self.n + start + (int(bad[0]) if bad.size else 0))
-        # z.T is a Fortran-ordered view of the C-ordered block: dsyrk reads it without a copy and, with trans=0,
-        # computes z.T @ z into the upper triangle of the Fortran-ordered Gram matrix in place.
-        self._gram = dsyrk(1.0, z.T, beta=1.0, c=self._gram, trans=0, lower=0, overwrite_c=1)
         # Also through SciPy's BLAS: NumPy bundles a second OpenBLAS whose idle threads spin for a while after each
         # call, so alternating between the two libraries makes both run at a fraction of their speed.
         self._weighted_sums = dgemm(1.0, z.T, w.T, beta=1.0, c=self._weighted_sums, overwrite_c=1)
         self._scalar_sums = dsyrk(1.0, w.T, beta=1.0, c=self._scalar_sums, trans=1, lower=0, overwrite_c=1)
+        if self.gram_precision == "float64":
+            # z.T is a Fortran-ordered view of the C-ordered block: dsyrk reads it without a copy and, with trans=0,
+            # computes z.T @ z into the upper triangle of the Fortran-ordered Gram matrix in place.
+            self._gram = dsyrk(1.0, z.T, beta=1.0, c=self._gram, trans=0, lower=0, overwrite_c=1)
+            return
+        if self._scales is None:
+            self._scales = channel_scales(z)
+            self._block_product = np.zeros((z.shape[1], z.shape[1]), dtype=np.float32, order="F")
+        z *= self._scales  # exact (powers of two); z is not read again
+        z32 = self._buf32[: z.shape[0]]
+        with np.errstate(over="ignore"):  # beyond float32's range: caught on the product's diagonal below
+            np.copyto(z32, z, casting="same_kind")
+        add_float32_block(self._gram, self._block_product, z32)
+        if not np.isfinite(self._block_product.diagonal()).all():
+            self._raise_float32_overflow(z32, start)
+
+    def _raise_float32_overflow(self, z32: np.ndarray, start: int) -> None:
+        diagonal = self._block_product.diagonal()
+        side = "x" if not np.isfinite(diagonal[: self.p]).all() else "y"
+        columns = slice(0, self.p) if side == "x" else slice(self.p, None)
+        with np.errstate(over="ignore", invalid="ignore"):
+            norms = np.einsum("ij,ij->i", z32[:, columns], z32[:, columns])
+        bad = np.flatnonzero(~np.isfinite(norms))
+        raise NonFiniteInputError(side, self.n + start + (int(bad[0]) if bad.size else 0))
 
     # ----------------------------------------------------------------------------------------------------------
 
@@ -269,23 +313,28 @@ class SimilarityAccumulator:
         unknown = wanted - set(ALL_MEASURES)
         if unknown:
             raise ValueError(f"unknown measure(s) {', '.join(sorted(unknown))}; known: {', '.join(ALL_MEASURES)}")
-        blocks = _centred_blocks(self)
+        blocks = centred_blocks(self.n, self.p, self._gram, self._weighted_sums, self._scalar_sums, self._scales)
         values: dict[str, object] = {}
         undefined: dict[str, str] = {}
         if wanted & set(CKA_MEASURES):
             values.update(cka(blocks, wanted, undefined))
         p_kept, q_kept, keep_x, keep_y = kept_channels(blocks, channel_rtol)
         reliable, warning, refused = _reliability(blocks.n, p_kept, q_kept)
+        whitened = wanted & set(CCA_MEASURES + FULLY_WHITENED_MEASURES)
+        shaped = wanted & (set(ALIGNMENT_MEASURES) - {PROCRUSTES})
+        spectra = None
+        if p_kept and q_kept and ((whitened and not refused) or shaped - set(FULLY_WHITENED_MEASURES)):
+            spectra = side_spectra(*_kept_blocks(blocks, keep_x, keep_y))
         cca = {}
-        if wanted & set(CCA_MEASURES):
+        if whitened:
             if refused:
                 for name in sorted(wanted & set(CCA_MEASURES)):
                     undefined[name] = warning
             else:
-                cca = cca_family(blocks, keep_x, keep_y, wanted, eig_rtol, svcca_threshold)
+                cca = cca_family(spectra, (p_kept, q_kept), wanted, eig_rtol, svcca_threshold)
         alignment = {}
         if wanted & set(ALIGNMENT_MEASURES):
-            alignment = alignment_measures(blocks.sxx, blocks.syy, blocks.sxy, keep_x, keep_y, wanted, eig_rtol,
+            alignment = alignment_measures(blocks, spectra, cca or None, (p_kept, q_kept) == (self.p, self.q), wanted,
                                            warning if refused else None, undefined)
         return SimilarityResult(
             n=blocks.n,
@@ -330,49 +379,18 @@ def compute_similarity(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Finalisation: the centred statistics (the measures themselves are in similarity_measures.py)
+# Finalisation (the centred statistics are in cross_products.py, the measures in similarity_measures.py)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _centred_blocks(acc: SimilarityAccumulator) -> CentredBlocks:
-    n, p = acc.n, acc.p
-    if n == 0:
-        raise ValueError("no rows were accumulated")
-    g = np.triu(acc._gram)
-    g += np.triu(g, 1).T  # full Z'^T Z' (shifted, uncentred), exactly symmetric
-    sums = acc._weighted_sums.T
-    mu = sums[0] / n  # mean of the shifted rows, [mu', nu']
-    # Scatter about the mean: S' - n mu mu^T (harmless cancellation because mu' is small after the shift).
-    # In place to keep finalisation at a few (p+q)^2 arrays; mu_i mu_j = mu_j mu_i, so it stays symmetric.
-    centred = np.outer(mu, mu)
-    centred *= -n
-    centred += g
-    sxx, syy, sxy = centred[:p, :p], centred[p:, p:], centred[:p, p:]
-
-    # Fourth-moment sums over centred rows. With a_i = x'_i^T mu', b_i = y'_i^T nu', m_x = |mu'|^2, m_y = |nu'|^2:
-    #   |c_i|^2 = r'_i - 2 a_i + m_x,   |d_i|^2 = t'_i - 2 b_i + m_y,
-    # and sum a_i = n m_x, sum b_i = n m_y, sum a_i b_i = mu'^T S'_xy nu', sum r'_i b_i = nu'^T sum r'_i y'_i, ...
-    # Multiplying out and summing,
-    #   sum |c|^2 |d|^2 = sum r't' - 2 nu'^T (sum r' y') - 2 mu'^T (sum t' x') + 4 mu'^T S'_xy nu'
-    #                     + m_y sum r' + m_x sum t' - 3 n m_x m_y,
-    # and |c|^4, |d|^4 are the special cases y = x and x = y.
-    mux, muy = mu[:p], mu[p:]
-    mx, my = float(mux @ mux), float(muy @ muy)
-    s = np.triu(acc._scalar_sums)  # rows/cols: 1, r', t'; only the upper triangle is filled
-    sum_r, sum_t = s[0, 1], s[0, 2]
-    rz, tz = sums[1], sums[2]  # sum r' z', sum t' z'
-    gxx, gyy, gxy = g[:p, :p], g[p:, p:], g[:p, p:]
-
-    def fourth(s_uv, u_v, v_u, mu_u, mu_v, g_uv, m_u, m_v, sum_u, sum_v) -> float:
-        return float(
-            s_uv - 2.0 * (mu_v @ u_v) - 2.0 * (mu_u @ v_u) + 4.0 * (mu_u @ mm(g_uv, mu_v))
-            + m_v * sum_u + m_u * sum_v - 3.0 * n * m_u * m_v
-        )
-
-    sum_rt = fourth(s[1, 2], rz[p:], tz[:p], mux, muy, gxy, mx, my, sum_r, sum_t)
-    sum_rr = fourth(s[1, 1], rz[:p], rz[:p], mux, mux, gxx, mx, mx, sum_r, sum_r)
-    sum_tt = fourth(s[2, 2], tz[p:], tz[p:], muy, muy, gyy, my, my, sum_t, sum_t)
-    return CentredBlocks(n=n, sxx=sxx, syy=syy, sxy=sxy, sum_rt=sum_rt, sum_rr=sum_rr, sum_tt=sum_tt)
+def _kept_blocks(blocks, keep_x: np.ndarray, keep_y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scatter blocks restricted to the kept channels; copies only when a channel is dropped (they can be large)."""
+    sxx, syy, sxy = blocks.sxx, blocks.syy, blocks.sxy
+    if len(keep_x) < sxx.shape[0]:
+        sxx, sxy = sxx[np.ix_(keep_x, keep_x)], sxy[keep_x]
+    if len(keep_y) < syy.shape[0]:
+        syy, sxy = syy[np.ix_(keep_y, keep_y)], sxy[:, keep_y]
+    return sxx, syy, sxy
 
 
 def _reliability(n: int, p_kept: int, q_kept: int) -> tuple[bool, str | None, bool]:

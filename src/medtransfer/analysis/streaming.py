@@ -89,6 +89,7 @@ def compare_pair_layer(
     rng_channels: np.random.Generator | None = None,
     shuffle_rng: np.random.Generator | None = None,
     images_per_draw: int | None = None,
+    gram_precision: str = "float64",
 ) -> LayerComparison:
     """Stream (n, p) `x` and (n, q) `y` (memory maps are read chunk by chunk) through the similarity engine.
 
@@ -97,6 +98,7 @@ def compare_pair_layer(
     of y at the same positions.
     images_per_draw: the images one channel draw uses (None: all); each draw then takes its own block of images
     (`activations.image_draws`), a fresh draw of held-out images per repeat as far as the layer holds them.
+    gram_precision: how the accumulator forms the cross products (`cross_products`; ``analysis.gram_precision``).
     """
     if x.shape[0] != y.shape[0]:
         raise DataError(f"paired activation matrices have {x.shape[0]} and {y.shape[0]} rows",
@@ -114,7 +116,8 @@ def compare_pair_layer(
         if permutation is None:
             return LayerComparison({m: None for m in measures}, n, images, p, q, p, q, 0, False,
                                    "one image only: nothing to shuffle")
-    accumulators = [SimilarityAccumulator(p if a is None else len(a), q if b is None else len(b)) for a, b in draws]
+    accumulators = [SimilarityAccumulator(p if a is None else len(a), q if b is None else len(b),
+                                          gram_precision=gram_precision) for a, b in draws]
     blocks = image_draws(images, images_per_draw or images, len(draws))
     step = max(1, CHUNK_BYTES // (positions * 4 * max(p, q)))  # images per chunk
     offsets = np.arange(positions)
@@ -196,6 +199,7 @@ def pair_rows(folder: Path, manifest: dict[str, Any], pair: Pair, measures: Sequ
             rng_channels=np.random.default_rng(seed),
             shuffle_rng=np.random.default_rng([*seed, 1]) if pair.shuffled else None,
             images_per_draw=int(layer_info.get("images_per_draw") or layer_info["images"]),
+            gram_precision=analysis.gram_precision,
         )
         del x, y
         for measure in measures:
