@@ -47,8 +47,8 @@ def test_dvc_metrics_show_lists_only_the_searches_metrics(tmp_path, repo_root, w
     assert shown.returncode == 0, shown.stderr
     (workspace,) = json.loads(shown.stdout).values()
     files = {Path(name).as_posix(): content for name, content in workspace["data"].items()}
-    # The summary stage's metrics file is declared too; this project has not run it.
-    assert sorted(files) == ["results/metrics/d.natural.full.json", "results/summary_metrics.json"]
+    # The summary stage's metrics folder is declared too; this project has not run it.
+    assert sorted(files) == ["results/metrics/d.natural.full.json", "results/metrics/study"]
     assert files["results/metrics/d.natural.full.json"]["data"] == {
         "test_auc": {"fold0": 0.7, "fold1": 0.9}, "test_auc_mean": 0.8, "test_auc_sd": 0.1}
     stage = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]["search"]

@@ -8,7 +8,13 @@ import pytest
 
 from medtransfer.config import load_config
 from medtransfer.errors import ConfigError
-from medtransfer.profiles import activate_profile, active_profile, available_profiles, render_active_params
+from medtransfer.profiles import (
+    activate_profile,
+    active_profile,
+    available_profiles,
+    edited_keys,
+    render_active_params,
+)
 
 
 @pytest.fixture
@@ -54,6 +60,23 @@ def test_params_rewritten_in_another_layout_is_still_its_profile(repo_copy):
     header = params.read_text().splitlines()[0]
     params.write_text(header + "\n" + yaml.safe_dump(yaml.safe_load(params.read_text()), default_flow_style=False))
     assert active_profile(repo_copy) == "demo"
+
+
+def test_dvc_exp_run_set_params_keeps_the_profile_and_names_its_edits(repo_copy, cli):
+    """DVC's own rewriter (what `dvc exp run -S` calls): the same value keeps the profile; another is named."""
+    from dvc.utils.hydra import apply_overrides
+
+    params = repo_copy / "params.yaml"
+    before = params.read_text()
+    apply_overrides(str(params), ["analysis.bootstrap_resamples=1000", "analysis.images=null"])
+    assert params.read_text() != before and active_profile(repo_copy) == "demo"
+    assert "* demo" in cli("profile", "list", cwd=repo_copy).stdout
+    apply_overrides(str(params), ["analysis.bootstrap_resamples=200", "search.trials=3"])
+    assert active_profile(repo_copy) is None and edited_keys(repo_copy) == (
+        "demo", ["search.trials", "analysis.bootstrap_resamples"])
+    listing = cli("profile", "list", cwd=repo_copy)
+    assert listing.returncode == 0 and "* " not in listing.stdout
+    assert "it is demo with edits to search.trials, analysis.bootstrap_resamples" in listing.stdout
 
 
 def test_profile_use_refuses_to_overwrite_edits_and_force_sets_them_aside(repo_copy, cli):

@@ -40,7 +40,9 @@ SUMMARY_FOLDER = "results/summary"
 GAIN_CORRELATION_FILE = "gain_correlation.csv"
 CROSS_TARGET_FILE = "cross_target_similarity.csv"
 AUC_TABLE_FILE = "auc_table.csv"
-SUMMARY_METRICS_FILE = "results/summary_metrics.json"
+#: results/metrics/study/<source>.<regime>.json: the study-level numbers `dvc metrics show` prints beside the
+#: searches' rows (the rest of the summary is in its CSV tables). Git tracks results/metrics/ (.gitignore).
+STUDY_METRICS_FOLDER = "results/metrics/study"
 #: reports/report.md (+ report.html and figures).
 REPORT_FOLDER = "reports"
 REPORT_FILE = "report.md"

@@ -35,25 +35,53 @@ def available_profiles(root: Path) -> list[str]:
 
 def active_profile(root: Path) -> str | None:
     """The profile named in params.yaml's header, if params.yaml still matches that profile's content."""
-    params = root / PARAMS_FILE_NAME
-    if not params.is_file():
+    name, text = _header_profile(root)
+    if name is None:
         return None
-    try:
-        text = params.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError("not a UTF-8 text file", where=str(params), fix="save it as UTF-8 YAML, or 'medtransfer profile use NAME'") from None
-    first_line = text.splitlines()[0] if text else ""
-    if not first_line.startswith(HEADER_PREFIX):
-        return None
-    name = first_line[len(HEADER_PREFIX):].split()[0]
-    profile = root / PROFILES_DIR_NAME / f"{name}.yaml"
-    if not profile.is_file():
-        return None
+    params, profile = root / PARAMS_FILE_NAME, root / PROFILES_DIR_NAME / f"{name}.yaml"
     if render_active_params(name, profile.read_text(encoding="utf-8")) == text:
         return name
     # Compared by content, not text: `dvc exp run -S …` rewrites params.yaml in its own layout (block lists, empty
-    # for null, no comments) even where it changed nothing, and that is still the profile.
+    # for null, long lines folded; the header comment stays) even where it changed nothing, and that is still the
+    # profile.
     return name if _same_content(params, profile) else None
+
+
+def _header_profile(root: Path) -> tuple[str | None, str]:
+    """The existing profile params.yaml's header names (None if none) and params.yaml's text."""
+    params = root / PARAMS_FILE_NAME
+    if not params.is_file():
+        return None, ""
+    try:
+        text = params.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("not a UTF-8 text file", where=str(params),
+                          fix="save it as UTF-8 YAML, or 'medtransfer profile use NAME'") from None
+    first_line = text.splitlines()[0] if text else ""
+    words = first_line[len(HEADER_PREFIX):].split() if first_line.startswith(HEADER_PREFIX) else []
+    name = words[0] if words else ""
+    return (name if name and (root / PROFILES_DIR_NAME / f"{name}.yaml").is_file() else None), text
+
+
+def edited_keys(root: Path) -> tuple[str | None, list[str]]:
+    """The profile params.yaml's header names and the dotted keys whose values differ from it (`dvc exp run -S`
+    edits, or a hand's); (None, []) when the header names no profile or either file does not parse."""
+    name, _ = _header_profile(root)
+    if name is None:
+        return None, []
+    try:
+        params = read_yaml_mapping(root / PARAMS_FILE_NAME)
+        profile = read_yaml_mapping(root / PROFILES_DIR_NAME / f"{name}.yaml")
+    except ConfigError:
+        return None, []
+    return name, _differences(params, profile, "")
+
+
+def _differences(a, b, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [key for name in dict.fromkeys([*a, *b])
+                for key in _differences(a.get(name), b.get(name), f"{prefix}{name}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _same_content(a: Path, b: Path) -> bool:
@@ -134,7 +162,13 @@ def run_list(args: argparse.Namespace) -> int:
     for name in available_profiles(root):
         print(f"{'*' if name == active else ' '} {name}")
     if active is None:
-        print("(params.yaml matches no profile: it was edited or written by hand)")
+        base, keys = edited_keys(root)
+        if base is None or not keys:
+            print("(params.yaml matches no profile: it was edited or written by hand)")
+        else:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            print(f"(params.yaml matches no profile: it is {base} with edits to {shown}, by 'dvc exp run -S' or "
+                  "by hand)")
     return 0
 
 

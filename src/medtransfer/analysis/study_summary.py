@@ -9,8 +9,10 @@ Written to `results/summary/` (a DVC output after the per-target compares):
   each target's mean over folds, next to the random-vs-random floor averaged the same way.
 - `auc_table.csv`: test AUC (mean and sd over folds) per target × source × regime, with the relative gain of the
   mean over the random-init model of the same regime.
-and, beside the folder, `results/summary_metrics.json`: a few of these numbers for `dvc metrics show` (also logged
-to the summary's run and the study's MLflow parent run).
+and `results/metrics/study/<source>.<regime>.json`, the study-level rows of `dvc metrics show`: per source and
+regime, the mean over targets of the test AUC and of the relative gain over random init. Only these few numbers are
+DVC metrics (git tracks them, so every `dvc exp run` commit holds them); the pooled r and cross-target means stay
+in the CSV tables above and are logged as metrics to the summary's run and the study's MLflow parent run.
 """
 
 from __future__ import annotations
@@ -39,13 +41,12 @@ from medtransfer.layout import (
     GAIN_CORRELATION_FILE,
     CROSS_TARGET_FILE,
     AUC_TABLE_FILE,
-    SUMMARY_METRICS_FILE as METRICS_FILE,
+    STUDY_METRICS_FOLDER,
 )
 from medtransfer.config import Config
 from medtransfer.errors import DataError
 from medtransfer.tables import read_table, write_table
 
-#: Beside the folder, not inside it: DVC refuses a metrics file inside another output.
 GAIN_CORRELATION_COLUMNS = ["source", "regime", "layer", "measure", "points", "targets", "pearson_r",
                             "mean_per_target_r", "baseline"]
 CROSS_TARGET_COLUMNS = ["pair_kind", "pair", "regime", "layer", "measure", "targets", "targets_with_pair", "mean", "sd",
@@ -150,8 +151,28 @@ def auc_table(config: Config, pointers: dict[str, list]) -> list[dict[str, Any]]
     return rows
 
 
+def study_metrics(aucs: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """The study-level rows of `dvc metrics show` from `auc_table` rows, one per `<source>.<regime>`: the mean over
+    targets of each target's fold-mean test AUC (`test_auc_mean`, the searches' column) and of the relative gain over
+    random init (none for the baseline itself). Rows, not columns: `dvc metrics show` prints the union of every
+    file's keys as columns, so a study with more sources or regimes gets longer, never wider. A number that is not
+    finite is left out (JSON has no NaN; DVC shows "-"); auc_table.csv says which targets and folds stand behind it."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in aucs:
+        groups[f"{row['source']}.{row['regime']}"].append(row)
+    rows = {}
+    for name, members in sorted(groups.items()):
+        means = [row["test_auc_mean"] for row in members if math.isfinite(row["test_auc_mean"])]
+        gains = [row["relative_gain"] for row in members
+                 if row["random_init_source"] != row["source"] and math.isfinite(row["relative_gain"])]
+        rows[name] = {**({"test_auc_mean": float(np.mean(means))} if means else {}),
+                      **({"relative_gain": float(np.mean(gains))} if gains else {})}
+    return rows
+
+
 def summary_metrics(correlations: Sequence[dict], cross_target: Sequence[dict]) -> dict[str, float]:
-    """The pooled r per source/regime/layer/measure and the cross-target mean of the main pair groups."""
+    """The pooled r per source/regime/layer/measure and the cross-target mean of the main pair groups: MLflow
+    metrics of the summary's run (too many for `dvc metrics show`; `study_metrics` gives its rows)."""
     metrics = {}
     for row in correlations:
         if math.isfinite(row["pearson_r"]):
@@ -175,10 +196,10 @@ def run_summary(config: Config, client=None) -> Path:
 
 
 def write_summary(config: Config) -> tuple[Path, dict[str, float]]:
-    """Write results/summary/ from every target's analysis tables and pointers; returns it and its metrics."""
-    from medtransfer.atomic_files import atomic_directory, atomic_write_text
+    """Write results/summary/ and the study's DVC metrics from every target's analysis tables and pointers; returns the
+    folder and the MLflow metrics (`summary_metrics`)."""
+    from medtransfer.atomic_files import atomic_directory
     from medtransfer.pointers import pointers_for_dataset
-
 
     targets = list(config.study.targets)
     if not targets:
@@ -204,8 +225,9 @@ def write_summary(config: Config) -> tuple[Path, dict[str, float]]:
         write_table(staging / CROSS_TARGET_FILE, CROSS_TARGET_COLUMNS, cross_target)
         write_table(staging / AUC_TABLE_FILE, AUC_TABLE_COLUMNS, aucs)
         _write_figures(staging, cross_target, stage_order(summaries))
-    atomic_write_text(config.resolve(METRICS_FILE), json.dumps({"targets": len(targets), **metrics}, indent=2,
-                                                               sort_keys=True) + "\n")
+    with atomic_directory(config.resolve(STUDY_METRICS_FOLDER)) as staging:
+        for name, row in study_metrics(aucs).items():
+            (staging / f"{name}.json").write_text(json.dumps(row, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return destination, metrics
 
 
