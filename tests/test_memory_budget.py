@@ -48,3 +48,15 @@ def test_without_limits_available_memory_is_at_most_the_free_memory():
     left = available_bytes()
     assert left is not None and free is not None
     assert 0 < left <= free * 1.5  # MemAvailable moves while the test runs; it cannot grow by half in a moment
+
+
+@pytest.mark.parametrize(("needed", "available", "expected"), [
+    (int(2.4 * 2**30), int(1.1 * 2**30), ("2.4 GiB", "1.1 GiB")),
+    (int(1.54 * 2**30), int(1.46 * 2**30), ("1.54 GiB", "1.46 GiB")),  # equal at one decimal
+    (3 * 2**30 + int(0.51 * 2**20), 3 * 2**30 + int(0.49 * 2**20), ("3,073 MiB", "3,072 MiB")),  # same to 3 decimals
+    (2**30 + 1, 2**30, ("1,073,741,825 bytes", "1,073,741,824 bytes")),
+])
+def test_a_shortfall_never_reads_as_two_equal_amounts(needed, available, expected):
+    from medtransfer.memory_budget import describe_shortfall
+
+    assert describe_shortfall(needed, available) == expected

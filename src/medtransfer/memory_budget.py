@@ -11,7 +11,7 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
-__all__ = ["available_bytes", "parse_meminfo_available", "parse_cgroup_limit", "parse_vm_size"]
+__all__ = ["available_bytes", "describe_shortfall", "parse_meminfo_available", "parse_cgroup_limit", "parse_vm_size"]
 
 _PROC_SELF_STATUS = Path("/proc/self/status")
 _MEMINFO = Path("/proc/meminfo")
@@ -87,3 +87,14 @@ def _kib_field(text: str, name: str) -> int | None:
             if len(fields) >= 2 and fields[1].isdigit():
                 return int(fields[1]) * 1024
     return None
+
+
+def describe_shortfall(needed: int, available: int) -> tuple[str, str]:
+    """``needed`` and ``available`` bytes (needed > available) as GiB with as many decimals as it takes to show them
+    apart (up to 3; then whole MiB, then bytes), so a message never reads "needs 1.5 GiB but only 1.5 GiB"."""
+    for decimals in range(1, 4):
+        shown = (f"{needed / 2**30:.{decimals}f} GiB", f"{available / 2**30:.{decimals}f} GiB")
+        if shown[0] != shown[1]:
+            return shown
+    shown = (f"{needed / 2**20:,.0f} MiB", f"{available / 2**20:,.0f} MiB")
+    return shown if shown[0] != shown[1] else (f"{needed:,} bytes", f"{available:,} bytes")

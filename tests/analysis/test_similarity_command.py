@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from medtransfer.analysis import similarity_command
+from medtransfer.memory_budget import describe_shortfall
 from medtransfer.analysis.similarity import ALL_MEASURES, compute_similarity
 from medtransfer.analysis.similarity_command import add_arguments, run
 from medtransfer.errors import InputError
@@ -248,7 +249,9 @@ def test_too_many_channels_for_the_memory_left(tmp_path, capsys, monkeypatch):
     needed = similarity_command.peak_bytes(300, 200, list(ALL_MEASURES))
     monkeypatch.setattr(similarity_command, "available_bytes", lambda: needed - 1)
     message = _expect_input_error(capsys, parse(tmp_path / "x.npy", tmp_path / "y.npy"), "x.npy", "y.npy", "channels")
-    assert f"{needed / 2**30:.1f} GiB" in message
+    needed_text, left_text = describe_shortfall(needed, needed - 1)
+    assert f"need about {needed_text} of memory, but only {left_text} may be allocated" in message
+    assert needed_text != left_text
 
 
 def test_peak_estimate_covers_the_finalisation_it_guards():

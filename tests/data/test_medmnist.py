@@ -119,8 +119,10 @@ def test_pickled_object_arrays_are_not_loaded(tmp_path, medmnist_npz):
         arrays = {key: raw[key] for key in raw.files}
     arrays["train_labels"] = np.array([object()] * 30, dtype=object)
     np.savez(path, **arrays)
-    with pytest.raises(DataError, match="pickled object arrays"):
+    # named for what it is, not as a truncated file to download again
+    with pytest.raises(DataError, match=r"member train_labels holds Python objects \(dtype object\)") as caught:
         read_medmnist_npz(path, ["a", "b"])
+    assert "download" not in str(caught.value) and "truncated" not in str(caught.value)
 
 
 def _rewrite(path, **changes):
@@ -135,9 +137,60 @@ def test_wrong_rank(tmp_path, medmnist_npz):
     _rewrite(path, train_images=np.zeros((30, 4, 8, 8, 8), dtype=np.uint8))
     with pytest.raises(DataError, match="3D subsets are not supported"):
         read_medmnist_npz(path, ["a", "b"])
-    _rewrite(path, train_images=np.zeros((30, 8, 8, 2), dtype=np.uint8))
-    with pytest.raises(DataError, match=r"train_images has shape \(30, 8, 8, 2\)"):
+    _rewrite(path, train_images=np.zeros((30, 8, 8, 5), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"train_images has shape \(30, 8, 8, 5\)"):
         read_medmnist_npz(path, ["a", "b"])
+    for channels in (2, 4):  # grey + alpha, RGBA: a channel count, not a 3D subset
+        _rewrite(path, train_images=np.zeros((30, 8, 8, channels), dtype=np.uint8))
+        with pytest.raises(DataError, match=f"train_images has {channels} channels per pixel .*expected 1 \\(grey\\) "
+                                            "or 3 \\(RGB\\)") as caught:
+            read_medmnist_npz(path, ["a", "b"])
+        assert "3D" not in str(caught.value)
+
+
+def test_arrays_larger_than_this_process_may_allocate_are_refused_before_reading(tmp_path, medmnist_npz, monkeypatch):
+    import medtransfer.data.medmnist as medmnist
+
+    path = medmnist_npz(tmp_path / "d.npz")
+    _rewrite(path, train_images=np.zeros((30, 512, 512), dtype=np.uint8))  # 7.5 MiB of arrays in a small file
+    monkeypatch.setattr(medmnist, "available_bytes", lambda: 5 * 2**20)
+    with pytest.raises(DataError, match=r"its arrays need 7\.\d+ MiB|its arrays need 0\.0\d+ GiB, more than the "
+                                        r"0\.0\d+ GiB this process may still allocate"):
+        read_medmnist_npz(path, ["a", "b"])
+    monkeypatch.setattr(medmnist, "available_bytes", lambda: None)  # limits unknown: read, then judged on content
+    with pytest.raises(DataError, match="train/val/test images differ in shape"):
+        read_medmnist_npz(path, ["a", "b"])
+
+
+def test_an_npz_bomb_under_ulimit_v_is_one_line_and_exit_2(tmp_path, medmnist_npz):
+    """A compressed member claiming far more than `ulimit -v` leaves: refused from the header, in a real process
+    whose address space is capped (RLIMIT_AS) once the libraries are loaded."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = medmnist_npz(tmp_path / "d.npz")
+    with np.load(path) as raw:
+        arrays = {key: raw[key] for key in raw.files}
+    arrays["train_images"] = np.zeros((30, 2048, 2048), dtype=np.uint8)  # 120 MiB of zeros, compressed to ~120 KiB
+    np.savez_compressed(path, **arrays)
+    assert path.stat().st_size < 2**20
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from medtransfer.data.medmnist import read_medmnist_npz
+        from medtransfer.errors import DataError
+        from medtransfer.memory_budget import parse_vm_size
+        mapped = parse_vm_size(open("/proc/self/status").read())
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + 64 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        try:
+            read_medmnist_npz({str(path)!r}, ["a", "b"])
+        except DataError as error:
+            print(error.one_line(), file=sys.stderr)
+            sys.exit(2)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and "this process may still allocate" in done.stderr
 
 
 def test_float_images_convert_only_when_unambiguous(tmp_path, medmnist_npz):

@@ -30,7 +30,7 @@ from medtransfer.analysis.similarity import (
     SimilarityResult,
 )
 from medtransfer.errors import InputError
-from medtransfer.memory_budget import available_bytes
+from medtransfer.memory_budget import available_bytes, describe_shortfall
 
 __all__ = ["add_arguments", "run", "parse_measures", "compute", "format_table", "to_json_dict"]
 
@@ -210,9 +210,10 @@ def peak_bytes(p: int, q: int, measures: list[str], gram_precision: str = "float
 def _check_memory(needed: int, x_path: Path, y_path: Path, p: int, q: int) -> None:
     available = available_bytes()
     if available is not None and needed > available:
+        needed_text, available_text = describe_shortfall(needed, available)
         raise InputError(
-            f"{p} + {q} channels need about {needed / 2**30:.1f} GiB of memory, "
-            f"but only {available / 2**30:.1f} GiB may be allocated here (memory limits and free memory)",
+            f"{p} + {q} channels need about {needed_text} of memory, "
+            f"but only {available_text} may be allocated here (memory limits and free memory)",
             where=f"{x_path}, {y_path}",
             fix=_FEWER_CHANNELS,
         )

@@ -7,7 +7,6 @@ ChestMNIST, which need an explicit rule to become one label).
 
 from __future__ import annotations
 
-import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -18,6 +17,7 @@ from medtransfer.config import MultiLabelRule
 from medtransfer.data.dataset import SPLIT_CODES, ImageDataset, images_as_uint8
 from medtransfer.data.labels import LabelResolver
 from medtransfer.errors import DataError
+from medtransfer.memory_budget import available_bytes, describe_shortfall
 
 MEDMNIST_SPLITS = ("train", "val", "test")
 
@@ -98,6 +98,9 @@ def _load_npz_arrays(path: Path) -> dict[str, np.ndarray]:
             return {key: np.asarray(archive[key]) for key in required}
     except DataError:
         raise
+    except MemoryError:  # the check above reads the limits once; another process may have taken memory since
+        raise DataError("ran out of memory reading its arrays", where=where,
+                        fix="raise the limit (ulimit -v, the container's memory) or free memory and run it again") from None
     except ValueError as error:
         if "allow_pickle" in str(error) or "Object arrays" in str(error):
             raise DataError(
@@ -121,15 +124,22 @@ def _check_claimed_sizes(archive: zipfile.ZipFile, keys: list[str], where: str) 
             version = np.lib.format.read_magic(member)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read_header(member)
+        if dtype.hasobject:  # its size says nothing; np.load refuses it anyway, say why here
+            raise DataError(f"member {key} holds Python objects (dtype {dtype}), which are not loaded for safety",
+                            where=where, fix="store plain numeric arrays (e.g. labels as int64)")
         claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if claimed > info.file_size:
             raise DataError(f"member {key} claims shape {shape} of {dtype} ({claimed:,} bytes) but holds "
                             f"{info.file_size:,} bytes", where=where, fix="download it again or replace it with an intact copy")
         total += claimed
-    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if total > memory:
-        raise DataError(f"its arrays need {total / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.1f} GiB "
-                        "of memory", where=where, fix="prepare it on a machine with more memory")
+    # What this process may still allocate (ulimit -v, a cgroup's memory.max, available memory), not the machine's
+    # RAM: a compressed member of a few MB can claim gigabytes that only the limit refuses.
+    available = available_bytes()
+    if available is not None and total > available:
+        needed_text, available_text = describe_shortfall(total, available)
+        raise DataError(f"its arrays need {needed_text}, more than the {available_text} this process may still "
+                        "allocate (memory limits and free memory)", where=where,
+                        fix="raise the limit (ulimit -v, the container's memory) or prepare it on a larger machine")
 
 
 def _corrupt(where: str) -> DataError:
@@ -143,6 +153,12 @@ def _corrupt(where: str) -> DataError:
 def _as_nhwc_uint8(images: np.ndarray, key: str, where: str) -> np.ndarray:
     if images.ndim == 3:
         images = images[..., np.newaxis]
+    if images.ndim == 4 and images.shape[-1] in (2, 4):
+        raise DataError(
+            f"{key} has {images.shape[-1]} channels per pixel (shape {images.shape}); expected 1 (grey) or 3 (RGB)",
+            where=where,
+            fix="drop the alpha channel (keep [..., :3]) or convert the images to grey or RGB",
+        )
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise DataError(
             f"{key} has shape {images.shape}; expected (N, H, W) or (N, H, W, 1 or 3)",
