@@ -13,8 +13,19 @@ import sys
 import pytest
 
 from medtransfer.atomic_files import (
-    atomic_directory, atomic_write, atomic_write_text, current_umask, lock_path, restore_interrupted,
+    atomic_directory, atomic_write, atomic_write_text, current_umask, exchange_paths, lock_path, restore_interrupted,
 )
+
+
+def exchange_supported(folder):
+    """Whether this file system swaps two folders in one step (tmpfs, ext4, xfs and btrfs do)."""
+    (folder / "probe_a").mkdir()
+    (folder / "probe_b").mkdir()
+    try:
+        return exchange_paths(folder / "probe_a", folder / "probe_b")
+    finally:
+        (folder / "probe_a").rmdir()
+        (folder / "probe_b").rmdir()
 from medtransfer.errors import as_user_error
 
 
@@ -70,6 +81,10 @@ def dying(function, name):
 
 for name in ("mkdir", "rename", "replace", "rmdir", "unlink"):
     setattr(os, name, dying(getattr(os, name), name))
+import medtransfer.atomic_files as atomic_files
+if os.environ.get("TEST_NO_EXCHANGE"):  # the fallback of file systems without RENAME_EXCHANGE: two renames
+    atomic_files.exchange_paths = lambda first, second: False
+atomic_files.exchange_paths = dying(atomic_files.exchange_paths, "exchange")
 with atomic_directory(final) as staging:
     for name in sys.argv[4:]:
         (staging / name).write_text(label)
@@ -93,14 +108,18 @@ def _labels(final):
     return {(final / name).read_text() for name in FILES}
 
 
-def _run_killed_writer(final, label, kill_at):
+def _run_killed_writer(final, label, kill_at, exchange=True):
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **({} if exchange else {"TEST_NO_EXCHANGE": "1"})}
     return subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(final), label, str(kill_at), *FILES],
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True,
-                          timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
 @pytest.mark.parametrize("previous", [True, False], ids=["replacing", "first-write"])
-def test_a_writer_killed_at_any_instant_leaves_the_old_or_the_new_output_and_a_rerun_cleans_up(tmp_path, previous):
+def test_a_writer_killed_at_any_instant_leaves_the_old_or_the_new_output_and_a_rerun_cleans_up(tmp_path, previous,
+                                                                                                 exchange):
+    if exchange and not exchange_supported(tmp_path):
+        pytest.skip("this file system cannot exchange two folders (RENAME_EXCHANGE)")
     outcomes = []
     for kill_at in range(1, 40):
         folder = tmp_path / str(kill_at)
@@ -108,10 +127,12 @@ def test_a_writer_killed_at_any_instant_leaves_the_old_or_the_new_output_and_a_r
         if previous:
             _write_folder(final, "old")
             # earlier runs of the same writer were killed too: their leftovers must not confuse this one
-        result = _run_killed_writer(final, "new", kill_at)
+        result = _run_killed_writer(final, "new", kill_at, exchange)
         if result.returncode == 0:
             break
         assert result.returncode == -signal.SIGKILL, result.stderr
+        if previous and exchange:
+            assert final.exists(), "with RENAME_EXCHANGE the output is never missing, whenever the writer dies"
         restore_interrupted(final)  # what a reader (load_prepared) does when the output is missing
         seen = _labels(final) if final.exists() else set()
         assert seen in ({"old"}, {"new"}) if previous else seen in (set(), {"new"})
@@ -130,7 +151,7 @@ def test_a_writer_killed_at_any_instant_leaves_the_old_or_the_new_output_and_a_r
 def test_a_rerun_puts_back_the_output_a_writer_killed_between_the_renames_had_retired(tmp_path):
     final = tmp_path / "prepared"
     _write_folder(final, "old")
-    result = _run_killed_writer(final, "new", "rename:2")  # the first moves the old output aside
+    result = _run_killed_writer(final, "new", "rename:2", exchange=False)  # the first moves the old output aside
     assert result.returncode == -signal.SIGKILL
     assert not final.exists(), "the kill did not land between the two renames"
     assert any(p.name.endswith(".old") for p in tmp_path.iterdir()) and any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
@@ -251,3 +272,15 @@ def test_a_full_disk_names_the_output_it_was_writing(tmp_path):
     assert "no space left on device" in fault.one_line() and str(tmp_path) in fault.one_line()
     assert sorted(entry.name for entry in tmp_path.iterdir()) == [".prepared.lock", "results"]
     assert list((tmp_path / "results").iterdir()) == []
+
+
+def test_exchange_swaps_two_folders_and_names_a_missing_one(tmp_path):
+    if not exchange_supported(tmp_path):
+        pytest.skip("this file system cannot exchange two folders (RENAME_EXCHANGE)")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "from_a").write_text("a")
+    (tmp_path / "b").mkdir()
+    assert exchange_paths(tmp_path / "a", tmp_path / "b")
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["from_a"] and not list((tmp_path / "a").iterdir())
+    with pytest.raises(FileNotFoundError):
+        exchange_paths(tmp_path / "a", tmp_path / "missing")

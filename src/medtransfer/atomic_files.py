@@ -8,6 +8,7 @@ readable by its group or a web server.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -155,15 +156,35 @@ def restore_interrupted(final: Path) -> None:
             _recover(final)
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux `renameat2` with RENAME_EXCHANGE); False where the C library,
+    kernel or file system cannot, so the caller falls back to two renames. Other failures raise OSError."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `final`; on success it replaces `final`, on error it is removed.
 
     Writers of one `final` take turns on an exclusive lock (`lock_path`) held from start to end, so two concurrent
     writers end with one whole output, the later one's. A folder cannot be renamed over a non-empty one, so an
-    existing `final` is first moved aside and deleted only after the new one is in place; a writer killed between
-    those renames leaves the previous output in a retired sibling, which the next writer (or `restore_interrupted`)
-    puts back before anything else, and deletes the leftovers of killed writers.
+    existing `final` is swapped with the new one in one step where Linux allows it (`exchange_paths`), so readers
+    never find it missing; elsewhere it is first moved aside and deleted only after the new one is in place, and a
+    writer killed between those renames leaves the previous output in a retired sibling, which the next writer (or
+    `restore_interrupted`) puts back before anything else, and deletes the leftovers of killed writers.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +200,9 @@ def atomic_directory(final: Path) -> Iterator[Path]:
             raise
         if final.is_dir():
             _keep_modes(staging, final)
+            if exchange_paths(staging, final):  # one step: `final` is never missing, the old output sits in staging
+                shutil.rmtree(staging, ignore_errors=True)
+                return
         retired = None
         if final.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))

@@ -21,8 +21,10 @@ import os
 import threading
 import time
 import warnings
+from pathlib import Path
 
 from medtransfer.errors import ConfigError, UserError
+from medtransfer.store_check import check_server_reachable, masked
 
 JOURNAL_PREFIX = "journal:"
 HEARTBEAT_SECONDS = 30
@@ -50,6 +52,11 @@ class WorkerStalled(UserError):
     reach), not in the input or the code."""
 
 
+_WHERE = "stores.optuna_storage"
+_URL_FIX = ("use sqlite:///optuna.db, journal:optuna.log, or a reachable database URL such as "
+            "postgresql+psycopg2://user@host/db")
+
+
 def create_storage(url: str, on_failed_trial=None, *, heartbeat_seconds: int = HEARTBEAT_SECONDS,
                    grace_seconds: int = GRACE_SECONDS):
     """An Optuna storage object for `url` (already resolved against the repository root). `on_failed_trial(study,
@@ -60,16 +67,23 @@ def create_storage(url: str, on_failed_trial=None, *, heartbeat_seconds: int = H
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if url.startswith(JOURNAL_PREFIX):
-        return JournalStorage(JournalFileBackend(url[len(JOURNAL_PREFIX):]))
-    if url.startswith("sqlite:"):
-        return RDBStorage(url, engine_kwargs=bounded_engine_kwargs(url))
+        journal = Path(url[len(JOURNAL_PREFIX):])
+        if not journal.parent.is_dir():
+            raise ConfigError(f"the Optuna journal's folder {journal.parent} does not exist", where=_WHERE,
+                              fix="create the folder, or point stores.optuna_storage at an existing one")
+        try:
+            return JournalStorage(JournalFileBackend(str(journal)))
+        except OSError as error:
+            raise ConfigError(f"cannot open the Optuna journal {journal} ({error.strerror or error})", where=_WHERE,
+                              fix="make the file and its folder writable by this user") from None
     if "://" not in url:
-        raise ConfigError(
-            f"'{url}' is not an Optuna storage URL",
-            where="stores.optuna_storage",
-            fix="use sqlite:///optuna.db, journal:optuna.log, or a database URL such as postgresql://user@host/db",
-        )
+        raise ConfigError(f"'{url}' is not an Optuna storage URL", where=_WHERE, fix=_URL_FIX)
+    check_server_reachable(url, _WHERE)  # a dead address: one line within the store timeout, not driver retries
     try:
+        if url.startswith("sqlite:"):
+            storage = RDBStorage(url, engine_kwargs=bounded_engine_kwargs(url))
+            storage.get_all_studies()  # reads the file: a file that is not a database fails here, not mid-search
+            return storage
         # Workers starting together would race to create Optuna's tables (PostgreSQL refuses the second CREATE
         # TYPE): the first creates them under a database lock, the others then find them.
         schema_lock = (advisory_lock(url, lock_key("optuna-schema"), wait_seconds=SCHEMA_LOCK_WAIT_SECONDS,
@@ -85,8 +99,12 @@ def create_storage(url: str, on_failed_trial=None, *, heartbeat_seconds: int = H
                 grace_period=grace_seconds,
                 heartbeat_stale_trial_callback=_then_retry(on_failed_trial, RetryHeartbeatStaleTrialCallback(max_retry=3)),
             )
-    except (optuna.exceptions.StorageInternalError, ImportError, ValueError) as error:
-        raise ConfigError(f"cannot open the Optuna storage ({type(error).__name__}: {error})", where="stores.optuna_storage") from None
+    except (WorkerStalled, ConfigError):
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure to open the storage is the storage's, said in one line
+        detail = " ".join(str(getattr(error, "orig", None) or error).split())[:200]
+        raise ConfigError(f"cannot open the Optuna storage {masked(url)} ({type(error).__name__}: {detail})",
+                          where=_WHERE, fix=_URL_FIX) from None
 
 
 def bounded_engine_kwargs(url: str) -> dict:

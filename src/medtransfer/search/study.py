@@ -105,6 +105,8 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
     }
     if pipeline_run_id():
         parent_tags["mlflow.parentRunId"] = pipeline_run_id()  # shown under the pipeline's run in the UI
+    # Opened before any run exists: a storage that cannot be used stops here with one line, leaving no FAILED run.
+    storage = _storage(config, client) if request.preset is None else None
     parent_id = find_or_create_parent(client, experiment_id, name, parent_tags)
     if launcher_run_id:
         client.set_tag(launcher_run_id, Tag.STUDY, name)
@@ -119,7 +121,7 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
             best_params, best_trial, complete = {}, request.preset, []
             settings = PRESETS[request.preset]
         else:
-            study = _open_study(config, name, client)
+            study = _open_study(config, name, storage, client)
             # A worker that dies mid-trial leaves its trial to the survivors: once failed (heartbeat) and re-queued,
             # it is run in a further round, so the study still ends with the requested number of COMPLETE trials.
             for _round in range(1 + config.search.max_failed_attempts):
@@ -148,14 +150,18 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
 # -- trials --------------------------------------------------------------------------------------------------------
 
 
-def _open_study(config: Config, name: str, client):
+def _storage(config: Config, client):
+    """The configured Optuna storage, whose heartbeat closes a stale trial's MLflow run before the trial is retried."""
+    return create_storage(config.optuna_storage, on_failed_trial=mlflow_run_closer(client),
+                          heartbeat_seconds=config.stores.optuna_heartbeat_seconds,
+                          grace_seconds=config.stores.optuna_grace_seconds)
+
+
+def _open_study(config: Config, name: str, storage, client):
     import optuna
 
     close_mlflow_run = mlflow_run_closer(client)
     search = config.search
-    storage = create_storage(config.optuna_storage, on_failed_trial=close_mlflow_run,
-                             heartbeat_seconds=config.stores.optuna_heartbeat_seconds,
-                             grace_seconds=config.stores.optuna_grace_seconds)
     study = optuna.create_study(
         storage=storage,
         study_name=name,
@@ -178,15 +184,17 @@ def _run_trials(config: Config, study, request: SearchRequest, target: int, sour
 
     search = config.search
 
-    def enough_already(trial) -> bool:
+    def taken_slots(trial) -> int:
+        """Trials that count toward the target besides this one: complete, or running in another worker."""
         trials = study.get_trials(deepcopy=False)
         complete = len(only_complete(trials))
         running = sum(t.state == TrialState.RUNNING and t.number != trial.number and not t.user_attrs.get(SURPLUS_ATTR)
                       for t in trials)
-        return complete + running >= target
+        return complete + running
 
     def objective(trial) -> float:
-        if enough_already(trial):
+        taken = taken_slots(trial)
+        if taken >= target:
             # Other workers hold the remaining trials: record this one as surplus and stop, so the study ends with
             # exactly the requested number of COMPLETE trials.
             trial.set_user_attr(SURPLUS_ATTR, True)
@@ -218,6 +226,8 @@ def _run_trials(config: Config, study, request: SearchRequest, target: int, sour
                                 source_version=source_version),
                 on_epoch_end=report,
                 log_model=False,
+                # the log's epoch lines: which trial of how many (the slot it fills; a retried trial reuses one)
+                run_name=f"search {request.dataset}.{request.source}.{request.regime} trial {taken + 1}/{target}",
                 use_active_run=True,
                 extra_tags={Tag.STUDY: name, Tag.TRIAL: str(trial.number), Tag.STEP: STEP_TRIAL},
             )
