@@ -176,3 +176,50 @@ def test_conv1_panels_show_every_model_with_a_caption(monkeypatch, tmp_path):
     figure = drawn["figure"]
     assert [axis.get_title() for axis in figure.axes] == ["natural", "medical", "random init"]
     assert "each filter min-max normalised" in [text.get_text() for text in figure.texts]
+
+
+def _readable_at_print_size(figure):
+    """Every visible text is at least 8 pt; every legend lists each series once, sits outside its panel's data area
+    and inside the figure."""
+    figure.tight_layout()
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    texts = [text for text in figure.findobj(lambda artist: hasattr(artist, "get_fontsize") and
+                                             hasattr(artist, "get_text"))
+             if text.get_text().strip() and text.get_visible()]
+    small = sorted({(text.get_text(), text.get_fontsize()) for text in texts if text.get_fontsize() < 8})
+    assert not small, f"texts below 8 pt: {small[:5]}"
+    frame = figure.bbox
+    for axis in figure.axes:
+        legend = axis.get_legend()
+        if legend is None:
+            continue
+        labels = [text.get_text() for text in legend.get_texts()]
+        assert len(labels) == len(set(labels)), f"a series listed twice: {labels}"
+        box, data = legend.get_window_extent(renderer), axis.get_window_extent(renderer)
+        overlap_w = min(box.x1, data.x1) - max(box.x0, data.x0)
+        overlap_h = min(box.y1, data.y1) - max(box.y0, data.y0)
+        assert overlap_w <= 1 or overlap_h <= 1, f"the legend {labels} covers the panel '{axis.get_title()}'"
+        assert box.x0 >= frame.x0 - 1 and box.x1 <= frame.x1 + 1 and box.y0 >= frame.y0 - 1, "legend cut off"
+
+
+def test_the_report_figures_are_readable_at_print_size(monkeypatch, tmp_path):
+    from medtransfer.analysis import plots
+    from medtransfer.layout import PAIR_KIND_TITLES
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.append(figure))
+    layers = ("stem", "stage1", "stage2", "stage3", "stage4")
+    groups = [(kind, PAIR_KIND_TITLES[kind]) for kind in ("source_vs_finetuned", "pretrained_vs_pretrained",
+                                                          "finetuned_vs_finetuned")]
+    plots.plot_layer_panels(_summary_rows(layers), "cka", layers, tmp_path / "p.png", title="t", groups=groups,
+                            floor_kinds=("random_vs_random", "shuffled"))
+    points = [{"source": source, "regime": "full", "layer": layer, "cca": 0.2 + 0.1 * fold, "relative_gain": 0.1 * fold,
+               "pearson_cca_layer_source": -0.5, "reliable_cca": "false" if fold == 0 else "true"}
+              for source in ("medical", "natural", "random") for layer in layers for fold in range(3)]
+    plots.plot_similarity_vs_gain_by_measure(points, layers, ("cca",), tmp_path / "g.png", title="t")
+    rows = [{"pair": "medical vs natural", "regime": "full", "error_agreement": 0.4, "error_agreement_chance": 0.3}]
+    plots.plot_prediction_agreement(rows, tmp_path / "a.png", title="t")
+    assert len(drawn) == 3
+    for figure in drawn:
+        _readable_at_print_size(figure)

@@ -33,6 +33,24 @@ def _pyplot():
     return plt
 
 
+#: The smallest font on a figure: readable when the PNG is printed at its size.
+MIN_FONT = 8
+
+
+def outside_legend(axis, *, below: bool = False) -> None:
+    """The axis's legend, one entry per labelled series, outside its data: below the panel (``below``, for grids of
+    panels) or to its right."""
+    handles, labels = axis.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # a label drawn twice (two scatters of one series) is listed once
+    if not unique:
+        return
+    if below:
+        axis.legend(unique.values(), unique.keys(), fontsize=MIN_FONT, loc="upper center",
+                    bbox_to_anchor=(0.5, -0.2), frameon=False)
+    else:
+        axis.legend(unique.values(), unique.keys(), fontsize=MIN_FONT, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
 def _save(figure, path: Path) -> None:
     plt = _pyplot()
     buffer = io.BytesIO()
@@ -81,10 +99,10 @@ def plot_prediction_agreement(rows: Sequence[dict], path: Path, *, title: str) -
         axis.bar(index - 0.2, means[0], 0.4, yerr=sds[0], capsize=3, color="tab:blue", label="observed" if index == 0 else None)
         axis.bar(index + 0.2, means[1], 0.4, yerr=sds[1], capsize=3, color="tab:grey", label="chance" if index == 0 else None)
         labels.append(f"{pair}\n({regime})" if regime else pair)
-    axis.set_xticks(range(len(labels)), labels, fontsize=7)
+    axis.set_xticks(range(len(labels)), labels, fontsize=MIN_FONT)
     axis.set(ylabel="error agreement", ylim=(0, 1.05), title=title)
     if groups:
-        axis.legend(fontsize=7)
+        outside_legend(axis)
     _save(figure, path)
 
 
@@ -180,7 +198,7 @@ def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[st
     present = [(kind, name) for kind, name in groups if any(row["pair_kind"] == kind for row in rows)]
     columns = min(3, max(1, len(present)))
     panel_rows = max(1, math.ceil(len(present) / columns))
-    figure, axes = plt.subplots(panel_rows, columns, figsize=(4.2 * columns, 3.3 * panel_rows + 0.6), dpi=110,
+    figure, axes = plt.subplots(panel_rows, columns, figsize=(4.4 * columns, 4.6 * panel_rows + 0.6), dpi=110,
                                 sharey=True, squeeze=False)
     x = np.arange(len(layers))
     low, high = MEASURE_RANGES.get(measure, (0.0, 1.0))
@@ -221,11 +239,11 @@ def plot_layer_panels(summary: Sequence[dict], measure: str, layers: Sequence[st
             any_hollow = True
             add_unreliable_legend(axis)
         axis.set_title(name, fontsize=9)
-        axis.set_xticks(x, list(layers), fontsize=7, rotation=0 if len(layers) <= 6 else 40,
+        axis.set_xticks(x, list(layers), fontsize=MIN_FONT, rotation=0 if len(layers) <= 6 else 40,
                         ha="center" if len(layers) <= 6 else "right")
         axis.set_xlabel("layer", fontsize=8)
         axis.set_ylim(low - 0.03 * (high - low), high + 0.03 * (high - low))
-        axis.legend(fontsize=6, loc="best")
+        outside_legend(axis, below=True)
     for axis in axes[:, 0]:
         axis.set_ylabel(MEASURE_NAMES.get(measure, measure), fontsize=8)
     for axis in list(axes.flat)[len(present):]:
@@ -262,7 +280,8 @@ def plot_similarity_vs_gain_by_measure(points: Sequence[dict], layers: Sequence[
     source and regime over its own points (the authors' statistic)."""
     plt = _pyplot()
     measures = [m for m in measures if any(m in row for row in points)] or list(measures)[:1]
-    figure, axes = plt.subplots(len(measures), len(layers), figsize=(2.7 * len(layers), 2.5 * len(measures) + 0.5),
+    # room below each panel for its legend (one entry per series), outside the data
+    figure, axes = plt.subplots(len(measures), len(layers), figsize=(3.2 * len(layers), 3.6 * len(measures) + 0.5),
                                 dpi=110, sharey=True, squeeze=False)
     # one series per source and regime, each with its own r (the authors' statistic; never pooled over sources)
     series = sorted({(row["source"], row.get("regime") or "") for row in points})
@@ -294,9 +313,9 @@ def plot_similarity_vs_gain_by_measure(points: Sequence[dict], layers: Sequence[
             axis.axhline(0.0, color="grey", linewidth=0.6, linestyle=":")
             axis.set_xlim(*MEASURE_RANGES.get(measure, (0.0, 1.0)))
             axis.set_title(layer, fontsize=8)
-            axis.set_xlabel(MEASURE_NAMES.get(measure, measure), fontsize=7)
-            axis.legend(fontsize=5.5, loc="best")
-        axes[i, 0].set_ylabel("relative AUC gain\nover random init", fontsize=7)
+            axis.set_xlabel(MEASURE_NAMES.get(measure, measure), fontsize=MIN_FONT)
+            outside_legend(axis, below=True)
+        axes[i, 0].set_ylabel("relative AUC gain\nover random init", fontsize=MIN_FONT)
     if not points:
         axes[0, len(layers) // 2].text(0.5, 0.5, "no random-init baseline", ha="center", va="center",
                                        transform=axes[0, len(layers) // 2].transAxes, fontsize=8)
@@ -318,6 +337,6 @@ def plot_conv1_panels(filters: Sequence[tuple[str, np.ndarray, str]], path: Path
         axes[0, 0].text(0.5, 0.5, "no conv1 weights", ha="center", va="center", transform=axes[0, 0].transAxes)
         axes[0, 0].set_axis_off()
     figure.suptitle(title, fontsize=9)
-    figure.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, wrap=True)
+    figure.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=MIN_FONT, wrap=True)
     figure.subplots_adjust(bottom=0.12)
     _save(figure, path)

@@ -72,7 +72,7 @@ def write_roc_plot(path: Path, labels: np.ndarray, probabilities: np.ndarray, cl
         axis.plot(fpr, tpr, label=f"{classes[column]} (AUC {auc:.3f})")
     axis.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
     axis.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    axis.legend(loc="lower right", fontsize=7)
+    axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
