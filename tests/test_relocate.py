@@ -143,3 +143,31 @@ def test_an_artifact_root_kept_outside_the_study_on_purpose_is_not_refused(tmp_p
     ensure_experiment(config)
     check_store_location(config)  # no error: the store records the configured root
     assert mlflow.get_experiment_by_name("test").artifact_location == shared.as_uri()
+
+
+def test_a_study_copied_into_a_folder_above_the_original_is_refused_until_relocated(original, tmp_path, monkeypatch):
+    for variable in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    parent = tmp_path / "parent"
+    inner = parent / "study"
+    shutil.copytree(original, inner, symlinks=True)
+    relocate_store(load_config(inner / "params.yaml"))  # the original study now lives in parent/study
+    for entry in inner.iterdir():  # ... and is copied into the folder above it (`cp -a study/* .`)
+        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, parent / entry.name)
+    config = load_config(parent / "params.yaml")
+    # the copy's store still points into parent/study: "inside this folder", yet the original's artifacts
+    with pytest.raises(ConfigError, match=f"inside another study's folder {inner}.*relocate --from {inner}"):
+        check_store_location(config)
+    relocate_store(config, inner)
+    check_store_location(config)
+    assert all(path.startswith(((parent / "mlartifacts").as_uri(), str(parent / "mlartifacts")))
+               for path in _recorded_paths(parent / "mlflow.db")), _recorded_paths(parent / "mlflow.db")
+
+
+def test_relocate_from_a_folder_the_store_never_recorded_changes_nothing_and_says_so(moved):
+    store = moved / "mlflow.db"
+    before = store.read_bytes()
+    with pytest.raises(ConfigError, match="records no path under /nonexistent; nothing was changed"):
+        relocate_store(load_config(moved / "params.yaml"), Path("/nonexistent"))
+    assert store.read_bytes() == before
+    assert [p.name for p in moved.iterdir() if p.name.startswith(".")] == []

@@ -95,6 +95,24 @@ def check_store_location(config) -> None:
             where=str(store),
             fix=f"run 'medtransfer relocate' in {root} to point the store at this folder's artifacts",
         )
+    other = _other_study_between(recorded, root) if recorded is not None else None
+    if other is not None:  # a study copied into a folder above the original: both are "inside" the copy
+        raise ConfigError(
+            f"the tracking store keeps experiment '{config.stores.experiment}' artifacts in {recorded}, inside "
+            f"another study's folder {other}, not this study's (was the study copied into a folder above it?)",
+            where=str(store),
+            fix=f"run 'medtransfer relocate --from {other}' in {root} to point the store at this folder's artifacts",
+        )
+
+
+def _other_study_between(recorded: Path, root: Path) -> Path | None:
+    """The nearest folder strictly between `root` and `recorded` that holds its own params.yaml, if any."""
+    for folder in recorded.parents:
+        if folder == root or not _inside(folder, root):
+            return None
+        if (folder / "params.yaml").is_file():
+            return folder
+    return None
 
 
 def _old_root(recorded: Path, artifact_root: Path, root: Path) -> Path | None:
@@ -171,6 +189,7 @@ def relocate_store(config, old_root: Path | None = None) -> Relocation:
             where=f"{config.source_file}: stores",
             fix="point stores.tracking_uri and stores.artifact_root at paths inside the study folder",
         )
+    explicit = old_root is not None
     if old_root is None:
         recorded = _recorded_artifact_location(store, config.stores.experiment)
         if recorded is None:
@@ -193,6 +212,11 @@ def relocate_store(config, old_root: Path | None = None) -> Relocation:
             source.backup(copy)
             with copy:  # one transaction: the copy is rewritten whole or not at all
                 changed = _rewrite_database(copy, old_root, new_root)
+        if changed == 0:  # nothing recorded there: the store stays as it was, and a wrong --from is said so
+            if explicit:
+                raise ConfigError(f"the tracking store records no path under {old_root}; nothing was changed",
+                                  where=str(store), fix="pass --from the folder the study was copied from")
+            return Relocation(store, old_root, new_root, 0)
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
         os.chmod(temporary, os.stat(store).st_mode & 0o7777)  # mkstemp's file is owner-only
