@@ -45,7 +45,12 @@ def noise_floor_pair(description: str) -> tuple[np.ndarray, dict[str, np.ndarray
     parser.add_argument("--size", type=int, default=56, help="images are enlarged (nearest) to this size")
     parser.add_argument("--images", type=int, default=156)
     args = parser.parse_args()
-    images = np.load(args.npz)["test_images"][: args.images]
+    try:
+        with np.load(args.npz) as archive:
+            images = archive["test_images"][: args.images]
+    except (OSError, KeyError, ValueError) as error:  # one line, not a traceback: say what the script needs
+        parser.exit(2, f"{parser.prog}: cannot read {args.npz} ({type(error).__name__}: {error}); it needs a MedMNIST-"
+                       "layout .npz with test_images, e.g. data/breastmnist/breastmnist.npz from this repository\n")
     factor = max(1, args.size // images.shape[1])
     images = images.repeat(factor, axis=1).repeat(factor, axis=2)
     return images, stage_rows(0, images, ROWS_PER_LAYER), stage_rows(1, images, ROWS_PER_LAYER)

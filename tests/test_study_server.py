@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
 import os
@@ -136,6 +137,11 @@ def test_the_study_runs_every_stage_and_writes_the_report(project, study, markdo
     for stage in ("prepare@target", "source@tiny", "search@target-tiny-full", "extract@target", "compare@target",
                   "search@second-random-full", "compare@second", "summary", "report"):
         assert f"Running stage '{stage}'" in result.stdout, stage
+    # Each epoch line names its trial or final fit; the libraries' warnings and registry chatter stay out.
+    assert "search target.tiny.full trial 1/1 full epoch 1/2" in result.stdout
+    assert "search target.tiny.full final fit fold 1 (2/2) full epoch 1/2" in result.stdout
+    for chatter in ("ExperimentalWarning", "already exists. Creating a new version", "Created version"):
+        assert chatter not in result.stdout + result.stderr, chatter
     report = (project / "reports/report.md").read_text()
     assert not re.search(r"\bnan\b", report, re.IGNORECASE)
     (auc_row,) = [row for row in markdown_table(report, "## Test AUC ×100 (mean ± sd over folds)")
@@ -197,6 +203,9 @@ def test_runs_form_a_parent_with_a_child_per_step_and_trials_below_searches(serv
     (parent,) = by_step["study"]
     study_id = parent["info"]["run_id"]
     assert parent["info"]["status"] == "FINISHED" and parent["info"]["run_name"] == "study tiny"
+    kind = {tag["key"]: tag["value"] for tag in experiment.get("tags", [])}
+    assert kind["mlflow.experimentKind"] == "custom_model_development"
+    assert "a tiny study for the server test" in kind["mlflow.note.content"]
     assert {"stages_run", "stages_up_to_date"} <= {metric["key"] for metric in parent["data"]["metrics"]}
     for step in ("prepare", "pretrain", "source", "extract", "compare", "report"):
         assert by_step.get(step), f"no {step} run"
@@ -248,6 +257,17 @@ def _dump_dom(chromium, project, url):
     return page.stdout
 
 
+def _text(dom: str) -> str:
+    """A page's visible words: tags dropped, entities decoded, white space collapsed."""
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom)))
+
+
+def _readme_url(marker: str) -> str:
+    """The first MLflow UI address in README.md that contains ``marker``."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return next(url for url in re.findall(r"http://127\.0\.0\.1:5000/\S+", readme) if marker in url)
+
+
 def test_the_ui_pages_name_the_sources_and_link_the_source_version(project, server, study, require_tool):
     """Headless Chromium renders the MLflow UI (required under CI): the runs page lists the study; a comparison of
     the final fits of fold 0 of three sources heads each column with its source; a fine-tuned version links to its source version."""
@@ -257,6 +277,13 @@ def test_the_ui_pages_name_the_sources_and_link_the_source_version(project, serv
     _, experiment = study
     experiment_id = experiment["experiment_id"]
     assert "study tiny" in _dump_dom(chromium, project, f"{server}/#/experiments/{experiment_id}/runs")
+    # The README's URL of the current final fits opens the model-training runs table with one fit per fold and
+    # source of each target (2 targets x 3 sources x 2 folds), not the GenAI view.
+    readme_url = _readme_url("searchFilter").replace("http://127.0.0.1:5000", server)
+    listed = _text(_dump_dom(chromium, project, readme_url.replace("/experiments/1/", f"/experiments/{experiment_id}/")))
+    assert "Training runs" in listed and "12 matching runs" in listed, listed[-3000:]
+    for source in ("tiny", "tiny_b", "random"):
+        assert f"fit {source}/full fold0" in listed and f"fit {source}/full fold1" in listed, source
 
     fits = _api(server, "runs/search", {"experiment_ids": [experiment_id], "max_results": 1000,
                                         "filter": "tags.step = 'final_fit' and tags.dataset = 'target' "
@@ -267,6 +294,11 @@ def test_the_ui_pages_name_the_sources_and_link_the_source_version(project, serv
     comparison = _dump_dom(chromium, project, f"{server}/#/compare-runs?runs={run_ids}&experiments={experiments}")
     for source in ("tiny", "tiny_b", "random"):  # three sources side by side, each column headed by its own
         assert f"fit {source}/full fold0" in comparison, source
+    # The comparison lists the metrics' names, then their values (shown to 3 decimals), then the common artifacts.
+    metrics, artifacts = _text(comparison).split("Metrics", 1)[1].split("Artifacts", 1)
+    aucs = [next(metric["value"] for metric in run["data"]["metrics"] if metric["key"] == "test_auc") for run in fits]
+    assert "test_auc" in metrics and any(f" {round(auc, 3):g} " in metrics for auc in aucs), metrics[:500]
+    assert artifacts.split()[0] == "roc_curve.png", "the fits' ROC curves are offered side by side"
 
     version = _api(server, "registered-models/alias?name=target.tiny.full&alias=fold0")["model_version"]
     source_version = {tag["key"]: tag["value"] for tag in version["tags"]}["source_version"]
@@ -275,8 +307,18 @@ def test_the_ui_pages_name_the_sources_and_link_the_source_version(project, serv
     assert f"source.tiny v{source_version}</a>" in page and "Source <code>tiny</code>" in page
 
 
-def test_a_second_study_finds_every_step_up_to_date(project, study):
+def test_a_second_study_finds_every_step_up_to_date_and_logs_no_new_run(project, server, study):
+    _, experiment = study
+
+    def study_runs():
+        return _api(server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000,
+                                            "filter": "tags.step = 'study'"})["runs"]
+
+    (first,) = study_runs()
     again = subprocess.run([sys.executable, "-m", "medtransfer", "study"], cwd=project, env=_env(),
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "every step was up to date" in again.stdout, again.stdout[-2000:]
     assert "Running stage" not in again.stdout
+    assert f"the study's last MLflow run is {first['info']['run_id']}" in again.stdout
+    (still,) = study_runs()
+    assert still["info"]["run_id"] == first["info"]["run_id"] and "checked_up_to_date" in _tags(still)

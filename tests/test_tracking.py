@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import pytest
 
@@ -134,3 +136,79 @@ def test_a_launcher_run_in_another_store_is_refused_naming_the_variable(config, 
     _launched(monkeypatch, client.create_run(client.get_experiment_by_name("Default").experiment_id), other)
     with pytest.raises(ConfigError, match=f"export MLFLOW_TRACKING_URI={config.tracking_uri} before"):
         check_launched_run(config)
+
+
+def test_the_experiment_opens_the_model_training_view_and_describes_the_study(config):
+    from medtransfer.tracking import EXPERIMENT_KIND
+
+    use_tracking_store(config)
+    tags = mlflow.MlflowClient().get_experiment(ensure_experiment(config)).tags
+    assert tags["mlflow.experimentKind"] == EXPERIMENT_KIND == "custom_model_development"
+    assert f"profile `{config.project.profile}`" in tags["mlflow.note.content"]
+    assert "tags.superseded = 'false'" in tags["mlflow.note.content"], "the description shows the current-fits filter"
+
+
+def test_an_experiment_made_elsewhere_gets_the_kind_but_keeps_its_own_description(config):
+    use_tracking_store(config)
+    client = mlflow.MlflowClient()
+    made = client.create_experiment(config.stores.experiment, tags={"mlflow.note.content": "mine"})
+    assert ensure_experiment(config) == made
+    tags = client.get_experiment(made).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development" and tags["mlflow.note.content"] == "mine"
+
+
+def test_a_step_run_given_its_start_spans_the_work_under_the_pipeline_run(config, monkeypatch):
+    import time
+
+    from medtransfer.tracking import PIPELINE_RUN_ENV, step_run
+
+    use_tracking_store(config)
+    client = mlflow.MlflowClient()
+    pipeline = client.create_run(ensure_experiment(config), run_name="study demo")
+    monkeypatch.setenv(PIPELINE_RUN_ENV, pipeline.info.run_id)
+    began = time.time() - 100.0  # the work began 100 s before the run is opened to log it
+    with step_run(config, step="compare", run_name="compare t", started=began) as run:
+        mlflow.log_metric("m", 1.0)
+    logged = client.get_run(run.info.run_id)
+    assert logged.info.start_time == int(began * 1000)
+    assert logged.info.end_time - logged.info.start_time >= 100_000
+    assert logged.info.run_name == "compare t" and logged.info.status == "FINISHED"
+    assert logged.data.tags["mlflow.parentRunId"] == pipeline.info.run_id and logged.data.tags["step"] == "compare"
+    with mlflow.start_run(run_id=pipeline.info.run_id):  # inside an active run: nested below it
+        with step_run(config, step="summary", run_name="summary", started=began) as nested:
+            pass
+    assert client.get_run(nested.info.run_id).data.tags["mlflow.parentRunId"] == pipeline.info.run_id
+
+
+@pytest.mark.parametrize(("command", "details", "step", "name"), [
+    ("source", [None, None, "random", None], "source", "mlflow run source random"),
+    ("search", ["target", "random", None, "full"], "launcher", "mlflow run search target random full"),
+])
+def test_a_launcher_run_is_named_and_tagged_before_the_step_works(config, monkeypatch, command, details, step, name):
+    from medtransfer.mlflow_project import label_launched_run
+
+    use_tracking_store(config)
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment(config.stores.experiment)  # as `mlflow run --experiment-name` makes it
+    _launched(monkeypatch, client.create_run(experiment, run_name="judicious-jay-891"), config.tracking_uri)
+    label_launched_run(config, command, details)
+    mlflow_run_id = os.environ["MLFLOW_RUN_ID"]
+    run = client.get_run(mlflow_run_id)
+    assert run.info.run_name == name and run.data.tags["step"] == step
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.set_tag(mlflow_run_id, "step", "source")
+    label_launched_run(config, command, ["other"])  # labelled already (a step renamed it): left alone
+    assert client.get_run(mlflow_run_id).info.run_name == name
+
+
+def test_an_exported_mlflow_tracking_uri_outside_mlflow_run_is_named_as_ignored(config, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@127.0.0.1:9")
+    assert use_tracking_store(config) == config.tracking_uri  # the profile's store, as documented
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "$MLFLOW_TRACKING_URI=http://user:***@127.0.0.1:9 is ignored" in line and "MEDTRANSFER_TRACKING_URI" in line
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking_uri)  # the same store: nothing to say
+    from medtransfer.tracking import _warn_once
+
+    _warn_once.cache_clear()
+    use_tracking_store(config)
+    assert capsys.readouterr().err == ""

@@ -15,6 +15,7 @@ from medtransfer import __version__
 from medtransfer.errors import UserError, as_user_error
 from medtransfer.layout import DEFAULT_REGIME, REGIMES
 from medtransfer.train.protocols import PRESET_NAMES
+from medtransfer.study_guard import watch_study
 
 
 class _OneLineArgumentParser(argparse.ArgumentParser):
@@ -25,9 +26,11 @@ class _OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def _config(args: argparse.Namespace):
-    from medtransfer.mlflow_project import load_step_config
+    from medtransfer.mlflow_project import label_launched_run, load_step_config
 
-    return load_step_config(args.params)
+    config = load_step_config(args.params)
+    label_launched_run(config, args.command, [getattr(args, key, None) for key in ("dataset", "source", "name", "regime")])
+    return config
 
 
 def _add_prepare(commands) -> None:
@@ -305,13 +308,9 @@ def _add_report(commands) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from medtransfer.report import run_report
-    from medtransfer.tracking import log_report
+    from medtransfer.report import write_and_log_report
 
-    config = _config(args)
-    report = run_report(config)
-    log_report(config, report)
-    print(f"wrote {report}")
+    print(f"wrote {write_and_log_report(_config(args))}")
     return 0
 
 
@@ -426,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
+    if args.command != "study":
+        watch_study(args.command)  # a stage of a study: stops once the study is gone (kill -9 included)
     try:
         return int(args.handler(args) or 0)
     except (UserError, OSError) as caught:

@@ -78,6 +78,9 @@ class Tag:
     FOLD = "fold"
     SEED = "seed"
     TEST_AUC = "test_auc"
+    #: On final-fit runs: "false" on the fits a search's pointer names now, "true" on every earlier final fit of the
+    #: same dataset, source and regime (a rerun search replaced it), so a UI filter returns current models only.
+    SUPERSEDED = "superseded"
 
 
 ROLE_SOURCE = "source"

@@ -72,6 +72,34 @@ def check_launched_run(config: Config) -> None:
                  "a medtransfer step (e.g. 'medtransfer study') create it")
 
 
+#: The `step` of an `mlflow run -e search` launcher's run: the search logs under a parent shared by its workers
+#: (`step=search`), so the launcher's own run is only the entry point.
+STEP_LAUNCHER = "launcher"
+
+
+def label_launched_run(config: Config, command: str, details: list[object]) -> None:
+    """Under `mlflow run`, after `check_launched_run`: give the experiment its kind and description
+    (`tracking.experiment_tags`), name the launcher's run (`mlflow run source random`) and tag
+    its `step` unless it has them, so a step that logs nothing of its own (a source already registered, a search,
+    whose runs hang below the shared parent) leaves no randomly named run without a step. A step that logs into the
+    launcher's run (`tracking.step_run`) renames it after its own work."""
+    import mlflow
+
+    from medtransfer.tracking import tag_experiment
+
+    if not launched_by_mlflow_run():
+        return
+    run_id = os.environ["MLFLOW_RUN_ID"]
+    client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)  # the launcher's, as check_launched_run found
+    run = client.get_run(run_id)
+    tag_experiment(client, client.get_experiment(run.info.experiment_id), config)  # made by `mlflow run`, untagged
+    tags = run.data.tags
+    if "step" in tags:  # labelled already
+        return
+    client.set_tag(run_id, "step", STEP_LAUNCHER if command == "search" else command)
+    client.update_run(run_id, name=" ".join(["mlflow run", command, *(str(d) for d in details if d not in (None, ""))]))
+
+
 def optional_count(text: str) -> int | None:
     """argparse type of an optional positive count: '' (an MLproject parameter left at its default) is unset."""
     if text == "":

@@ -11,14 +11,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from medtransfer.config import Config
 from medtransfer.errors import ConfigError, UserError
 from medtransfer.layout import REPORT_ARTIFACT_FOLDER, REPORT_FILE, REPORT_FOLDER, STEP_PIPELINE
+from medtransfer.study_guard import (HOST_TAG, PROCESS_TAG, STUDY_PROCESS_ENV, close_stale_study_runs,
+                                     parent_death_signal, process_identity)
 
 _RAN = re.compile(r"Running stage '([^']+)'")
 _SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
@@ -26,7 +30,7 @@ _SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
 
 @dataclass(frozen=True)
 class PipelineOutcome:
-    run_id: str
+    run_id: str | None  # an up-to-date study's: the last run that did work (None when there is none)
     ran: list[str]
     skipped: list[str]
     report: Path | None
@@ -36,7 +40,8 @@ class PipelineOutcome:
         if self.ran:
             text = f"study: ran {len(self.ran)} stage(s), {len(self.skipped)} up to date; MLflow run {self.run_id}"
         else:
-            text = f"study: every step was up to date ({len(self.skipped)} stages); MLflow run {self.run_id}"
+            where = f"the study's last MLflow run is {self.run_id}" if self.run_id else "no MLflow run was kept"
+            text = f"study: every step was up to date ({len(self.skipped)} stages), nothing logged; {where}"
         return text if self.report is None else f"{text}\nreport: {self.report}"
 
 
@@ -48,13 +53,19 @@ def run_pipeline(config: Config, *, force: bool = False) -> PipelineOutcome:
     """`dvc repro` of the whole pipeline under one MLflow run, each stage that runs a child of it."""
     import mlflow
 
-    from medtransfer.tracking import step_run
+    from medtransfer.tracking import ensure_experiment, step_run, use_tracking_store
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
     if not Path(dvc).exists():
         raise ConfigError("the 'dvc' command is not installed", fix="install medtransfer's dependencies (make install)")
-    # step_run tags it (as every run) with the profile and the code revision.
-    with step_run(config, step=STEP_PIPELINE, run_name=f"study {config.project.profile}") as run:
+    launcher_run = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run`'s own run: it stays, whatever ran
+    use_tracking_store(config)
+    for stale in close_stale_study_runs(mlflow.MlflowClient(), ensure_experiment(config), STEP_PIPELINE):
+        print(f"study: closed run {stale} as KILLED: the study that ran it was killed", flush=True)
+    # step_run tags it (as every run) with the profile and the code revision; the host and process identity let the
+    # next study tell whether it is still running.
+    identity = {HOST_TAG: socket.gethostname(), PROCESS_TAG: process_identity() or ""}
+    with step_run(config, step=STEP_PIPELINE, run_name=f"study {config.project.profile}", tags=identity) as run:
         mlflow.log_params({"profile": config.project.profile, "targets": ",".join(config.study.targets),
                            "sources": ",".join(config.study.sources), "regimes": ",".join(config.study.regimes)})
         env = stage_environment(os.environ, run.info.run_id, mlflow.get_tracking_uri())
@@ -67,9 +78,26 @@ def run_pipeline(config: Config, *, force: bool = False) -> PipelineOutcome:
             raise PipelineFailed(f"'dvc repro' failed (exit {output.returncode}) after running {len(ran)} stage(s)",
                                  fix="read the stage's error above; fix it and run again (finished stages are kept)")
         report = config.resolve(REPORT_FOLDER) / REPORT_FILE
-        if report.is_file():
+        if report.is_file() and ran:
             mlflow.log_artifacts(str(report.parent), artifact_path=REPORT_ARTIFACT_FOLDER)
-    return PipelineOutcome(run.info.run_id, ran, skipped, report if report.is_file() else None)
+    report = report if report.is_file() else None
+    if ran or force or run.info.run_id == launcher_run:
+        return PipelineOutcome(run.info.run_id, ran, skipped, report)
+    # Nothing ran: an up-to-date study adds no run to the experiment (the UI would fill with copies of the last one).
+    client = mlflow.MlflowClient()
+    client.delete_run(run.info.run_id)
+    previous = last_pipeline_run(client, run.info.experiment_id, config.project.profile)
+    if previous is not None:
+        client.set_tag(previous, "checked_up_to_date", time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    return PipelineOutcome(previous, ran, skipped, report)
+
+
+def last_pipeline_run(client, experiment_id: str, profile: str) -> str | None:
+    """The newest finished pipeline run of ``profile`` in the experiment (deleted runs are not searched)."""
+    runs = client.search_runs(
+        [experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.step = '{STEP_PIPELINE}' and tags.profile = '{profile}' and attributes.status = 'FINISHED'")
+    return runs[0].info.run_id if runs else None
 
 
 def stage_environment(base: dict[str, str], run_id: str, tracking_uri: str) -> dict[str, str]:
@@ -78,7 +106,8 @@ def stage_environment(base: dict[str, str], run_id: str, tracking_uri: str) -> d
     this interpreter, also from a shell without the virtual environment on PATH (`.venv/bin/medtransfer study`)."""
     from medtransfer.tracking import PIPELINE_RUN_ENV
 
-    env = {**base, PIPELINE_RUN_ENV: run_id, "MLFLOW_TRACKING_URI": tracking_uri}
+    env = {**base, PIPELINE_RUN_ENV: run_id, "MLFLOW_TRACKING_URI": tracking_uri,
+           STUDY_PROCESS_ENV: process_identity() or ""}  # each stage stops once this study is gone
     env["PATH"] = os.pathsep.join(part for part in (str(Path(sys.executable).parent), base.get("PATH", "")) if part)
     env.pop("MLFLOW_RUN_ID", None)  # the stages are children of the pipeline's run, not that run itself
     return env
@@ -92,7 +121,8 @@ class _Output:
 
 def _stream(command: list[str], *, cwd: Path, env: dict[str, str]) -> _Output:
     """Run `command`, echoing its output as it comes, and return it."""
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=parent_death_signal)  # noqa: PLW1509 - one prctl call, no locks
     lines = []
     assert process.stdout is not None
     for line in process.stdout:

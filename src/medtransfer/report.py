@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -67,6 +68,16 @@ SIMILARITY_GROUPS = tuple((kind, PAIR_KIND_TITLES[kind]) for kind in (
     FOLD_TO_FOLD,
     RANDOM_VS_RANDOM,
 ))
+
+
+def write_and_log_report(config: Config) -> Path:
+    """`medtransfer report`: `run_report`, then its folder logged to a `report` run spanning the work."""
+    from medtransfer.tracking import log_report
+
+    started = time.time()
+    report = run_report(config)
+    log_report(config, report, started=started)
+    return report
 
 
 def run_report(config: Config, client=None) -> Path:

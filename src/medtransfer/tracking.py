@@ -9,6 +9,7 @@ the launcher put it in the profile's store and experiment.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import warnings
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medtransfer.config import Config
+from medtransfer.errors import warn
 from medtransfer.layout import REPORT_ARTIFACT_FOLDER, STEP_REPORT, Tag
 from medtransfer.mlflow_project import check_launched_run, launched_by_mlflow_run
 
@@ -44,13 +46,17 @@ def pipeline_run_id() -> str | None:
 
 
 @contextlib.contextmanager
-def step_run(config: Config, *, step: str, run_name: str, tags: dict[str, str] | None = None):
+def step_run(config: Config, *, step: str, run_name: str, tags: dict[str, str] | None = None,
+             started: float | None = None):
     """The MLflow run a pipeline step logs into, opened and closed around the step:
 
     - inside an active run (the caller's): a nested child of it;
     - under `mlflow run` (the launcher exported MLFLOW_RUN_ID): the launcher's run;
     - under `medtransfer study` (the whole pipeline): a child of the pipeline's run, in its experiment;
     - otherwise a new run in the configured experiment.
+
+    started: when the step's work began (`time.time()`), for a step that opens its run only to log what it made:
+    the run then starts there, so its duration in the UI is the step's (a launcher's run started before anyway).
     """
     import mlflow
 
@@ -58,17 +64,24 @@ def step_run(config: Config, *, step: str, run_name: str, tags: dict[str, str] |
     tags = {Tag.STEP: step, **run_identity_tags(config), **(tags or {})}
     active = mlflow.active_run()
     resumes_launcher = active is None and launched_by_mlflow_run()  # read now: start_run() consumes MLFLOW_RUN_ID
-    if active is not None:
-        context = mlflow.start_run(experiment_id=active.info.experiment_id, nested=True, run_name=run_name, tags=tags)
-    elif launched_by_mlflow_run():
+    if resumes_launcher:
         context = mlflow.start_run()
-    elif pipeline_run_id():
-        parent = mlflow.MlflowClient().get_run(pipeline_run_id())
-        context = mlflow.start_run(
-            experiment_id=parent.info.experiment_id, run_name=run_name, parent_run_id=parent.info.run_id, tags=tags
-        )
     else:
-        context = mlflow.start_run(experiment_id=ensure_experiment(config), run_name=run_name, tags=tags)
+        if active is not None:
+            experiment_id, parent_id = active.info.experiment_id, active.info.run_id
+        elif pipeline_run_id():
+            parent = mlflow.MlflowClient().get_run(pipeline_run_id())
+            experiment_id, parent_id = parent.info.experiment_id, parent.info.run_id
+        else:
+            experiment_id, parent_id = ensure_experiment(config), None
+        if started is None:
+            context = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
+                                       nested=active is not None, parent_run_id=None if active else parent_id)
+        else:
+            run_tags = {**tags, **({"mlflow.parentRunId": parent_id} if parent_id else {})}
+            created = mlflow.MlflowClient().create_run(experiment_id, start_time=int(started * 1000), tags=run_tags,
+                                                       run_name=run_name)
+            context = mlflow.start_run(run_id=created.info.run_id, nested=active is not None)
     with context as run:
         mlflow.set_tags(tags)
         if resumes_launcher:
@@ -82,7 +95,8 @@ def use_tracking_store(config: Config) -> str:
 
     from medtransfer.config import TRACKING_URI_ENV_VAR
     from medtransfer.relocate import check_store_location
-    from medtransfer.store_check import bound_postgres_waits, check_server_reachable, check_sqlite_store
+    from medtransfer.config import resolve_store_url
+    from medtransfer.store_check import bound_postgres_waits, check_server_reachable, check_sqlite_store, masked
 
     configured = config.tracking_uri
     launcher = os.environ.get("MLFLOW_TRACKING_URI")
@@ -104,21 +118,58 @@ def use_tracking_store(config: Config) -> str:
         check_launched_run(config)  # the CLI checked already; library callers under a launcher are checked here
         mlflow.set_tracking_uri(launcher)
         return launcher
+    if launcher and not pipeline_run_id() and resolve_store_url(launcher, Path.cwd()) != configured:
+        _warn_once(f"$MLFLOW_TRACKING_URI={masked(launcher)} is ignored: medtransfer logs to {masked(configured)} "
+                   f"(stores.tracking_uri); set ${TRACKING_URI_ENV_VAR} to log elsewhere")
     mlflow.set_tracking_uri(configured)
     return configured
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warn(message)
+
+
+#: MLflow 3's UI opens an experiment by its kind: without it, an experiment with no runs yet or one created by
+#: `mlflow run --experiment-name` opens the GenAI (traces) view. This value opens the model-training runs view.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+EXPERIMENT_DESCRIPTION_TAG = "mlflow.note.content"
+
+
+def experiment_tags(config: Config) -> dict[str, str]:
+    """The experiment's kind and its description (Markdown, shown above the runs): what the study compares."""
+    study = config.study
+    lines = [f"**medtransfer study** (profile `{config.project.profile}`)"]
+    if config.project.description:
+        lines.append(config.project.description)
+    lines.append(f"Targets: {', '.join(study.targets) or '-'}; sources: {', '.join(study.sources) or '-'}; "
+                 f"regimes: {', '.join(study.regimes) or '-'}.")
+    lines.append("Final fits: filter `tags.step = 'final_fit' and tags.superseded = 'false'`, add the `test_auc` "
+                 "metric as a column, group by `source`.")
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, EXPERIMENT_DESCRIPTION_TAG: "\n\n".join(lines)}
+
+
+def tag_experiment(client, experiment, config: Config) -> None:
+    """Give an experiment made elsewhere (`mlflow run --experiment-name`, an older version) its kind and a
+    description; what a user set is kept."""
+    for key, value in experiment_tags(config).items():
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
 def ensure_experiment(config: Config) -> str:
     """The experiment id to log to: the launcher's under `mlflow run`, else the configured one (created with
-    its artifact root under the repository, so artifacts never land in the working directory)."""
+    its artifact root under the repository, so artifacts never land in the working directory, and with
+    `experiment_tags`)."""
     import mlflow
 
     launcher_experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if launcher_experiment:
+    if launcher_experiment:  # tagged by `mlflow_project.label_launched_run`
         return launcher_experiment
     client = mlflow.MlflowClient()
     existing = client.get_experiment_by_name(config.stores.experiment)
     if existing is not None:
+        tag_experiment(client, existing, config)
         return existing.experiment_id
     if mlflow.get_tracking_uri().startswith(("http://", "https://")):
         # A tracking server decides where artifacts go (proxied through it, or its default root): clients on other
@@ -128,7 +179,8 @@ def ensure_experiment(config: Config) -> str:
         artifact_root = config.artifact_root
         location = Path(artifact_root).as_uri() if "://" not in artifact_root else artifact_root
     try:
-        return client.create_experiment(config.stores.experiment, artifact_location=location)
+        return client.create_experiment(config.stores.experiment, artifact_location=location,
+                                        tags=experiment_tags(config))
     except mlflow.exceptions.MlflowException:
         # Another worker created it between our look-up and our create: use theirs.
         existing = client.get_experiment_by_name(config.stores.experiment)
@@ -168,9 +220,10 @@ def log_prepared_dataset(manifest: dict[str, Any], folder: Path, context: str) -
     mlflow.set_tag(f"{DATA_FINGERPRINT_TAG}.{manifest['dataset']}", manifest["fingerprint"])
 
 
-def log_report(config: Config, report: Path) -> None:
-    """Log a written report's folder (Markdown, HTML, figures) as the `report` artifacts of a `report` step run."""
+def log_report(config: Config, report: Path, started: float | None = None) -> None:
+    """Log a written report's folder (Markdown, HTML, figures) as the `report` artifacts of a `report` step run
+    (starting at ``started``, see `step_run`)."""
     import mlflow
 
-    with step_run(config, step=STEP_REPORT, run_name="report"):
+    with step_run(config, step=STEP_REPORT, run_name="report", started=started):
         mlflow.log_artifacts(str(report.parent), artifact_path=REPORT_ARTIFACT_FOLDER)

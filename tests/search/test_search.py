@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,6 +113,36 @@ def test_resume_reuses_the_parent_and_every_run_is_nested(config):
     assert not _runs(config, "attributes.status = 'RUNNING'")
     parent = mlflow.get_run(first.parent_run_id)
     assert {"test_auc_mean", "test_auc_sd", "best_val_loss"} <= set(parent.data.metrics)
+    # Whichever trial won each time: the fits the pointer names are current, every other final fit is superseded,
+    # and the README's filter returns one fit per fold.
+    current = {fold.run_id for fold in second.pointer.folds}
+    fits = _runs(config, "tags.step = 'final_fit'")
+    assert {run.info.run_id for run in fits if run.data.tags.get("superseded") == "false"} == current
+    assert all(run.data.tags.get("superseded") == "true" for run in fits if run.info.run_id not in current)
+    shown = _runs(config, "tags.step = 'final_fit' and tags.superseded = 'false'")
+    assert sorted(run.data.tags["fold"] for run in shown) == ["0", "1"]
+
+
+def test_an_earlier_fit_is_tagged_superseded_and_only_changed_tags_are_written(tmp_path, monkeypatch):
+    from medtransfer.search.promotion import mark_superseded
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("e")
+
+    def fit(dataset="target", source="random", regime="full", **extra):
+        tags = {"step": "final_fit", "dataset": dataset, "source": source, "regime": regime, **extra}
+        return client.create_run(experiment, tags=tags).info.run_id
+
+    old, new = fit(superseded="false"), fit()
+    other_source, other_step = fit(source="natural"), client.create_run(experiment, tags={"step": "trial"}).info.run_id
+    writes = []
+    monkeypatch.setattr(client, "set_tag", lambda *args: (writes.append(args), type(client).set_tag(client, *args)))
+    mark_superseded(client, experiment, SearchRequest("target", "random", "full"), {new})
+    tags = {run_id: client.get_run(run_id).data.tags.get("superseded") for run_id in (old, new, other_source, other_step)}
+    assert tags == {old: "true", new: "false", other_source: None, other_step: None}
+    writes.clear()
+    mark_superseded(client, experiment, SearchRequest("target", "random", "full"), {new})
+    assert writes == [], "nothing changed, nothing written"
 
 
 def test_pointer_matches_the_registry(config):
@@ -177,6 +208,11 @@ def test_sigkill_mid_trial_then_rerun_gives_exactly_the_requested_trials(config)
         worker.wait()
     rerun = subprocess.run(command, env=_cli_env(), capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # Progress says which trial and which final fit each epoch belongs to; library chatter stays out of stderr.
+    assert re.search(r"target\.random\.full trial [12]/2 full epoch 1/", rerun.stdout), rerun.stdout[-2000:]
+    assert re.search(r"final fit fold 1 \(2/2\) full epoch 1/", rerun.stdout), rerun.stdout[-2000:]
+    for chatter in ("ExperimentalWarning", "already exists. Creating a new version", "Created version"):
+        assert chatter not in rerun.stderr, rerun.stderr[-2000:]
     trials = optuna.load_study(study_name=name, storage=create_storage(config.optuna_storage)).get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
     assert not [t for t in trials if t.state == TrialState.RUNNING]
@@ -385,3 +421,38 @@ def test_search_runs_and_versions_explain_themselves(config):
         link = f"[source.random v{source_version}](#/models/source.random/versions/{source_version})"
         assert f"fold {fit.fold} (seed 0)" in version_description and link in version_description
         assert f"test AUC {fit.test_auc:.3f}" in version_description
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("journal in a missing folder", "the Optuna journal's folder /nonexistent/dir does not exist"),
+    ("a file that is not a database", "cannot open the Optuna storage sqlite:///"),
+    ("an unknown scheme", "cannot open the Optuna storage foo://bar"),
+    ("a closed PostgreSQL port", "cannot reach the store postgresql+psycopg2://worker:***@127.0.0.1:"),
+])
+def test_an_unusable_optuna_storage_is_one_line_exit_2_and_leaves_no_run(tmp_path, write_params, blob_npz,
+                                                                         clean_mlflow_env, kind, expected):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(os.urandom(4096))
+    storage = {"journal in a missing folder": "journal:/nonexistent/dir/x.log",
+               "a file that is not a database": f"sqlite:///{junk}",
+               "an unknown scheme": "foo://bar",
+               "a closed PostgreSQL port": f"postgresql+psycopg2://worker:secret@127.0.0.1:{_closed_port()}/optuna"}[kind]
+    config = _project(tmp_path, write_params, blob_npz, storage=storage)
+    command = [sys.executable, "-m", "medtransfer", "--params", str(config.source_file), "search",
+               "--dataset", "target", "--source", "random"]
+    done = subprocess.run(command, env=_cli_env({"MEDTRANSFER_STORE_TIMEOUT": "5"}), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "secret" not in done.stderr
+    mlflow.set_tracking_uri(config.tracking_uri)
+    assert not _runs(config, "tags.step = 'search'"), "a storage that was never usable leaves no search run"

@@ -132,6 +132,7 @@ def run_compare(config: Config, dataset: str) -> Path:
 
     Raises ConfigError (unknown dataset or measure), DataError (no or damaged activations), each one line.
     """
+    began = time.time()  # wall clock: the MLflow run starts here
     config.dataset(dataset)
     measures = _measures(config)
     started = time.perf_counter()
@@ -168,7 +169,7 @@ def run_compare(config: Config, dataset: str) -> Path:
     with atomic_directory(curves_folder(config, dataset)) as staging:
         for measure in measures:
             write_table(staging / f"{measure}.csv", CURVE_COLUMNS, layer_curve_rows(summary_rows, measure, layers))
-    _log_compare_run(config, dataset, manifest, target, measures, summary_rows, predictions, paired)
+    _log_compare_run(config, dataset, manifest, target, measures, summary_rows, predictions, paired, began)
     print(format_summary(dataset, summary_rows, measures, layers, len(pairs), time.perf_counter() - started, target))
     for line in format_unpaired(stage_matches):
         print(line)
@@ -254,7 +255,7 @@ def _write_figures(staging: Path, folder: Path, manifest: dict[str, Any], datase
 
 
 def _log_compare_run(config: Config, dataset: str, manifest: dict[str, Any], target: Path, measures: list[str],
-                     summary: list[dict], predictions: list[dict], paired: list[dict]) -> None:
+                     summary: list[dict], predictions: list[dict], paired: list[dict], started: float) -> None:
     import mlflow
 
     from medtransfer.tracking import DATA_FINGERPRINT_TAG, step_run
@@ -262,7 +263,7 @@ def _log_compare_run(config: Config, dataset: str, manifest: dict[str, Any], tar
     tags = {Tag.DATASET: dataset, DATA_FINGERPRINT_TAG: manifest.get("data_fingerprint", "")}
     tags.update({f"model.{key}": str(record["version"]) for key, record in manifest["models"].items()
                  if record.get("channels")})
-    with step_run(config, step="compare", run_name=f"compare {dataset}", tags=tags):
+    with step_run(config, step="compare", run_name=f"compare {dataset}", tags=tags, started=started):
         analysis = config.analysis
         mlflow.log_params({
             "measures": ",".join(measures), "gram_precision": analysis.gram_precision,

@@ -91,6 +91,7 @@ def run_extract(config: Config, dataset: str) -> Path:
     from medtransfer.pointers import pointer_path, pointers_for_dataset, verify_pointer
     from medtransfer.tracking import use_tracking_store
 
+    began = time.time()  # wall clock: the MLflow run starts here
     config.dataset(dataset)
     _check_sampling_settings(config)
     started = time.perf_counter()
@@ -147,7 +148,7 @@ def run_extract(config: Config, dataset: str) -> Path:
         manifest = build_manifest(config, dataset, prepared, pointers, models, baselines, orders, fold_plans,
                                   records, needs, conv1)
         write_manifest(staging, manifest)
-    _log_extract_run(config, dataset, prepared, manifest, folder)
+    _log_extract_run(config, dataset, prepared, manifest, folder, began)
     elapsed = time.perf_counter() - started
     sizes = ", ".join(f"{layer} {plan.images} img × {plan.positions} pos" for layer, plan in fold_plans[folds[0]].items())
     print(f"extract {dataset}: {len(run_models)} models, {len(folds)} fold(s), {len(pairs)} pairs planned; "
@@ -366,8 +367,10 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _log_extract_run(config: Config, dataset: str, prepared, manifest: dict[str, Any], folder: Path) -> None:
-    """One MLflow run (nested under an active one): which model versions were extracted, from which data."""
+def _log_extract_run(config: Config, dataset: str, prepared, manifest: dict[str, Any], folder: Path,
+                     started: float) -> None:
+    """One MLflow run (nested under an active one), spanning the extraction since ``started``: which model versions
+    were extracted, from which data."""
     import mlflow
 
     from medtransfer.tracking import log_prepared_dataset, step_run
@@ -375,7 +378,7 @@ def _log_extract_run(config: Config, dataset: str, prepared, manifest: dict[str,
     tags = {Tag.DATASET: dataset}
     tags.update({f"model.{key}": str(record["version"]) for key, record in manifest["models"].items()
                  if record.get("channels")})
-    with step_run(config, step="extract", run_name=f"extract {dataset}", tags=tags):
+    with step_run(config, step="extract", run_name=f"extract {dataset}", tags=tags, started=started):
         mlflow.log_params({**{f"analysis.{k}": v for k, v in manifest["sampling"].items()},
                            "models": len(manifest["models"]), "folds": len(manifest["folds"])})
         log_prepared_dataset(prepared.manifest, prepared.folder, context="analysis")

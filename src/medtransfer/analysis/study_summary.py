@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -189,9 +190,10 @@ def run_summary(config: Config, client=None) -> Path:
     """`medtransfer summary`: check every model it publishes against the registry and the artifact store (`client`,
     default: the configured tracking store's), write the tables (`write_summary`), then log them to MLflow; returns
     the folder."""
+    started = time.time()
     _verify_published_models(config, client)
     destination, metrics = write_summary(config)
-    _log_summary(config, destination, metrics, len(config.study.targets))
+    _log_summary(config, destination, metrics, len(config.study.targets), started)
     return destination
 
 
@@ -292,13 +294,14 @@ def _verify_published_models(config: Config, client) -> None:
     verify_published(client, pointers, lambda p: str(pointer_path(config, p.dataset, p.source, p.regime)))
 
 
-def _log_summary(config: Config, folder: Path, metrics: dict[str, float], targets: int) -> None:
-    """Log to the summary's own run and, under `medtransfer study`, to the study's parent run too."""
+def _log_summary(config: Config, folder: Path, metrics: dict[str, float], targets: int, started: float) -> None:
+    """Log to the summary's own run (spanning the work since ``started``) and, under `medtransfer study`, to the
+    study's parent run too."""
     import mlflow
 
     from medtransfer.tracking import pipeline_run_id, step_run
 
-    with step_run(config, step="summary", run_name="summary", tags={"targets": str(targets)}):
+    with step_run(config, step="summary", run_name="summary", tags={"targets": str(targets)}, started=started):
         if metrics:
             mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(folder), artifact_path="summary")

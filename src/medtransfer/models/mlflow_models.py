@@ -7,6 +7,9 @@ the package.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ from medtransfer.errors import ModelError
 from medtransfer.models.backbones import Classifier
 from medtransfer.models.packaging import ModelSpec, read_package, write_package
 from medtransfer.registry import Tag, resolve_model_version
+
+_log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT_NAME = "model"
 LOADER_MODULE = "medtransfer.models.pyfunc"
@@ -78,7 +83,13 @@ def register_logged_model(model_uri: str, name: str, tags: dict[str, str], *, mo
     import mlflow
 
     client = mlflow.MlflowClient()
-    version = mlflow.register_model(model_uri, name, tags=tags)
+    # MLflow prints "Registered model ... already exists. Creating a new version ..." and "Created version ..." to
+    # stderr on every registration: kept at debug level, so a normal run's stderr holds only what needs a reader.
+    chatter = io.StringIO()
+    with contextlib.redirect_stderr(chatter):
+        version = mlflow.register_model(model_uri, name, tags=tags)
+    for line in chatter.getvalue().splitlines():
+        _log.debug("mlflow: %s", line)
     if model_description:
         client.update_registered_model(name, description=model_description)
     if version_description:

@@ -4,6 +4,7 @@ search space, and Optuna's plots of the finished study."""
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 from medtransfer.layout import OPTUNA_PLOTS_FOLDER
@@ -68,6 +69,10 @@ def fit_descriptions(request, fold: int, seed: int, trial: str, source_version, 
     }
 
 
+#: Below this many complete trials the parameter-importance plot carries a caveat.
+FEW_TRIALS = 10
+
+
 def log_optuna_plots(study) -> list[str]:
     """Log Optuna's optimization history and, with two or more complete trials and parameters, the parameter
     importances as PNG artifacts of the active run; returns the artifact names logged."""
@@ -77,6 +82,7 @@ def log_optuna_plots(study) -> list[str]:
     import matplotlib.pyplot as plt
     import mlflow
     import optuna.visualization.matplotlib as optuna_plots
+    from optuna.exceptions import ExperimentalWarning
 
     complete = complete_trials(study)
     plots = {"optimization_history.png": optuna_plots.plot_optimization_history}
@@ -86,11 +92,19 @@ def log_optuna_plots(study) -> list[str]:
     with tempfile.TemporaryDirectory() as folder:
         for name, plot in plots.items():
             try:
-                axes = plot(study)
+                with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental on every call
+                    warnings.simplefilter("ignore", ExperimentalWarning)
+                    axes = plot(study)
             except (ValueError, RuntimeError, ZeroDivisionError) as error:
                 # Importances need variation across trials; a degenerate study must not fail a finished search.
                 mlflow.set_tag(f"optuna_plot_skipped.{name}", str(error)[:200])
                 continue
+            if name == "param_importances.png" and len(complete) < FEW_TRIALS:
+                # fANOVA on a handful of trials ranks parameters by chance: say so on the figure itself
+                axes.set_title(f"{axes.get_title()}\nonly {len(complete)} complete trials: too few for a reliable "
+                               f"ranking (about {FEW_TRIALS} or more)", fontsize=9)
+                mlflow.set_tag("optuna_plot_caveat", f"importances from {len(complete)} complete trials; "
+                                                     f"about {FEW_TRIALS} or more are needed to rank parameters")
             axes.figure.tight_layout()
             axes.figure.savefig(Path(folder) / name, dpi=100)
             plt.close(axes.figure)

@@ -36,7 +36,26 @@ def fit_every_fold_once(config: Config, request: SearchRequest, settings, best_t
     worker closed first); a fit already registered is reused."""
     with final_fit_lock(config, name):
         close_orphaned_fits(client, experiment_id, name)
-        return _final_fits(config, request, settings, best_trial, best_params, name, prepared, source_version)
+        fits = _final_fits(config, request, settings, best_trial, best_params, name, prepared, source_version)
+        mark_superseded(client, experiment_id, request, {fit.run_id for fit in fits})
+        return fits
+
+
+def mark_superseded(client, experiment_id: str, request: SearchRequest, current: set[str]) -> None:
+    """Tag the final-fit runs of this dataset, source and regime: `superseded=false` on ``current`` (the run ids of
+    the fits the pointer will name), `true` on every other one. Only tags that change are written."""
+    query = (f"tags.{Tag.STEP} = '{STEP_FINAL_FIT}' and tags.{Tag.DATASET} = '{request.dataset}' "
+             f"and tags.{Tag.SOURCE} = '{request.source}' and tags.{Tag.REGIME} = '{request.regime}'")
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=token)
+        for run in page:
+            wanted = "false" if run.info.run_id in current else "true"
+            if run.data.tags.get(Tag.SUPERSEDED) != wanted:
+                client.set_tag(run.info.run_id, Tag.SUPERSEDED, wanted)
+        token = page.token
+        if not token:
+            break
 
 
 def log_test_auc_summary(fits: list[FoldModel]) -> dict[str, float]:
@@ -89,8 +108,11 @@ def _final_fits(config, request, settings, best_trial: str, best_params: dict, n
     registered_name = finetuned_model_name(request.dataset, request.source, request.regime)
     folds = config.search.folds if config.search.folds is not None else list(range(prepared.num_folds))
     fits = []
+    total = len(folds) * len(config.search.seeds)
     for fold in folds:
         for seed_index, seed in enumerate(config.search.seeds):
+            label = (f"search {registered_name} final fit fold {fold}"
+                     + (f" seed {seed}" if len(config.search.seeds) > 1 else "") + f" ({len(fits) + 1}/{total})")
             alias = fold_model_alias(fold, seed_index)
             version = _registered_fit(client, registered_name, name, best_trial, fold, seed)
             if version is None:
@@ -105,6 +127,7 @@ def _final_fits(config, request, settings, best_trial: str, best_params: dict, n
                                         dataclasses.replace(settings, seed=seed), preset=request.preset,
                                         source_version=str(source_version.version)),
                         use_active_run=True,
+                        run_name=label,
                         extra_tags={Tag.STEP: STEP_FINAL_FIT, Tag.STUDY: name, Tag.TRIAL: best_trial},
                     )
                     tags = {

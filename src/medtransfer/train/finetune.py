@@ -176,6 +176,8 @@ def run_finetune(
             write_confusion(folder / CONFUSION_FILE, test_split.labels, evaluation.probabilities, prepared.classes)
             write_roc_plot(folder / ROC_FILE, test_split.labels, evaluation.probabilities, prepared.classes, title=name)
             mlflow.log_artifacts(str(folder), artifact_path=PREDICTIONS_ARTIFACT_DIR)
+            # the UI's run comparison offers only top-level files side by side: the ROC curve goes there too
+            mlflow.log_artifact(str(folder / ROC_FILE))
         uri, digest = None, None
         if log_model:
             spec = ModelSpec(
