@@ -139,7 +139,7 @@ def test_a_launcher_run_in_another_store_is_refused_naming_the_variable(config, 
 
 
 def test_the_experiment_opens_the_model_training_view_and_describes_the_study(config):
-    from medtransfer.tracking import EXPERIMENT_KIND
+    from medtransfer.experiment_tags import EXPERIMENT_KIND
 
     use_tracking_store(config)
     tags = mlflow.MlflowClient().get_experiment(ensure_experiment(config)).tags
@@ -200,15 +200,3 @@ def test_a_launcher_run_is_named_and_tagged_before_the_step_works(config, monkey
     label_launched_run(config, command, ["other"])  # labelled already (a step renamed it): left alone
     assert client.get_run(mlflow_run_id).info.run_name == name
 
-
-def test_an_exported_mlflow_tracking_uri_outside_mlflow_run_is_named_as_ignored(config, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@127.0.0.1:9")
-    assert use_tracking_store(config) == config.tracking_uri  # the profile's store, as documented
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "$MLFLOW_TRACKING_URI=http://user:***@127.0.0.1:9 is ignored" in line and "MEDTRANSFER_TRACKING_URI" in line
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking_uri)  # the same store: nothing to say
-    from medtransfer.tracking import _warn_once
-
-    _warn_once.cache_clear()
-    use_tracking_store(config)
-    assert capsys.readouterr().err == ""

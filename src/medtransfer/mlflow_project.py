@@ -85,7 +85,7 @@ def label_launched_run(config: Config, command: str, details: list[object]) -> N
     launcher's run (`tracking.step_run`) renames it after its own work."""
     import mlflow
 
-    from medtransfer.tracking import tag_experiment
+    from medtransfer.experiment_tags import tag_experiment
 
     if not launched_by_mlflow_run():
         return

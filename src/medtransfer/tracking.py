@@ -9,7 +9,6 @@ the launcher put it in the profile's store and experiment.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 import warnings
@@ -17,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from medtransfer.config import Config
-from medtransfer.errors import warn
 from medtransfer.layout import REPORT_ARTIFACT_FOLDER, STEP_REPORT, Tag
+from medtransfer.experiment_tags import experiment_tags, tag_experiment
 from medtransfer.mlflow_project import check_launched_run, launched_by_mlflow_run
 
 CODE_REVISION_TAG = "code_revision"
@@ -95,8 +94,7 @@ def use_tracking_store(config: Config) -> str:
 
     from medtransfer.config import TRACKING_URI_ENV_VAR
     from medtransfer.relocate import check_store_location
-    from medtransfer.config import resolve_store_url
-    from medtransfer.store_check import bound_postgres_waits, check_server_reachable, check_sqlite_store, masked
+    from medtransfer.store_check import bound_postgres_waits, check_server_reachable, check_sqlite_store
 
     configured = config.tracking_uri
     launcher = os.environ.get("MLFLOW_TRACKING_URI")
@@ -118,43 +116,8 @@ def use_tracking_store(config: Config) -> str:
         check_launched_run(config)  # the CLI checked already; library callers under a launcher are checked here
         mlflow.set_tracking_uri(launcher)
         return launcher
-    if launcher and not pipeline_run_id() and resolve_store_url(launcher, Path.cwd()) != configured:
-        _warn_once(f"$MLFLOW_TRACKING_URI={masked(launcher)} is ignored: medtransfer logs to {masked(configured)} "
-                   f"(stores.tracking_uri); set ${TRACKING_URI_ENV_VAR} to log elsewhere")
     mlflow.set_tracking_uri(configured)
     return configured
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    warn(message)
-
-
-#: MLflow 3's UI opens an experiment by its kind: without it, an experiment with no runs yet or one created by
-#: `mlflow run --experiment-name` opens the GenAI (traces) view. This value opens the model-training runs view.
-EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-EXPERIMENT_DESCRIPTION_TAG = "mlflow.note.content"
-
-
-def experiment_tags(config: Config) -> dict[str, str]:
-    """The experiment's kind and its description (Markdown, shown above the runs): what the study compares."""
-    study = config.study
-    lines = [f"**medtransfer study** (profile `{config.project.profile}`)"]
-    if config.project.description:
-        lines.append(config.project.description)
-    lines.append(f"Targets: {', '.join(study.targets) or '-'}; sources: {', '.join(study.sources) or '-'}; "
-                 f"regimes: {', '.join(study.regimes) or '-'}.")
-    lines.append("Final fits: filter `tags.step = 'final_fit' and tags.superseded = 'false'`, add the `test_auc` "
-                 "metric as a column, group by `source`.")
-    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, EXPERIMENT_DESCRIPTION_TAG: "\n\n".join(lines)}
-
-
-def tag_experiment(client, experiment, config: Config) -> None:
-    """Give an experiment made elsewhere (`mlflow run --experiment-name`, an older version) its kind and a
-    description; what a user set is kept."""
-    for key, value in experiment_tags(config).items():
-        if key not in experiment.tags:
-            client.set_experiment_tag(experiment.experiment_id, key, value)
 
 
 def ensure_experiment(config: Config) -> str:
