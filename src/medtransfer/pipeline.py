@@ -53,19 +53,19 @@ def run_pipeline(config: Config, *, force: bool = False) -> PipelineOutcome:
     """`dvc repro` of the whole pipeline under one MLflow run, each stage that runs a child of it."""
     import mlflow
 
-    from medtransfer.tracking import ensure_experiment, step_run, use_tracking_store
+    from medtransfer.tracking import step_run
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
     if not Path(dvc).exists():
         raise ConfigError("the 'dvc' command is not installed", fix="install medtransfer's dependencies (make install)")
     launcher_run = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run`'s own run: it stays, whatever ran
-    use_tracking_store(config)
-    for stale in close_stale_study_runs(mlflow.MlflowClient(), ensure_experiment(config), STEP_PIPELINE):
-        print(f"study: closed run {stale} as KILLED: the study that ran it was killed", flush=True)
     # step_run tags it (as every run) with the profile and the code revision; the host and process identity let the
     # next study tell whether it is still running.
     identity = {HOST_TAG: socket.gethostname(), PROCESS_TAG: process_identity() or ""}
     with step_run(config, step=STEP_PIPELINE, run_name=f"study {config.project.profile}", tags=identity) as run:
+        # this run carries this live process's identity, so only runs of killed studies are closed
+        for stale in close_stale_study_runs(mlflow.MlflowClient(), run.info.experiment_id, STEP_PIPELINE):
+            print(f"study: closed run {stale} as KILLED: the study that ran it was killed", flush=True)
         mlflow.log_params({"profile": config.project.profile, "targets": ",".join(config.study.targets),
                            "sources": ",".join(config.study.sources), "regimes": ",".join(config.study.regimes)})
         env = stage_environment(os.environ, run.info.run_id, mlflow.get_tracking_uri())

@@ -160,7 +160,6 @@ def _storage(config: Config, client):
 def _open_study(config: Config, name: str, storage, client):
     import optuna
 
-    close_mlflow_run = mlflow_run_closer(client)
     search = config.search
     study = optuna.create_study(
         storage=storage,
@@ -173,7 +172,7 @@ def _open_study(config: Config, name: str, storage, client):
         ),
     )
     if not supports_heartbeats(storage):
-        reap_dead_trials(study, close_mlflow_run)
+        reap_dead_trials(study, mlflow_run_closer(client))
     return study
 
 
