@@ -12,7 +12,9 @@ import ctypes
 import errno
 import fcntl
 import os
+import json
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -113,13 +115,17 @@ def _leftovers(final: Path, suffix: str) -> list[Path]:
     )
 
 
-def _recover(final: Path) -> None:
-    """Undo what a killed writer left, under the lock (so no live writer owns any of it): put a retired output
-    back when `final` is missing, then delete every staging (`.tmp`) and retired (`.old`) folder of `final`.
+def _recover(final: Path, held: frozenset[Path] = frozenset()) -> None:
+    """Undo what a killed writer left, under the lock (so no live writer owns any of it): finish the replacement of a
+    group of folders whose commit had begun (`atomic_directories`), put a retired output back when `final` is
+    missing, then delete every staging (`.tmp`) and retired (`.old`) folder of `final`.
 
     A retired folder holds the previous output, moved there whole by one rename; the new output replaces it by the
     next rename, so `final` is missing only when a writer died between the two, and the retired copy is whole then.
+    ``held``: the outputs whose locks this process already holds (a group writer holds all of its own).
     """
+    if not _settle_journals(final, held | {final}):
+        return  # a writer of another folder of the group is running: it finishes the group, and cleans up after
     retired = [folder / final.name for folder in _leftovers(final, "old") if (folder / final.name).is_dir()]
     if not final.exists() and retired:
         # Only one writer runs at a time and each cleans up before writing, so at most one retired copy can be
@@ -146,10 +152,10 @@ def _locked(final: Path, *, wait: bool = True) -> Iterator[bool]:
 
 
 def restore_interrupted(final: Path) -> None:
-    """For readers that find `final` missing: finish the recovery of a writer killed mid-replacement, unless a
-    writer is running now (it recovers itself). Never waits."""
+    """For readers: finish the recovery of a writer killed mid-replacement (`final` missing, or the group it belongs
+    to half replaced), unless a writer is running now (it recovers itself). Never waits."""
     final = Path(final)
-    if final.exists() or not final.parent.is_dir():
+    if not final.parent.is_dir() or (final.exists() and not _journals(final)):
         return
     with contextlib.suppress(OSError), _locked(final, wait=False) as held:
         if held:
@@ -190,8 +196,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     with _locked(final):
         _recover(final)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-        os.chmod(staging, _mode_for(final, 0o777))  # mkdtemp makes it private; the output is an ordinary folder
+        staging = _new_staging(final)
         try:
             yield staging
         except BaseException as error:
@@ -203,17 +208,163 @@ def atomic_directory(final: Path) -> Iterator[Path]:
             if exchange_paths(staging, final):  # one step: `final` is never missing, the old output sits in staging
                 shutil.rmtree(staging, ignore_errors=True)
                 return
-        retired = None
-        if final.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.rename(final, retired / final.name)
         try:
-            os.rename(staging, final)
+            _move_into_place(staging, final)
         except BaseException:
-            if retired is not None:
-                os.rename(retired / final.name, final)
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        finally:
-            if retired is not None:
-                shutil.rmtree(retired, ignore_errors=True)
+
+
+def _new_staging(final: Path) -> Path:
+    """An empty temporary sibling of `final`, with the mode a plain `mkdir` (or the existing `final`) would have."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(staging, _mode_for(final, 0o777))  # mkdtemp makes it private; the output is an ordinary folder
+    return staging
+
+
+def _move_into_place(staging: Path, final: Path) -> None:
+    """Replace `final` (if any) by `staging` with two renames, the old output retired meanwhile (deleted after)."""
+    retired = None
+    if final.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.rename(final, retired / final.name)
+    try:
+        os.rename(staging, final)
+    except BaseException:
+        if retired is not None:
+            os.rename(retired / final.name, final)
+        raise
+    finally:
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+
+
+# -- several folders replaced as one unit ----------------------------------------------------------------------------
+#
+# A stage with two outputs (compare: its tables and its plot curves) must never leave one new beside the other old.
+# The group writer stages every folder, then writes a journal beside each output naming every (staging, output)
+# pair and the staging's inode, and only then replaces the outputs one by one. A writer killed after the journals
+# were written leaves a commit that any later writer or reader of any output of the group finishes (rolls forward:
+# an output whose inode is its staging's is done, the others are replaced by their staging, whole since before the
+# journal). Killed before the journals were complete, no output had been replaced: the stagings are leftovers.
+
+_JOURNAL_SUFFIX = "commit"
+
+
+def _journals(final: Path) -> list[Path]:
+    """The commit journals beside `final` (a group writer's, see `atomic_directories`)."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.[0-9a-f]{{8}}\.{_JOURNAL_SUFFIX}(-new)?")
+    with contextlib.suppress(FileNotFoundError):
+        return sorted(entry for entry in final.parent.iterdir() if pattern.fullmatch(entry.name) and entry.is_file())
+    return []
+
+
+def _canonical(path: Path) -> Path:
+    """`path` with its folder's symbolic links resolved: the name a journal records and compares."""
+    path = Path(path)
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
+def _journal_path(final: Path, token: str) -> Path:
+    return final.parent / f".{final.name}.{token}.{_JOURNAL_SUFFIX}"
+
+
+def _inode(path: Path) -> list[int] | None:
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return [info.st_dev, info.st_ino]
+
+
+def _write_journals(pairs: list[tuple[Path, Path]]) -> list[Path]:
+    """One journal beside each output, every one naming the whole group; each written whole, then renamed."""
+    token = secrets.token_hex(4)
+    entries = [{"final": str(_canonical(final)), "staging": str(_canonical(staging)), "inode": _inode(staging)}
+               for staging, final in pairs]
+    text = json.dumps({"token": token, "entries": entries})
+    journals = []
+    for _, final in pairs:
+        journal = _journal_path(final, token)
+        unfinished = journal.with_name(f"{journal.name}-new")
+        with open(unfinished, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.rename(unfinished, journal)
+        journals.append(journal)
+    return journals
+
+
+def _settle_journals(final: Path, held: frozenset[Path]) -> bool:
+    """Finish (or drop) the group commits whose journals lie beside `final`; False when one must wait for a live
+    writer of another output of its group (whose lock this process cannot take)."""
+    for journal in _journals(final):
+        if journal.name.endswith("-new"):  # died while writing the journals: no output was replaced yet
+            journal.unlink(missing_ok=True)
+            continue
+        try:
+            record = json.loads(journal.read_text(encoding="utf-8"))
+            entries = [(Path(e["staging"]), Path(e["final"]), e["inode"]) for e in record["entries"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            journal.unlink(missing_ok=True)  # not ours, or unreadable: nothing can be rolled forward from it
+            continue
+        others = sorted({output for _, output, _ in entries} - {_canonical(path) for path in held}, key=str)
+        with contextlib.ExitStack() as stack:
+            if not all(stack.enter_context(_locked(other, wait=False)) for other in others if other.parent.is_dir()):
+                return False
+            _roll_forward(entries)
+            for staging, output, _ in entries:  # what is left: previous outputs, or a group that never began
+                shutil.rmtree(staging, ignore_errors=True)
+                done = _journal_path(output, str(record.get("token", "")))
+                done.unlink(missing_ok=True)
+                done.with_name(f"{done.name}-new").unlink(missing_ok=True)
+            journal.unlink(missing_ok=True)
+    return True
+
+
+def _roll_forward(entries: list[tuple[Path, Path, list[int]]]) -> None:
+    """Put every staging of a committed group in place, unless the group was never complete (then change nothing)."""
+    pending = [(staging, output) for staging, output, inode in entries if _inode(output) != inode]
+    if any(_inode(staging) != inode for staging, output, inode in entries if (staging, output) in pending):
+        return  # a staging is gone although its output is not the new one: the commit never began
+    for staging, output in pending:
+        if not (output.is_dir() and exchange_paths(staging, output)):
+            _move_into_place(staging, output)
+
+
+@contextlib.contextmanager
+def atomic_directories(*finals: Path) -> Iterator[list[Path]]:
+    """`atomic_directory` for several folders that must change together: yields one empty staging folder per output;
+    on success every output is replaced, and a writer killed at any instant leaves all old or all new outputs once
+    the next writer, or a reader through `restore_interrupted`, has run (see the journal note above)."""
+    finals = [Path(os.path.abspath(final)) for final in finals]
+    for final in finals:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    finals = [_canonical(final) for final in finals]
+    if len(set(finals)) != len(finals):
+        raise ValueError(f"an output is named twice: {finals}")
+    held = frozenset(finals)
+    with contextlib.ExitStack() as stack:
+        for final in sorted(finals, key=str):  # one order for every writer: no two wait on each other
+            stack.enter_context(_locked(final))
+        for final in finals:
+            _recover(final, held)
+        stagings = []
+        try:
+            stagings.extend(_new_staging(final) for final in finals)
+            yield list(stagings)
+        except BaseException as error:
+            for staging in stagings:
+                shutil.rmtree(staging, ignore_errors=True)
+            _raise_naming(error, finals[0])
+            raise
+        for staging, final in zip(stagings, finals):
+            if final.is_dir():
+                _keep_modes(staging, final)
+        journals = _write_journals(list(zip(stagings, finals)))
+        _roll_forward([(staging, final, _inode(staging)) for staging, final in zip(stagings, finals)])
+        for journal in journals:
+            journal.unlink()
+        for staging in stagings:  # after an exchange, a staging holds the previous output
+            shutil.rmtree(staging, ignore_errors=True)

@@ -46,7 +46,7 @@ from medtransfer.layout import (
     SUMMARY_FOLDER,
 )
 from medtransfer.analysis.stage_matching import cross_architecture_matches
-from medtransfer.atomic_files import atomic_directory
+from medtransfer.atomic_files import atomic_directory, restore_interrupted
 from medtransfer.report_answer import answer_section
 from medtransfer.report_similarity_cells import interval_legend, similarity_cell, unreliable_legend, unreliable_mark
 from medtransfer.report_cells import UNDEFINED_REASONS, as_float, as_int, finite_values, mean_sd_cell, shortfall_legend
@@ -99,6 +99,7 @@ def run_report(config: Config, client=None) -> Path:
         )
     _verify_pointers(config, pointers, client)
     for target in targets:
+        restore_interrupted(analysis_root / target)  # a compare killed while replacing its outputs is finished first
         # Each table must be there: a missing one would read as an empty section ("nothing to compare").
         tables = (SIMILARITY_SUMMARY_FILE, PREDICTIONS_FILE, GAIN_FILE, AUC_INTERVAL_FILE, PAIRED_FILE)
         absent = [name for name in tables if not (analysis_root / target / name).is_file()]

@@ -35,7 +35,11 @@ Outputs, written together into `results/analysis/<NAME>/` (atomically):
   same fold and regime, (AUC − AUC_random) / AUC_random, with Pearson's r per layer over all points and per
   source (NaN with fewer than 3 points), columns `GAIN_COLUMNS`;
 * PNGs: `layers_<measure>.png` (a panel per pair group), `prediction_agreement.png`, `conv1_filters.png`,
-  `similarity_vs_gain.png` (a row per measure).
+  `similarity_vs_gain.png` (a row per measure);
+
+and, beside them, `results/curves/<NAME>/<measure>.csv` for `dvc plots show`. Both folders are replaced as one unit
+(`atomic_files.atomic_directories`): a compare killed at any instant leaves both old or both new once the next
+compare, summary or report has run.
 
 All of it is logged to one MLflow run (nested under the active run, if any): tags `step=compare`, `dataset`, and
 `model.<model_key>=<version>` per model used; artifacts under `analysis/`; summary metrics such as
@@ -84,7 +88,7 @@ from medtransfer.analysis.summaries import (
     summarise,
     summary_metrics,
 )
-from medtransfer.atomic_files import atomic_directory
+from medtransfer.atomic_files import atomic_directories
 from medtransfer.config import Config
 from medtransfer.errors import ConfigError
 from medtransfer.layout import (
@@ -157,7 +161,8 @@ def run_compare(config: Config, dataset: str) -> Path:
     paired = paired_rows(auc_rows, correction_term(manifest["folds"]))
     stage_matches = _stage_matches(manifest, pairs)
     target = results_folder(config, dataset)
-    with atomic_directory(target) as staging:
+    # The tables and the plot curves change together: a kill never leaves new tables beside stale curves.
+    with atomic_directories(target, curves_folder(config, dataset)) as (staging, curves_staging):
         write_table(staging / SIMILARITY_FILE, SIMILARITY_COLUMNS, similarity_rows)
         write_table(staging / SIMILARITY_SUMMARY_FILE, SUMMARY_COLUMNS, summary_rows)
         write_table(staging / PREDICTIONS_FILE, PREDICTION_COLUMNS, predictions)
@@ -166,9 +171,9 @@ def run_compare(config: Config, dataset: str) -> Path:
         write_table(staging / PAIRED_FILE, PAIRED_COLUMNS, paired)
         write_table(staging / STAGE_MATCH_FILE, STAGE_MATCH_COLUMNS, stage_matches)
         _write_figures(staging, folder, manifest, dataset, measures, layers, summary_rows, predictions, gain_rows)
-    with atomic_directory(curves_folder(config, dataset)) as staging:
         for measure in measures:
-            write_table(staging / f"{measure}.csv", CURVE_COLUMNS, layer_curve_rows(summary_rows, measure, layers))
+            write_table(curves_staging / f"{measure}.csv", CURVE_COLUMNS, layer_curve_rows(summary_rows, measure,
+                                                                                           layers))
     _log_compare_run(config, dataset, manifest, target, measures, summary_rows, predictions, paired, began)
     print(format_summary(dataset, summary_rows, measures, layers, len(pairs), time.perf_counter() - started, target))
     for line in format_unpaired(stage_matches):

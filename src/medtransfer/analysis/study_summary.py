@@ -200,7 +200,7 @@ def run_summary(config: Config, client=None) -> Path:
 def write_summary(config: Config) -> tuple[Path, dict[str, float]]:
     """Write results/summary/ and the study's DVC metrics from every target's analysis tables and pointers; returns the
     folder and the MLflow metrics (`summary_metrics`)."""
-    from medtransfer.atomic_files import atomic_directory
+    from medtransfer.atomic_files import atomic_directory, restore_interrupted
     from medtransfer.pointers import pointers_for_dataset
 
     targets = list(config.study.targets)
@@ -210,6 +210,7 @@ def write_summary(config: Config) -> tuple[Path, dict[str, float]]:
     summaries, gains = {}, {}
     for target in targets:
         folder = analysis_root / target
+        restore_interrupted(folder)  # a compare killed while replacing its outputs is finished first
         for name in (SIMILARITY_SUMMARY_FILE, GAIN_FILE):
             if not (folder / name).is_file():
                 raise DataError(f"no analysis table {name} for target '{target}'", where=str(folder),
