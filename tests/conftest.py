@@ -448,9 +448,13 @@ def postgres_database() -> Callable[[str], str]:
 
 @pytest.fixture(autouse=True)
 def _no_store_overrides_from_the_caller(monkeypatch):
-    """A developer's cluster settings must not redirect the tests' stores."""
-    for variable in ("MEDTRANSFER_TRACKING_URI", "MEDTRANSFER_OPTUNA_STORAGE"):
+    """A developer's cluster settings must not redirect the tests' stores; nor may the $MLFLOW_TRACKING_URI that
+    MLflow exports in this process whenever a test sets a tracking URI reach the next test's subprocesses."""
+    import medtransfer
+
+    for variable in ("MEDTRANSFER_TRACKING_URI", "MEDTRANSFER_OPTUNA_STORAGE", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(medtransfer, "MLFLOW_TRACKING_URI_AT_START", None)
 
 
 @contextlib.contextmanager

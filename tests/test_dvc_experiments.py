@@ -4,17 +4,26 @@ of params.yaml leaves the profile recognised. Nothing here depends on how well t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import queue
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow
 import pytest
 import yaml
+
+from medtransfer.study_guard import process_identity
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow(minutes=4)
@@ -96,20 +105,83 @@ def project(tmp_path_factory, repo_root, blob_npz, process_waits) -> Path:
     return root
 
 
+#: What a search prints once its first trial has trained an epoch: the study is then killed mid-stage.
+MID_STAGE = re.compile(r"search \S+ trial 1/1")
+#: How long a killed study's processes may outlive it (the issue's bound for every fault).
+GONE_WITHIN_SECONDS = 30
+
+
+def _descendants(pid: int) -> list[str]:
+    """The process identities (`study_guard.process_identity`) of every live descendant of `pid`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+    found, stack = [], list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        identity = process_identity(child)
+        if identity is not None:
+            found.append(identity)
+        stack.extend(children.get(child, []))
+    return found
+
+
+def _running(identity: str) -> bool:
+    """Whether the process `identity` names runs (a zombie, already dead, does not)."""
+    pid = int(identity.split(":", 1)[0])
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return process_identity(pid) == identity and stat[stat.rindex(")") + 2:].split()[0] != "Z"
+    return False
+
+
 @pytest.fixture(scope="module")
-def study(project, process_waits) -> Path:
-    """The whole tiny study by `dvc repro`, committed as the README says (`git add` of what git does not ignore)."""
+def killed_study(project, process_waits) -> SimpleNamespace:
+    """`medtransfer study` killed by SIGKILL while its first search trains (as `kill -9 <pid>` would), and what was
+    still running 0 to GONE_WITHIN_SECONDS later."""
+    process = subprocess.Popen([str(BIN / "medtransfer"), "study"], cwd=project, env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    seen, deadline = [], time.monotonic() + 900
+    try:
+        while not any(MID_STAGE.search(line) for line in seen[-1:]):
+            with contextlib.suppress(queue.Empty):
+                seen.append(lines.get(timeout=1.0))
+                continue
+            assert process.poll() is None, f"the study ended (exit {process.returncode}) before its first search " \
+                                           f"trained:\n{''.join(seen)[-3000:]}"
+            assert time.monotonic() < deadline, f"no search trained within 900 s:\n{''.join(seen)[-3000:]}"
+        stages = _descendants(process.pid)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        killed_at = time.monotonic()
+        while any(_running(identity) for identity in stages) and time.monotonic() - killed_at < GONE_WITHIN_SECONDS:
+            time.sleep(0.5)
+        survivors = [identity for identity in stages if _running(identity)]
+    finally:
+        process_waits.kill(process)  # the whole group, whatever happened above
+    return SimpleNamespace(output="".join(seen), stages=stages, survivors=survivors, returncode=process.returncode)
+
+
+@pytest.fixture(scope="module")
+def study(project, killed_study, process_waits) -> SimpleNamespace:
+    """The whole tiny study, by `medtransfer study` run again after the kill, committed as the README says (`git add`
+    of what git does not ignore)."""
     finish = process_waits.finish
-    _run(finish, project, str(BIN / "dvc"), "repro", timeout=1200)
+    rerun = _run(finish, project, str(BIN / "medtransfer"), "study", timeout=1200)
     _run(finish, project, "git", "add", "-A")
     _run(finish, project, "git", "commit", "-q", "-m", "the study")
-    return project
+    return SimpleNamespace(root=project, rerun=rerun)
 
 
 @pytest.fixture(scope="module")
 def experiments(study, process_waits) -> SimpleNamespace:
     """Two `dvc exp run -S` experiments from the committed study, with params.yaml and `profile list` after each."""
-    finish, dvc = process_waits.finish, str(BIN / "dvc")
+    finish, dvc, study = process_waits.finish, str(BIN / "dvc"), study.root
     profile_list = [sys.executable, "-m", "medtransfer", "profile", "list"]
     before = (study / "params.yaml").read_text()
     _run(finish, study, dvc, "exp", "run", "-n", "same-resamples", "-S", f"analysis.bootstrap_resamples={RESAMPLES}",
@@ -199,3 +271,35 @@ def test_the_profile_survives_dvcs_rewrite_of_params_and_an_edit_is_named(experi
     # a value that differs from the profile: no profile, and the edit is named
     assert "* tiny" not in experiments.after_second.splitlines()
     assert "it is tiny with edits to analysis.bootstrap_resamples" in experiments.after_second
+
+
+# -- kill -9 of the study --------------------------------------------------------------------------------------------
+
+
+def test_a_killed_study_leaves_no_stage_running(killed_study):
+    """The outcome, whichever way each stage learns of the kill: its study gone (`study_guard.watch_study`, tested
+    on a silent stage in tests/test_study_guard.py), SIGTERM to `dvc repro` from the kernel, or a broken pipe on
+    its next line of output (the study read it)."""
+    assert killed_study.returncode == -signal.SIGKILL
+    assert killed_study.stages, "the study was killed before it started a stage"
+    assert killed_study.survivors == [], (f"still running {GONE_WITHIN_SECONDS} s after the kill",
+                                          killed_study.survivors)
+
+
+def test_the_next_study_closes_the_killed_run_finishes_and_leaves_nothing_open_or_half_written(study):
+    closed = re.findall(r"study: closed run (\w+) as KILLED: the study that ran it was killed", study.rerun)
+    assert len(closed) == 1, study.rerun[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{study.root / 'mlflow.db'}")
+    killed = client.get_run(closed[0])
+    assert killed.info.status == "KILLED" and killed.data.tags["step"] == "study", killed.info
+    assert "was gone" in killed.data.tags["closed_because"]
+    (experiment,) = [e for e in client.search_experiments() if e.name == "tiny-exp"]
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert [(run.info.run_name, run.data.tags.get("step")) for run in runs if run.info.status == "RUNNING"] == []
+    # the killed trial or fit was closed by the rerun, which then completed the study
+    assert any(run.info.status in ("KILLED", "FAILED") and run.data.tags.get("step") in ("trial", "final_fit", "search")
+               for run in runs), sorted({(run.data.tags.get("step"), run.info.status) for run in runs})
+    leftovers = [str(path.relative_to(study.root)) for folder in ("data", "results", "activations", "reports")
+                 for path in (study.root / folder).rglob(".*")
+                 if re.search(r"\.(tmp|old|commit|commit-new|part)$", path.name)]
+    assert leftovers == []

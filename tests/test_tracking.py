@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -200,3 +201,46 @@ def test_a_launcher_run_is_named_and_tagged_before_the_step_works(config, monkey
     label_launched_run(config, command, ["other"])  # labelled already (a step renamed it): left alone
     assert client.get_run(mlflow_run_id).info.run_name == name
 
+
+
+def test_an_mlflow_tracking_uri_the_study_does_not_use_is_named_once(config, monkeypatch, capsys):
+    import medtransfer
+    from medtransfer import tracking
+
+    monkeypatch.setattr(tracking, "_NAMED_UNUSED_URI", set())
+    monkeypatch.setattr(medtransfer, "MLFLOW_TRACKING_URI_AT_START", "http://alice:secret@127.0.0.1:9")
+    uri = use_tracking_store(config)
+    use_tracking_store(config)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"medtransfer: note: $MLFLOW_TRACKING_URI (http://alice:***@127.0.0.1:9) is not used; runs go "
+                     f"to {uri} ({config.source_file}: stores.tracking_uri) -- to log there, set "
+                     "$MEDTRANSFER_TRACKING_URI or stores.tracking_uri instead"]
+
+
+def test_the_same_store_named_another_way_or_a_studys_own_export_is_not_named(config, monkeypatch, capsys):
+    import medtransfer
+    from medtransfer import tracking
+
+    monkeypatch.setattr(tracking, "_NAMED_UNUSED_URI", set())
+    uri = use_tracking_store(config)
+    database = Path(uri.removeprefix("sqlite:///"))
+    monkeypatch.chdir(database.parent)
+    for same in (uri, "sqlite:///" + database.name, uri + "/"):  # relative to the working folder, as MLflow reads it
+        monkeypatch.setattr(medtransfer, "MLFLOW_TRACKING_URI_AT_START", same)
+        use_tracking_store(config)
+    monkeypatch.setattr(medtransfer, "MLFLOW_TRACKING_URI_AT_START", "http://127.0.0.1:9")
+    monkeypatch.setenv(tracking.PIPELINE_RUN_ENV, "0" * 32)  # a stage of a study: the study exported its own store
+    use_tracking_store(config)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_uri_is_read_before_mlflow_can_export_its_own(tmp_path):
+    """In a fresh interpreter: the variable as the process found it, although MLflow rewrites it on first use."""
+    import subprocess
+    import sys
+
+    probe = ("import medtransfer, mlflow, os; mlflow.set_tracking_uri('sqlite:///x.db'); "
+             "print(medtransfer.MLFLOW_TRACKING_URI_AT_START, os.environ['MLFLOW_TRACKING_URI'])")
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "MLFLOW_TRACKING_URI": "http://h:1"},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120).stdout.split()
+    assert out == ["http://h:1", "sqlite:///x.db"]

@@ -61,8 +61,11 @@ def watch_study(command: str, identity: str | None = None) -> threading.Thread |
     def watch() -> None:
         while is_alive(identity):
             time.sleep(POLL_SECONDS)
-        print(f"medtransfer {command}: the study that started this step (process {identity.split(':')[0]}) is gone; "
-              "stopping", file=sys.stderr, flush=True)
+        try:  # the study read this stage's output: its pipe may be gone with it (EPIPE), which must not stop the stop
+            print(f"medtransfer {command}: the study that started this step (process {identity.split(':')[0]}) is "
+                  "gone; stopping", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
         _thread.interrupt_main()  # KeyboardInterrupt in the main thread: runs end KILLED, the CLI exits 130
         time.sleep(EXIT_GRACE_SECONDS)  # a main thread stuck in native code never sees it
         os._exit(130)

@@ -116,8 +116,40 @@ def use_tracking_store(config: Config) -> str:
         check_launched_run(config)  # the CLI checked already; library callers under a launcher are checked here
         mlflow.set_tracking_uri(launcher)
         return launcher
+    name_an_unused_mlflow_uri(configured, where)
     mlflow.set_tracking_uri(configured)
     return configured
+
+
+_NAMED_UNUSED_URI: set[str] = set()
+
+
+def name_an_unused_mlflow_uri(uri_in_use: str, where: str) -> bool:
+    """Say once, on stderr, that the $MLFLOW_TRACKING_URI this process was started with is not the store it logs
+    to (medtransfer reads the profile's store, or $MEDTRANSFER_TRACKING_URI); True when it said so. Silent in a
+    study's stages (the study exports its own store) and when both name the same store."""
+    import sys
+
+    import medtransfer
+    from medtransfer.store_check import masked
+
+    given = medtransfer.MLFLOW_TRACKING_URI_AT_START
+    if not given or given in _NAMED_UNUSED_URI or os.environ.get(PIPELINE_RUN_ENV) or _same_store(given, uri_in_use):
+        return False
+    _NAMED_UNUSED_URI.add(given)
+    print(f"medtransfer: note: $MLFLOW_TRACKING_URI ({masked(given)}) is not used; runs go to {masked(uri_in_use)} "
+          f"({where}) -- to log there, set $MEDTRANSFER_TRACKING_URI or stores.tracking_uri instead", file=sys.stderr)
+    return True
+
+
+def _same_store(first: str, second: str) -> bool:
+    """Whether two tracking URIs name one store: equal, or SQLite/file URIs of one file (relative to this folder)."""
+    def canonical(uri: str) -> str:
+        for scheme in ("sqlite:///", "file://"):
+            if uri.startswith(scheme):
+                return scheme + str(Path(uri[len(scheme):]).resolve())
+        return uri if not uri.startswith("/") else "file://" + str(Path(uri).resolve())
+    return canonical(first.rstrip("/")) == canonical(second.rstrip("/"))
 
 
 def ensure_experiment(config: Config) -> str:
