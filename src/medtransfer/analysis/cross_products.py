@@ -10,6 +10,14 @@ and adds each row block ``Z`` ``(m, d)`` of shifted rows into the float64 total 
   `FLOAT32_BLOCK_ROWS` rows, so every float32 sum restarts after that many rows. The float32 GEMM runs at about
   twice the speed of the float64 one, and the GEMM is the floor of the accumulation's cost.
 
+Both paths shift a block's rows `SHIFT_ROWS` at a time (`shift_rows`): the float64 rows of such a slice stay in cache
+while they are squared, summed and (float32 path) scaled and rounded, so memory sees the input and the rounded rows
+once instead of the float64 rows five times. These NumPy passes, and the float64 additions of the float32 product
+(`add_upper`), run on two threads (`spectra.concurrently`: NumPy releases the GIL), by halves of the rows and by
+column ranges; the ``ssyrk`` itself runs alone with all BLAS threads (SciPy's BLAS wrappers hold the GIL, so nothing
+could run beside it). Each entry still receives one float32 product of the same rows per block, so nothing below
+changes, and the column sums are the same numbers on both paths (two half-block sums per block, added in order).
+
 Error of the float32 path, entrywise, with ``u = 2^-24`` (float32 unit roundoff), ``L`` the rows per block and ``Z``
 the shifted rows in float64 (the float64 path's own):
 
@@ -30,21 +38,30 @@ tests/analysis/test_gram_precision.py carries this bound through every measure.
 
 from __future__ import annotations
 
+import math
 import typing
+from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg.blas import dger, ssyrk
+from scipy.linalg.blas import dgemm, dger, ssyrk
 
 from medtransfer.analysis.similarity_measures import CentredBlocks
-from medtransfer.analysis.spectra import mm
+from medtransfer.analysis.spectra import concurrently, mm
 from medtransfer.config import GramPrecision
 
 __all__ = [
     "FLOAT32_BLOCK_ROWS",
+    "Float32Buffers",
     "GRAM_PRECISIONS",
-    "add_float32_block",
+    "SHIFT_ROWS",
+    "add_upper",
     "centred_blocks",
     "channel_scales",
+    "float32_product",
+    "shift_block",
+    "shift_rows",
+    "side_scales",
+    "split_column",
     "symmetrise_upper",
 ]
 
@@ -56,6 +73,8 @@ GRAM_PRECISIONS: tuple[str, ...] = typing.get_args(GramPrecision)
 FLOAT32_BLOCK_ROWS = 2048
 #: Columns per slab when adding or mirroring triangles: a slab of a Fortran-ordered matrix is contiguous memory.
 _SLAB = 256
+#: Rows shifted at a time: 128 float64 rows of 4096 channels (4 MiB) stay in cache through the passes over them.
+SHIFT_ROWS = 128
 
 
 def channel_scales(z: np.ndarray) -> np.ndarray:
@@ -69,19 +88,93 @@ def channel_scales(z: np.ndarray) -> np.ndarray:
     return np.ldexp(1.0, -np.frexp(rms)[1])
 
 
-def add_float32_block(total: np.ndarray, block_product: np.ndarray, z32: np.ndarray) -> None:
-    """``total += z32^T z32`` on the upper triangle, through one float32 ``ssyrk`` into ``block_product``.
+def split_column(d: int) -> int:
+    """The column ``c`` that splits the upper triangle of a ``(d, d)`` matrix into two parts of equal size: columns
+    ``[0, c)`` (``c^2 / 2`` entries) and ``[c, d)`` (``(d^2 - c^2) / 2``)."""
+    return round(d / math.sqrt(2.0))
 
-    total: ``(d, d)`` float64, Fortran order; block_product: ``(d, d)`` float32, Fortran order, overwritten (its
-    strict lower triangle stays as it was: zero when allocated with `np.zeros`); z32: ``(m, d)`` float32, C order
-    (its transpose is the Fortran-ordered operand ``ssyrk`` reads without a copy).
+
+@dataclass(frozen=True)
+class Float32Buffers:
+    """The float32 path's working memory, allocated once: the block's scaled float32 rows (``rows``, C order: the
+    transpose is the Fortran-ordered operand ``ssyrk`` reads without a copy), one ``(SHIFT_ROWS, d)`` float64 slice
+    per thread (``work``), the block's float32 product (``product``, ``(d, d)``, Fortran order, upper triangle
+    written in place) and the channels' powers of two (``scales``)."""
+
+    scales: np.ndarray
+    rows: np.ndarray
+    work: tuple[np.ndarray, np.ndarray]
+    product: np.ndarray
+
+    @classmethod
+    def allocate(cls, scales: np.ndarray, rows: int, old: Float32Buffers | None = None) -> Float32Buffers:
+        """Buffers for blocks of up to ``rows`` rows, keeping ``old``'s product (it does not depend on ``rows``)."""
+        d = len(scales)
+        product = old.product if old is not None else np.zeros((d, d), dtype=np.float32, order="F")
+        work = tuple(np.empty((min(rows, SHIFT_ROWS), d)) for _ in range(2))
+        return cls(scales, np.empty((rows, d), dtype=np.float32), work, product)
+
+
+def shift_rows(x: np.ndarray, y: np.ndarray, shift: np.ndarray, w: np.ndarray, out: np.ndarray,
+               work: np.ndarray | None = None, scales: np.ndarray | None = None) -> np.ndarray:
+    """Shift rows ``x`` ``(m, p)``, ``y`` ``(m, q)`` by ``shift`` ``(d,)`` into ``out`` ``(m, d)``, `SHIFT_ROWS` at
+    a time; returns the ``(d, 3)`` float64 sums of ``z'_i w_i^T`` over them and fills ``w[1]``, ``w[2]`` (``w``
+    ``(3, m)``, ``w[0] = 1``) with the squared norms of the shifted ``x`` and ``y`` rows.
+
+    out: float64 (``work`` and ``scales`` None), or float32: the shifted rows multiplied by ``scales`` and rounded,
+    through ``work`` ``(SHIFT_ROWS, d)`` float64, exactly as rounding the whole shifted block would round them.
     """
-    ssyrk(1.0, z32.T, beta=0.0, c=block_product, trans=0, lower=0, overwrite_c=1)
+    p = x.shape[1]
+    sums = np.zeros((len(shift), 3), order="F")
+    for start in range(0, x.shape[0], SHIFT_ROWS):
+        stop = min(start + SHIFT_ROWS, x.shape[0])
+        z = out[start:stop] if scales is None else work[: stop - start]
+        np.subtract(x[start:stop], shift[:p], out=z[:, :p])  # converts to float64 and shifts in one pass
+        np.subtract(y[start:stop], shift[p:], out=z[:, p:])
+        np.einsum("ij,ij->i", z[:, :p], z[:, :p], out=w[1, start:stop])
+        np.einsum("ij,ij->i", z[:, p:], z[:, p:], out=w[2, start:stop])
+        sums = dgemm(1.0, z.T, w[:, start:stop].T, beta=1.0, c=sums, overwrite_c=1)
+        if scales is not None:
+            with np.errstate(over="ignore"):  # beyond float32's range: caught on the product's diagonal
+                # exact scaling (powers of two) and one rounding to float32, with no float64 temporary
+                np.multiply(z, scales, out=out[start:stop], casting="same_kind")
+    return sums
+
+
+def shift_block(x: np.ndarray, y: np.ndarray, shift: np.ndarray, out: np.ndarray,
+                work: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+                scales: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`shift_rows` on the two halves of a block's rows side by side, each with its own ``work``; returns ``w``
+    ``(3, m)`` and the halves' ``(d, 3)`` sums in row order (the caller adds them in that order, on both paths)."""
+    m = x.shape[0]
+    w = np.empty((3, m))
+    w[0] = 1.0
+    halves = [(0, m // 2), (m // 2, m)]
+    return w, concurrently(*(
+        lambda a=a, b=b, slot=slot: shift_rows(x[a:b], y[a:b], shift, w[:, a:b], out[a:b], slot, scales)
+        for (a, b), slot in zip(halves, work)
+    ))
+
+
+def float32_product(product: np.ndarray, z32: np.ndarray) -> None:
+    """``product = z32^T z32`` (upper triangle; the strict lower one is left as it was) by one ``ssyrk`` in place,
+    with all BLAS threads: product ``(d, d)`` float32, Fortran order; z32 ``(m, d)`` float32, C order."""
+    ssyrk(1.0, z32.T, beta=0.0, c=product, trans=0, lower=0, overwrite_c=1)
+
+
+def add_upper(total: np.ndarray, product: np.ndarray) -> None:
+    """``total += product`` on the upper triangle (``total`` float64, ``product`` float32, both Fortran order; the
+    cast is exact), slab by slab, in two column ranges of equal size side by side."""
     d = total.shape[0]
-    for start in range(0, d, _SLAB):
-        stop = min(start + _SLAB, d)
-        # Columns start..stop of the upper triangle live in rows 0..stop; the float32 -> float64 cast is exact.
-        total[:stop, start:stop] += block_product[:stop, start:stop]
+
+    def add_columns(first: int, last: int) -> None:
+        for start in range(first, last, _SLAB):
+            stop = min(start + _SLAB, last)
+            # Columns start..stop of the upper triangle live in rows 0..stop.
+            total[:stop, start:stop] += product[:stop, start:stop]
+
+    middle = split_column(d)
+    concurrently(lambda: add_columns(0, middle), lambda: add_columns(middle, d))
 
 
 def symmetrise_upper(a: np.ndarray) -> np.ndarray:
@@ -149,3 +242,28 @@ def centred_blocks(
     sum_rr = fourth(s[1, 1], rz[:p], rz[:p], mux, mux, sxx, mx, mx, sum_r, sum_r)
     sum_tt = fourth(s[2, 2], tz[p:], tz[p:], muy, muy, syy, my, my, sum_t, sum_t)
     return CentredBlocks(n=n, sxx=sxx, syy=syy, sxy=sxy, sum_rt=sum_rt, sum_rr=sum_rr, sum_tt=sum_tt)
+
+
+#: A side whose first chunk spreads over more than 2^SIDE_EXPONENT_LIMIT, or less than 2^-SIDE_EXPONENT_LIMIT, is
+#: scaled to magnitude 1 (`side_scales`): the accumulator's fourth-moment sums (debiased CKA) hold fourth powers of
+#: the values, times rows and channels, which leave float64 beyond about 1e±75, and a shape metric's normaliser holds
+#: their squares. Inside the limit nothing is scaled, so ordinary activations take no extra pass.
+SIDE_EXPONENT_LIMIT = 64
+
+
+def side_scales(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
+    """Per side, the power of two that brings the largest channel range (max - min) of the first chunk into
+    [0.5, 1) where that range lies beyond 2^±`SIDE_EXPONENT_LIMIT`, else 1; None when both sides are within.
+
+    Every measure is invariant to scaling one side's activations (CCA, CKA and the normalised shape metrics), and
+    multiplying by a power of two is exact, so the measures of data at magnitude 1e150 or 1e-150 are those of the
+    same data at magnitude 1, and no intermediate overflows or underflows. Ranges that are not finite (infinite
+    values, or finite ones whose difference overflows) are left to the accumulator's own checks.
+    """
+    scales = []
+    for a in (x, y):
+        with np.errstate(over="ignore", invalid="ignore"):
+            spread = float(np.max(np.max(a, axis=0).astype(np.float64) - np.min(a, axis=0).astype(np.float64)))
+        exponent = int(np.frexp(spread)[1]) if np.isfinite(spread) and spread > 0 else 0
+        scales.append(float(np.ldexp(1.0, -exponent)) if abs(exponent) > SIDE_EXPONENT_LIMIT else 1.0)
+    return None if scales == [1.0, 1.0] else (scales[0], scales[1])

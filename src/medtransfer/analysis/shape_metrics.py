@@ -47,13 +47,14 @@ import math
 import numpy as np
 
 from medtransfer.analysis.similarity_measures import CentredBlocks
-from medtransfer.analysis.spectra import Spectra, nuclear_norm
+from medtransfer.analysis.spectra import Spectra, concurrently, nuclear_norm
 
 __all__ = [
     "ALIGNMENT_MEASURES",
     "FULLY_WHITENED_MEASURES",
     "PROCRUSTES",
     "SHAPE_ALPHAS",
+    "alignment_cosines",
     "alignment_measures",
     "angle_to_similarity",
     "procrustes_cosine",
@@ -111,6 +112,24 @@ def angle_to_similarity(cosine: float) -> float:
     return 1.0 - 2.0 * math.acos(min(1.0, max(0.0, cosine))) / math.pi
 
 
+def alignment_cosines(blocks: CentredBlocks, spectra: Spectra | None, all_kept: bool,
+                      wanted: set[str]) -> dict[str | float, float | None]:
+    """The cosines of the wanted `ALIGNMENT_MEASURES` that take a nuclear norm (an SVD each), computed side by side
+    (`spectra.concurrently`): ``PROCRUSTES`` (also for ``shape_1`` when all channels are kept) and each wanted
+    ``alpha > 0`` otherwise (needs ``spectra``). ``alpha = 0`` needs none (`alignment_measures`).
+
+    Split from `alignment_measures` so that the finalisation can run these SVDs beside the CCA family's own
+    decompositions."""
+    jobs: dict[str | float, object] = {}
+    if PROCRUSTES in wanted or ("shape_1" in wanted and all_kept):
+        jobs[PROCRUSTES] = lambda: procrustes_cosine(blocks.sxx, blocks.syy, blocks.sxy)
+    if spectra is not None:
+        for name, alpha in SHAPE_ALPHAS.items():
+            if name in wanted and alpha > 0.0 and not (alpha == 1.0 and all_kept):
+                jobs[alpha] = lambda alpha=alpha: shape_cosines(spectra, [alpha])[alpha]
+    return dict(zip(jobs, concurrently(*jobs.values())))
+
+
 def alignment_measures(
     blocks: CentredBlocks,
     spectra: Spectra | None,
@@ -119,23 +138,25 @@ def alignment_measures(
     wanted: set[str],
     refused: str | None,
     undefined: dict[str, str],
+    cosines: dict[str | float, float | None] | None = None,
 ) -> dict[str, float | None]:
     """The wanted `ALIGNMENT_MEASURES` by name; undefined ones are None with their reason in ``undefined``.
 
     spectra: the kept channels' decompositions (`spectra.side_spectra`; None when a side keeps no channel), the
     same the CCA family uses, so ``shape_0`` rests on the same canonical correlations; cca: `cca_family`'s output
     (None when it was refused, the reason in ``refused``, which also refuses `FULLY_WHITENED_MEASURES`); all_kept:
-    no channel was dropped, so ``shape_1`` is the Procrustes cosine itself.
+    no channel was dropped, so ``shape_1`` is the Procrustes cosine itself; cosines: `alignment_cosines` of the
+    same arguments when already computed.
 
     Fully whitened (alpha = 0), ``|X_0^T Y_0|_* / (|X_0|_F |Y_0|_F) = sum_i rho_i / sqrt(r_x r_y)`` (module docstring):
     no decomposition beyond the CCA family's.
     """
+    if cosines is None:
+        cosines = alignment_cosines(blocks, spectra, all_kept, wanted)
     out: dict[str, float | None] = {}
     no_variance = "one side has no variance (all channels constant)"
     names = [name for name in SHAPE_ALPHAS if name in wanted]
-    procrustes = None
-    if PROCRUSTES in wanted or ("shape_1" in names and all_kept):
-        procrustes = procrustes_cosine(blocks.sxx, blocks.syy, blocks.sxy)
+    procrustes = cosines.get(PROCRUSTES)
     if PROCRUSTES in wanted:
         out[PROCRUSTES] = procrustes
         if procrustes is None:
@@ -152,17 +173,17 @@ def alignment_measures(
             out[name] = None
             undefined[name] = no_variance
         return out
-    cosines: dict[float, float | None] = {}
+    by_alpha: dict[float, float | None] = {alpha: value for alpha, value in cosines.items() if alpha != PROCRUSTES}
     if cca is not None and "shape_0" in names:
         rho = cca["canonical_correlations"]
         rank_x, rank_y = cca["cca_ranks"]
-        cosines[0.0] = min(1.0, float(np.sum(rho)) / math.sqrt(rank_x * rank_y))
-    if procrustes is not None and "shape_1" in names and all_kept:
-        cosines[1.0] = procrustes
-    rest = [SHAPE_ALPHAS[name] for name in names if SHAPE_ALPHAS[name] not in cosines]
-    cosines.update(shape_cosines(spectra, rest))
+        by_alpha[0.0] = min(1.0, float(np.sum(rho)) / math.sqrt(rank_x * rank_y))
+    if "shape_1" in names and all_kept:
+        by_alpha[1.0] = procrustes
+    missing = [SHAPE_ALPHAS[name] for name in names if SHAPE_ALPHAS[name] not in by_alpha]
+    by_alpha.update(shape_cosines(spectra, missing))  # only when called without the CCA family's output
     for name in names:
-        cosine = cosines[SHAPE_ALPHAS[name]]
+        cosine = by_alpha[SHAPE_ALPHAS[name]]
         out[name] = None if cosine is None else angle_to_similarity(cosine)
         if cosine is None:
             undefined[name] = no_variance

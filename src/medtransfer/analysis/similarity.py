@@ -36,14 +36,15 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
-from scipy.linalg.blas import dgemm, dsyrk
+from scipy.linalg.blas import dsyrk
 
-from medtransfer.analysis.cross_products import (FLOAT32_BLOCK_ROWS, GRAM_PRECISIONS, add_float32_block,
-                                                 centred_blocks, channel_scales)
+from medtransfer.analysis.cross_products import (FLOAT32_BLOCK_ROWS, GRAM_PRECISIONS, Float32Buffers, add_upper,
+                                                 centred_blocks, channel_scales, float32_product, shift_block,
+                                                 side_scales)
 from medtransfer.analysis.shape_metrics import (ALIGNMENT_MEASURES, FULLY_WHITENED_MEASURES, PROCRUSTES,
-                                                alignment_measures)
+                                                alignment_cosines, alignment_measures)
 from medtransfer.analysis.similarity_measures import cca_family, cka, kept_channels
-from medtransfer.analysis.spectra import side_spectra
+from medtransfer.analysis.spectra import concurrently, side_spectra
 
 __all__ = [
     "ALIGNMENT_MEASURES",
@@ -161,7 +162,8 @@ class SimilarityAccumulator:
     ``update`` may be called any number of times with chunks of any row count (float16/32/64 or integer input);
     the result equals one update with all rows up to rounding. Working memory is ``(p+q)^2`` float64 for the
     cross-product matrix plus one row block of about ``block_bytes`` bytes, whatever the chunk or total size
-    (``gram_precision="float32"`` adds a ``(p+q)^2`` float32 block product and a float32 copy of the row block).
+    (``gram_precision="float32"`` instead holds the block in float32 with its ``(p+q)^2`` float32 product, and two
+    float64 slices of `cross_products.SHIFT_ROWS` rows).
 
     Accumulated, on shifted rows ``x'_i = x_i - K_x``, ``y'_i = y_i - K_y`` (``K`` = the first chunk's column
     means, then fixed), with ``z'_i = [x'_i, y'_i]``, ``r'_i = |x'_i|^2``, ``t'_i = |y'_i|^2``:
@@ -190,13 +192,14 @@ class SimilarityAccumulator:
             self.block_rows = min(self.block_rows, FLOAT32_BLOCK_ROWS)
         self.n = 0
         self._shift: np.ndarray | None = None  # (p+q,) = [K_x, K_y]
-        self._buf: np.ndarray | None = None  # (block_rows, p+q), C order; its row slices transpose to Fortran order
+        self._side_scales: tuple[float, float] | None = None  # set on the first chunk (None: both sides as they are)
+        # float64 path: (block_rows, p+q), C order; its row slices transpose to Fortran order
+        self._buf: np.ndarray | None = None
         # Fortran order so that dsyrk updates it in place instead of copying it in and out on every block.
         self._gram = np.zeros((d, d), order="F")
-        # float32 path: per-channel powers of two (set on the first block), the float32 row block and block product
+        # float32 path: per-channel powers of two (set on the first block) and the working memory
         self._scales: np.ndarray | None = None
-        self._buf32: np.ndarray | None = None
-        self._block_product: np.ndarray | None = None
+        self._buffers: Float32Buffers | None = None
         # Weights w_i = (1, r'_i, t'_i). Columns of sum z'_i w_i^T: sum z', sum r' z', sum t' z'; the upper triangle
         # of sum w_i w_i^T holds n, sum r', sum t', sum r'^2, sum r't', sum t'^2. Fortran order: updated in place.
         self._weighted_sums = np.zeros((d, 3), order="F")
@@ -225,23 +228,27 @@ class SimilarityAccumulator:
                 raise ValueError(f"chunks must be real numbers (float or integer), got dtype {arr.dtype}")
         p = self.p
         if self._shift is None:
+            self._side_scales = side_scales(x, y)
+        if self._side_scales is not None:  # data far from magnitude 1: brought there exactly (see side_scales)
+            x, y = (np.multiply(a, scale, dtype=np.float64) for a, scale in zip((x, y), self._side_scales))
+        if self._shift is None:
             # Any fixed shift near the mean keeps the later centring well conditioned; np.mean with dtype reduces
             # in float64 without materialising a float64 copy of the chunk.
             self._shift = np.concatenate([np.mean(x, axis=0, dtype=np.float64), np.mean(y, axis=0, dtype=np.float64)])
             if not np.isfinite(self._shift).all():
                 self._raise_first_non_finite(x, y)
-        if self._buf is None or self._buf.shape[0] < min(self.block_rows, m_total):
-            self._buf = np.empty((min(self.block_rows, m_total), p + self.q))
-            if self.gram_precision == "float32":
-                self._buf32 = np.empty(self._buf.shape, dtype=np.float32)
-        kx, ky = self._shift[:p], self._shift[p:]
+        rows = min(self.block_rows, m_total)
+        if self.gram_precision == "float64" and (self._buf is None or self._buf.shape[0] < rows):
+            self._buf = np.empty((rows, p + self.q))
+        if self.gram_precision == "float32":
+            if self._scales is None:  # from the first block's shifted rows, as float64
+                self._scales = channel_scales(np.concatenate([x[:rows] - self._shift[:p], y[:rows] - self._shift[p:]],
+                                                             axis=1))
+            if self._buffers is None or self._buffers.rows.shape[0] < rows:
+                self._buffers = Float32Buffers.allocate(self._scales, rows, self._buffers)
         for start in range(0, m_total, self.block_rows):
             stop = min(start + self.block_rows, m_total)
-            z = self._buf[: stop - start]
-            # Converts to float64 and shifts in one pass, into the reused buffer.
-            np.subtract(x[start:stop], kx, out=z[:, :p])
-            np.subtract(y[start:stop], ky, out=z[:, p:])
-            self._add_block(z, start)
+            self._add_block(x[start:stop], y[start:stop], start)
         self.n += m_total
 
     def _raise_first_non_finite(self, x: np.ndarray, y: np.ndarray) -> None:
@@ -254,39 +261,38 @@ class SimilarityAccumulator:
         side = "x" if not np.isfinite(self._shift[: self.p]).all() else "y"
         raise NonFiniteInputError(side, self.n)  # finite values whose sum overflows
 
-    def _add_block(self, z: np.ndarray, start: int) -> None:
-        p = self.p
-        w = np.empty((3, z.shape[0]))
-        w[0] = 1.0
-        np.einsum("ij,ij->i", z[:, :p], z[:, :p], out=w[1])
-        np.einsum("ij,ij->i", z[:, p:], z[:, p:], out=w[2])
+    def _add_block(self, x: np.ndarray, y: np.ndarray, start: int) -> None:
+        """Shift one block (rows from ``start`` of the chunk), add its sums and its cross products into ``G``."""
+        m, buffers = x.shape[0], self._buffers
+        if buffers is None:
+            z = self._buf[:m]
+            self._add_sums(*shift_block(x, y, self._shift, z), start)
+            # z.T is a Fortran-ordered view of the C-ordered block: dsyrk reads it without a copy and, with trans=0,
+            # computes z.T @ z into the upper triangle of the Fortran-ordered Gram matrix in place.
+            self._gram = dsyrk(1.0, z.T, beta=1.0, c=self._gram, trans=0, lower=0, overwrite_c=1)
+            return
+        z32 = buffers.rows[:m]
+        self._add_sums(*shift_block(x, y, self._shift, z32, buffers.work, buffers.scales), start)
+        float32_product(buffers.product, z32)
+        if not np.isfinite(buffers.product.diagonal()).all():
+            self._raise_float32_overflow(buffers.product, z32, start)
+        add_upper(self._gram, buffers.product)
+
+    def _add_sums(self, w: np.ndarray, sums: list[np.ndarray], start: int) -> None:
+        """Add a block's column and scalar sums, after checking it is finite (rows from ``start`` of the chunk)."""
         # A NaN/inf anywhere in a row makes that row's squared norm non-finite: an O(m) check instead of O(m(p+q)).
         for side, norms in (("x", w[1]), ("y", w[2])):
             if not np.isfinite(norms.sum()):
                 bad = np.flatnonzero(~np.isfinite(norms))  # empty if only the sum overflowed
                 raise NonFiniteInputError(side, self.n + start + (int(bad[0]) if bad.size else 0))
-        # Also through SciPy's BLAS: NumPy bundles a second OpenBLAS whose idle threads spin for a while after each
-        # call, so alternating between the two libraries makes both run at a fraction of their speed.
-        self._weighted_sums = dgemm(1.0, z.T, w.T, beta=1.0, c=self._weighted_sums, overwrite_c=1)
+        for part in sums:  # the halves in row order, on both paths alike
+            self._weighted_sums += part
+        # Through SciPy's BLAS: NumPy bundles a second OpenBLAS whose idle threads spin for a while after each call,
+        # so alternating between the two libraries makes both run at a fraction of their speed.
         self._scalar_sums = dsyrk(1.0, w.T, beta=1.0, c=self._scalar_sums, trans=1, lower=0, overwrite_c=1)
-        if self.gram_precision == "float64":
-            # z.T is a Fortran-ordered view of the C-ordered block: dsyrk reads it without a copy and, with trans=0,
-            # computes z.T @ z into the upper triangle of the Fortran-ordered Gram matrix in place.
-            self._gram = dsyrk(1.0, z.T, beta=1.0, c=self._gram, trans=0, lower=0, overwrite_c=1)
-            return
-        if self._scales is None:
-            self._scales = channel_scales(z)
-            self._block_product = np.zeros((z.shape[1], z.shape[1]), dtype=np.float32, order="F")
-        z *= self._scales  # exact (powers of two); z is not read again
-        z32 = self._buf32[: z.shape[0]]
-        with np.errstate(over="ignore"):  # beyond float32's range: caught on the product's diagonal below
-            np.copyto(z32, z, casting="same_kind")
-        add_float32_block(self._gram, self._block_product, z32)
-        if not np.isfinite(self._block_product.diagonal()).all():
-            self._raise_float32_overflow(z32, start)
 
-    def _raise_float32_overflow(self, z32: np.ndarray, start: int) -> None:
-        diagonal = self._block_product.diagonal()
+    def _raise_float32_overflow(self, product: np.ndarray, z32: np.ndarray, start: int) -> None:
+        diagonal = product.diagonal()
         side = "x" if not np.isfinite(diagonal[: self.p]).all() else "y"
         columns = slice(0, self.p) if side == "x" else slice(self.p, None)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -325,17 +331,20 @@ class SimilarityAccumulator:
         spectra = None
         if p_kept and q_kept and ((whitened and not refused) or shaped - set(FULLY_WHITENED_MEASURES)):
             spectra = side_spectra(*_kept_blocks(blocks, keep_x, keep_y))
-        cca = {}
-        if whitened:
-            if refused:
-                for name in sorted(wanted & set(CCA_MEASURES)):
-                    undefined[name] = warning
-            else:
-                cca = cca_family(spectra, (p_kept, q_kept), wanted, eig_rtol, svcca_threshold)
+        if whitened and refused:
+            for name in sorted(wanted & set(CCA_MEASURES)):
+                undefined[name] = warning
+        all_kept = (p_kept, q_kept) == (self.p, self.q)
+        # The CCA family's decompositions and the alignment measures' SVDs do not depend on each other: side by side.
+        cca, cosines = concurrently(
+            lambda: cca_family(spectra, (p_kept, q_kept), wanted, eig_rtol, svcca_threshold)
+            if whitened and not refused else {},
+            lambda: alignment_cosines(blocks, spectra, all_kept, wanted) if wanted & set(ALIGNMENT_MEASURES) else {},
+        )
         alignment = {}
         if wanted & set(ALIGNMENT_MEASURES):
-            alignment = alignment_measures(blocks, spectra, cca or None, (p_kept, q_kept) == (self.p, self.q), wanted,
-                                           warning if refused else None, undefined)
+            alignment = alignment_measures(blocks, spectra, cca or None, all_kept, wanted, warning if refused else None,
+                                           undefined, cosines)
         return SimilarityResult(
             n=blocks.n,
             p=self.p,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medtransfer.analysis.spectra import Spectra, mm, numerical_rank, singular_values
+from medtransfer.analysis.spectra import Spectra, concurrently, mm, numerical_rank, singular_values
 
 __all__ = ["CentredBlocks", "cca_family", "cka", "kept_channels"]
 
@@ -122,16 +122,19 @@ def cca_family(
     m = (sx[:, None] * spectra.rotated[:rank_x, :rank_y]) * sy[None, :]
     side = "x" if n_kept[0] <= n_kept[1] else "y"
     vectors = ("left" if side == "x" else "right") if "pwcca" in wanted else None
-    rho, basis = singular_values(m, vectors)
+    svcca_dims = (_svcca_dims(lam_x, svcca_threshold), _svcca_dims(lam_y, svcca_threshold)) if "svcca" in wanted \
+        else None
+    tasks = [lambda: singular_values(m, vectors)]
+    if svcca_dims is not None and svcca_dims != (rank_x, rank_y):  # SVCCA's own, smaller decomposition, alongside
+        tasks.append(lambda: singular_values(m[: svcca_dims[0], : svcca_dims[1]])[0])
+    (rho, basis), *truncated = concurrently(*tasks)
     rho = np.clip(rho, 0.0, 1.0)
     out: dict[str, object] = {"canonical_correlations": rho, "cca_ranks": (rank_x, rank_y)}
     if "cca" in wanted:
         out["mean_cca"] = float(np.mean(rho))
-    if "svcca" in wanted:
-        kx, ky = _svcca_dims(lam_x, svcca_threshold), _svcca_dims(lam_y, svcca_threshold)
-        rho_sv = rho if (kx, ky) == (rank_x, rank_y) else np.clip(singular_values(m[:kx, :ky])[0], 0.0, 1.0)
-        out["svcca"] = float(np.mean(rho_sv))
-        out["svcca_dims"] = (kx, ky)
+    if svcca_dims is not None:
+        out["svcca"] = float(np.mean(np.clip(truncated[0], 0.0, 1.0) if truncated else rho))
+        out["svcca_dims"] = svcca_dims
     if basis is not None:
         v, lam = (spectra.v_x[:, :rank_x], lam_x) if side == "x" else (spectra.v_y[:, :rank_y], lam_y)
         alpha = np.abs(mm(v, np.sqrt(lam)[:, None] * basis)).sum(axis=0)
