@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
 import scipy.stats
 
+from medtransfer.analysis.cross_products import side_scales
 from medtransfer.analysis.similarity import (
     ALL_MEASURES,
     InsufficientSamplesError,
@@ -376,3 +379,36 @@ def test_working_memory_is_bounded_by_the_block_size():
     acc.update(x, y)
     assert acc._buf.shape == (64, 10)  # a 5000-row chunk is processed in 64-row blocks
     assert acc.finalize().mean_cca == pytest.approx(oracle_cca(x, y)[0].mean(), abs=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Extreme magnitudes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gram_precision, scale_x, scale_y", [
+    *(("float64", *scales) for scales in [(1e150, 1e150), (1e-150, 1e-150), (1e300, 1e-300), (2.0 ** -1000, 3e200)]),
+    # float32 blocks: powers of two only, which leave the float32 roundings as they were (1e150 = c 2^k, c != 1,
+    # would round every value differently, a change within the float32 path's own error bound, not the engine's)
+    *(("float32", *scales) for scales in [(2.0 ** 500, 2.0 ** 500), (2.0 ** -500, 2.0 ** -500), (2.0 ** 990, 2.0 ** -990)]),
+])
+def test_every_measure_is_the_same_at_any_magnitude_without_a_warning(scale_x, scale_y, gram_precision):
+    """Every measure is invariant to scaling one side; at 1e±150 the fourth powers behind debiased CKA (and at
+    1e±300 the squares) leave float64, so the engine must bring the data to magnitude 1 itself, silently."""
+    x, y = correlated_pair(np.random.default_rng(11), 400, 12, 9)
+    reference = stream(x, y, [150], gram_precision=gram_precision).finalize(ALL_MEASURES)
+    with np.errstate(all="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaled = stream(x * scale_x, y * scale_y, [150], gram_precision=gram_precision).finalize(ALL_MEASURES)
+    for measure in ALL_MEASURES:
+        # the inputs' own rounding (x * 1e150 is not exact) moves the measures by far less than this
+        assert scaled.value(measure) == pytest.approx(reference.value(measure), abs=1e-9), measure
+
+
+def test_activations_of_ordinary_magnitude_are_not_rescaled():
+    """Only data beyond 2^±64 take the extra pass: ordinary activations give the very same numbers as before."""
+    x, y = correlated_pair(np.random.default_rng(12), 64, 5, 4)
+    assert side_scales(x * 1e15, y * 1e-15) is None
+    assert side_scales(np.zeros((3, 2)), y) is None  # a constant side is left to the checks that name it
+    scale_x, scale_y = side_scales(x * 1e30, y)
+    assert scale_y == 1.0 and np.frexp(scale_x)[0] == 0.5 and 0.5 <= np.ptp(x * 1e30 * scale_x, axis=0).max() < 1
