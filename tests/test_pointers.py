@@ -54,3 +54,23 @@ def test_dvc_metrics_show_lists_only_the_searches_metrics(tmp_path, repo_root, w
     stage = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]["search"]
     pointer_entry = "results/models/${item.dataset}.${item.source}.${item.regime}.json"
     assert {pointer_entry: {"cache": False}} in stage["outs"], "the pointer stays a DVC output"
+
+
+def test_the_study_reads_only_the_pointers_of_its_own_sources_and_regimes(write_params):
+    """A pointer another profile left (another source, another regime) is not one of this study's models."""
+    import dataclasses
+
+    from medtransfer.pointers import pointers_for_dataset
+
+    sources = {name: {"kind": "random", "arch": "resnet18", "seed": seed}
+               for seed, name in enumerate(("natural", "medical", "convnext"))}
+    params = write_params({"d": {"format": "medmnist", "path": "d.npz", "classes": ["a", "b"]}}, sources=sources,
+                          study={"targets": ["d"], "sources": ["natural", "medical"], "regimes": ["full"],
+                                 "protocol": "search"})
+    config = load_config(params)
+    for source, regime in (("natural", "full"), ("medical", "full"), ("convnext", "full"), ("natural", "freeze")):
+        write_pointer(config, dataclasses.replace(_pointer([0.7, 0.9]), registered_model=f"d.{source}.{regime}",
+                                                  source=source, regime=regime))
+    assert [(p.source, p.regime) for p in pointers_for_dataset(config, "d")] == [("medical", "full"),
+                                                                               ("natural", "full")]
+    assert pointers_for_dataset(config, "other") == []
