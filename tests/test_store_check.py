@@ -44,6 +44,50 @@ def test_a_listening_server_and_file_stores_pass():
         check_server_reachable(uri, "here", timeout=5)
 
 
+@contextlib.contextmanager
+def _not_postgres(reply: bytes | None):
+    """A loopback port whose listener answers every connection with `reply` and closes it (None: it accepts and
+    then says nothing); yields the port."""
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = server.accept()
+                if reply is None:
+                    held.append(connection)  # silent: the client's own timeout must end the wait
+                    continue
+                with connection:
+                    connection.recv(1024)
+                    connection.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+        for connection in held:
+            connection.close()
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgresql+psycopg", "postgresql+psycopg2"])
+@pytest.mark.parametrize("reply", [b"HTTP/1.1 400 Bad Request\r\n\r\n", None], ids=["another-service", "silent"])
+@pytest.mark.timeout(120)  # a silent listener must end at libpq's connect_timeout (2 s here), not hang the suite
+def test_a_port_that_answers_but_is_no_postgresql_is_one_line_within_the_timeout(scheme, reply):
+    """Something listens (a web server, a proxy, a stuck process): SQLAlchemy inside MLflow would retry for
+    minutes; the check opens one session, bounded by the store timeout, and names the driver's reason."""
+    with _not_postgres(reply) as port, pytest.raises(ConfigError) as raised:
+        check_server_reachable(f"{scheme}://user:secret@127.0.0.1:{port}/db", "here", timeout=2)
+    message = str(raised.value)
+    assert "\n" not in message and "secret" not in message and "user:***@127.0.0.1" in message, message
+    assert message.startswith("here: cannot open a session on the store"), message
+
+
 def test_masking_and_the_timeout_setting(monkeypatch):
     assert masked("postgresql://u:pw@db:5432/x") == "postgresql://u:***@db:5432/x"
     assert masked("http://host:5000") == "http://host:5000"

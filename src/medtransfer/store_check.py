@@ -10,6 +10,7 @@ of these into one line within seconds: `check_sqlite_store` for a local file, `c
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import sqlite3
@@ -144,7 +145,10 @@ def check_server_reachable(uri: str, where: str, timeout: float | None = None) -
     timeout = store_timeout() if timeout is None else timeout
     try:
         with socket.create_connection((parts.hostname, port), timeout=timeout):
-            return
+            pass
+        if scheme in ("postgresql", "postgres"):
+            _check_database_login(uri, where, timeout)
+        return
     except socket.timeout:
         cause = f"no answer within {timeout:g} s"
     except socket.gaierror as error:
@@ -154,6 +158,32 @@ def check_server_reachable(uri: str, where: str, timeout: float | None = None) -
     raise ConfigError(f"cannot reach the store {masked(uri)}: {cause}", where=where,
                       fix=f"start the server, or fix the address and port where the URI is set; ${STORE_TIMEOUT_ENV} "
                           "sets the wait in seconds")
+
+
+def _check_database_login(uri: str, where: str, timeout: float) -> None:
+    """Raise `ConfigError` unless a PostgreSQL session opens on `uri` within `timeout` seconds. Something answering
+    on the port is not yet a database that takes this user (another service on the port, a wrong password or
+    database name): SQLAlchemy would retry those for minutes inside MLflow. Without the URI's driver, MLflow reports
+    that itself; nothing is checked here."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool,
+                                          connect_args={"connect_timeout": max(1, math.ceil(timeout))})
+    except (ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError):
+        return
+    try:
+        with engine.connect():
+            return
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        detail = str(getattr(error, "orig", None) or error).strip().splitlines()
+        cause = detail[0] if detail else type(error).__name__
+    finally:
+        engine.dispose()
+    raise ConfigError(f"cannot open a session on the store {masked(uri)}: {cause}", where=where,
+                      fix="check that the port serves PostgreSQL and that the user, password and database in the "
+                          "URI are right")
 
 
 #: Server settings for every PostgreSQL session MLflow opens (libpq reads $PGOPTIONS): a statement, or a transaction
