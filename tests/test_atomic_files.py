@@ -274,6 +274,24 @@ def test_a_full_disk_names_the_output_it_was_writing(tmp_path):
     assert list((tmp_path / "results").iterdir()) == []
 
 
+def test_numpys_short_write_on_a_full_disk_is_named_as_one(tmp_path):
+    """`np.save` into a full file system raises `OSError("611520 requested and 65408 written")`, without errno."""
+    def short_write(_stream):
+        raise OSError("611520 requested and 65408 written")
+
+    with pytest.raises(OSError) as caught, atomic_directory(tmp_path / "prepared"):
+        short_write(None)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "prepared")
+    line = as_user_error(caught.value).one_line()
+    assert "no space left on device" in line.lower() and "611520 requested and 65408 written" in line, line
+    with pytest.raises(OSError) as caught:
+        atomic_write(tmp_path / "table.csv", short_write)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "table.csv")
+    with pytest.raises(OSError) as caught, atomic_directory(tmp_path / "other"):
+        raise OSError("some other failure")  # not a short write: left as it was
+    assert caught.value.errno is None
+
+
 def test_exchange_swaps_two_folders_and_names_a_missing_one(tmp_path):
     if not exchange_supported(tmp_path):
         pytest.skip("this file system cannot exchange two folders (RENAME_EXCHANGE)")

@@ -71,10 +71,18 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 _NAMELESS_SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+# NumPy's `tofile` (behind `np.save`) reports a full disk as a short write, with no errno at all.
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
 def _raise_naming(error: BaseException, path: Path) -> None:
-    """Raise `error` again with `path` as its file name when it is a nameless out-of-space error; else return."""
+    """Raise `error` again with `path` as its file name when it is a nameless out-of-space error (or NumPy's short
+    write, which a full disk causes: raised as ENOSPC with its own words); else return."""
     if isinstance(error, OSError) and error.errno in _NAMELESS_SPACE_ERRORS and not error.filename:
         raise OSError(error.errno, error.strerror or os.strerror(error.errno), str(path)) from error
+    if isinstance(error, OSError) and error.errno is None and _SHORT_WRITE.fullmatch(str(error).strip()):
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a write stopped short: {error})",
+                      str(path)) from error
 
 
 def _keep_modes(staging: Path, final: Path) -> None:
