@@ -23,3 +23,14 @@ def test_the_stages_find_this_interpreters_medtransfer_from_a_plain_shell():
 
 def test_an_empty_path_gets_the_bin_folder_alone():
     assert stage_environment({}, "r", "u")["PATH"] == str(Path(sys.executable).parent)
+
+
+def test_an_up_to_date_study_names_the_run_it_kept_or_the_launchers():
+    from medtransfer.pipeline import PipelineOutcome
+
+    own = PipelineOutcome("a" * 32, [], ["prepare", "report"], None).describe()
+    assert own == f"study: every step was up to date (2 stages), nothing logged; the study's last MLflow run is {'a' * 32}"
+    launched = PipelineOutcome("b" * 32, [], ["prepare", "report"], None, launched=True).describe()
+    assert launched == (f"study: every step was up to date (2 stages); only 'mlflow run' logged a run, {'b' * 32}, "
+                        "which records that")
+    assert PipelineOutcome(None, [], ["prepare"], None).describe().endswith("no MLflow run was kept")

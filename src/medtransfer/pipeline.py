@@ -34,11 +34,15 @@ class PipelineOutcome:
     ran: list[str]
     skipped: list[str]
     report: Path | None
+    launched: bool = False  # run_id is the run `mlflow run` created for this study (it stays, whatever ran)
 
     def describe(self) -> str:
         """What `medtransfer study` prints: how many stages ran, the pipeline's MLflow run, the report."""
         if self.ran:
             text = f"study: ran {len(self.ran)} stage(s), {len(self.skipped)} up to date; MLflow run {self.run_id}"
+        elif self.launched:
+            text = (f"study: every step was up to date ({len(self.skipped)} stages); only 'mlflow run' logged a run, "
+                    f"{self.run_id}, which records that")
         else:
             where = f"the study's last MLflow run is {self.run_id}" if self.run_id else "no MLflow run was kept"
             text = f"study: every step was up to date ({len(self.skipped)} stages), nothing logged; {where}"
@@ -82,7 +86,7 @@ def run_pipeline(config: Config, *, force: bool = False) -> PipelineOutcome:
             mlflow.log_artifacts(str(report.parent), artifact_path=REPORT_ARTIFACT_FOLDER)
     report = report if report.is_file() else None
     if ran or force or run.info.run_id == launcher_run:
-        return PipelineOutcome(run.info.run_id, ran, skipped, report)
+        return PipelineOutcome(run.info.run_id, ran, skipped, report, launched=run.info.run_id == launcher_run)
     # Nothing ran: an up-to-date study adds no run to the experiment (the UI would fill with copies of the last one).
     client = mlflow.MlflowClient()
     client.delete_run(run.info.run_id)
