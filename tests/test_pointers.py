@@ -74,3 +74,6 @@ def test_the_study_reads_only_the_pointers_of_its_own_sources_and_regimes(write_
     assert [(p.source, p.regime) for p in pointers_for_dataset(config, "d")] == [("medical", "full"),
                                                                                ("natural", "full")]
     assert pointers_for_dataset(config, "other") == []
+    no_study = load_config(write_params({"d": {"format": "medmnist", "path": "d.npz", "classes": ["a", "b"]}},
+                                        sources=sources))
+    assert len(pointers_for_dataset(no_study, "d")) == 4  # no study named: every search run by hand counts

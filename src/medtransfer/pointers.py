@@ -132,14 +132,15 @@ def _content_problem(pointer: ModelPointer) -> str | None:
 
 
 def pointers_for_dataset(config: Config, dataset: str) -> list[ModelPointer]:
-    """The pointers of `dataset` for the sources and regimes the active profile's study names, sorted by source and
-    regime. Pointers another profile left in the folder (other sources or regimes) are not the study's: they are
-    skipped, so extract, summary and report see the same models whichever profiles ran before."""
+    """The pointers of `dataset` for the sources and regimes the active profile's study names (every pointer of
+    `dataset` when `study.sources` names none: searches run by hand), sorted by source and regime. Pointers another
+    profile left in the folder (other sources or regimes) are not the study's: they are skipped, so extract, summary
+    and report see the same models whichever profiles ran before."""
     study = config.study
     wanted = {pointer_path(config, dataset, source, regime).name for source in study.sources
               for regime in study.regimes}
     folder = config.resolve(POINTER_FOLDER)
-    paths = [path for path in sorted(folder.glob(f"{dataset}.*.json")) if path.name in wanted]
+    paths = [path for path in sorted(folder.glob(f"{dataset}.*.json")) if not wanted or path.name in wanted]
     return [p for p in (read_pointer(path) for path in paths) if p.dataset == dataset]
 
 
