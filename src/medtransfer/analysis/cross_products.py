@@ -141,6 +141,18 @@ def shift_rows(x: np.ndarray, y: np.ndarray, shift: np.ndarray, w: np.ndarray, o
     return sums
 
 
+#: Below this many values a pass is done on the calling thread: starting threads (and limiting BLAS to one per
+#: thread) costs more than the pass itself on narrow layers (the benchmark's 64 channels: about 3 times the time).
+_THREADED_MIN_VALUES = 1 << 20
+
+
+def _side_by_side(tasks: list, values: int) -> list:
+    """The tasks' results in order: side by side (`spectra.concurrently`) for a pass over at least
+    `_THREADED_MIN_VALUES` values, else one after another. The same numbers either way: each task writes its own
+    part, and the caller combines the results in order."""
+    return concurrently(*tasks) if values >= _THREADED_MIN_VALUES else [task() for task in tasks]
+
+
 def shift_block(x: np.ndarray, y: np.ndarray, shift: np.ndarray, out: np.ndarray,
                 work: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
                 scales: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -150,10 +162,9 @@ def shift_block(x: np.ndarray, y: np.ndarray, shift: np.ndarray, out: np.ndarray
     w = np.empty((3, m))
     w[0] = 1.0
     halves = [(0, m // 2), (m // 2, m)]
-    return w, concurrently(*(
-        lambda a=a, b=b, slot=slot: shift_rows(x[a:b], y[a:b], shift, w[:, a:b], out[a:b], slot, scales)
-        for (a, b), slot in zip(halves, work)
-    ))
+    tasks = [lambda a=a, b=b, slot=slot: shift_rows(x[a:b], y[a:b], shift, w[:, a:b], out[a:b], slot, scales)
+             for (a, b), slot in zip(halves, work)]
+    return w, _side_by_side(tasks, m * len(shift))
 
 
 def float32_product(product: np.ndarray, z32: np.ndarray) -> None:
@@ -174,7 +185,7 @@ def add_upper(total: np.ndarray, product: np.ndarray) -> None:
             total[:stop, start:stop] += product[:stop, start:stop]
 
     middle = split_column(d)
-    concurrently(lambda: add_columns(0, middle), lambda: add_columns(middle, d))
+    _side_by_side([lambda: add_columns(0, middle), lambda: add_columns(middle, d)], d * d // 2)
 
 
 def symmetrise_upper(a: np.ndarray) -> np.ndarray:
