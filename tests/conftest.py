@@ -446,6 +446,20 @@ def postgres_database() -> Callable[[str], str]:
         execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def exchange_supported(tmp_path) -> bool:
+    """Whether tmp_path's file system swaps two folders in one step (RENAME_EXCHANGE: tmpfs, ext4, xfs, btrfs do)."""
+    from medtransfer.atomic_files import exchange_paths
+
+    (tmp_path / "probe_a").mkdir()
+    (tmp_path / "probe_b").mkdir()
+    try:
+        return exchange_paths(tmp_path / "probe_a", tmp_path / "probe_b")
+    finally:
+        (tmp_path / "probe_a").rmdir()
+        (tmp_path / "probe_b").rmdir()
+
+
 @pytest.fixture(autouse=True)
 def _no_store_overrides_from_the_caller(monkeypatch):
     """A developer's cluster settings must not redirect the tests' stores; nor may the $MLFLOW_TRACKING_URI that

@@ -17,15 +17,6 @@ from medtransfer.atomic_files import (
 )
 
 
-def exchange_supported(folder):
-    """Whether this file system swaps two folders in one step (tmpfs, ext4, xfs and btrfs do)."""
-    (folder / "probe_a").mkdir()
-    (folder / "probe_b").mkdir()
-    try:
-        return exchange_paths(folder / "probe_a", folder / "probe_b")
-    finally:
-        (folder / "probe_a").rmdir()
-        (folder / "probe_b").rmdir()
 from medtransfer.errors import as_user_error
 
 
@@ -117,8 +108,8 @@ def _run_killed_writer(final, label, kill_at, exchange=True):
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
 @pytest.mark.parametrize("previous", [True, False], ids=["replacing", "first-write"])
 def test_a_writer_killed_at_any_instant_leaves_the_old_or_the_new_output_and_a_rerun_cleans_up(tmp_path, previous,
-                                                                                                 exchange):
-    if exchange and not exchange_supported(tmp_path):
+                                                                                                 exchange, exchange_supported):
+    if exchange and not exchange_supported:
         pytest.skip("this file system cannot exchange two folders (RENAME_EXCHANGE)")
     outcomes = []
     for kill_at in range(1, 40):
@@ -292,8 +283,8 @@ def test_numpys_short_write_on_a_full_disk_is_named_as_one(tmp_path):
     assert caught.value.errno is None
 
 
-def test_exchange_swaps_two_folders_and_names_a_missing_one(tmp_path):
-    if not exchange_supported(tmp_path):
+def test_exchange_swaps_two_folders_and_names_a_missing_one(tmp_path, exchange_supported):
+    if not exchange_supported:
         pytest.skip("this file system cannot exchange two folders (RENAME_EXCHANGE)")
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "from_a").write_text("a")

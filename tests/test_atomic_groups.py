@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from medtransfer.atomic_files import atomic_directories, exchange_paths, restore_interrupted
+from medtransfer.atomic_files import atomic_directories, restore_interrupted
 
 # The child writes FILES into both outputs, each file holding its label, and dies by SIGKILL just before its Nth
 # call that changes the folder tree (as tests/test_atomic_files.py's single-folder writer): every instant a kill
@@ -45,16 +45,6 @@ with atomic_directories(first, second) as stagings:
 FILES = ("similarity.csv", "gain.csv", "layers_cca.png")
 
 
-def _exchange_supported(folder) -> bool:
-    (folder / "probe_a").mkdir()
-    (folder / "probe_b").mkdir()
-    try:
-        return exchange_paths(folder / "probe_a", folder / "probe_b")
-    finally:
-        (folder / "probe_a").rmdir()
-        (folder / "probe_b").rmdir()
-
-
 def _write_group(outputs, label):
     with atomic_directories(*outputs) as stagings:
         for staging in stagings:
@@ -80,8 +70,9 @@ def _beside(output):
 @pytest.mark.parametrize("reader", [0, 1], ids=["reader-of-tables", "reader-of-curves"])
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
 @pytest.mark.parametrize("previous", [True, False], ids=["replacing", "first-write"])
-def test_a_group_writer_killed_at_any_instant_leaves_all_old_or_all_new(tmp_path, previous, exchange, reader):
-    if exchange and not _exchange_supported(tmp_path):
+def test_a_group_writer_killed_at_any_instant_leaves_all_old_or_all_new(tmp_path, previous, exchange, reader,
+                                                                       exchange_supported):
+    if exchange and not exchange_supported:
         pytest.skip("this file system cannot exchange two folders (RENAME_EXCHANGE)")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **({} if exchange else {"TEST_NO_EXCHANGE": "1"})}
     seen = []

@@ -146,7 +146,7 @@ def killed_study(project, process_waits) -> SimpleNamespace:
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    seen, deadline = [], time.monotonic() + 900
+    seen = []  # no deadline here: the suite's per-test timeout bounds the wait (and prints the stacks)
     try:
         while not any(MID_STAGE.search(line) for line in seen[-1:]):
             with contextlib.suppress(queue.Empty):
@@ -154,7 +154,6 @@ def killed_study(project, process_waits) -> SimpleNamespace:
                 continue
             assert process.poll() is None, f"the study ended (exit {process.returncode}) before its first search " \
                                            f"trained:\n{''.join(seen)[-3000:]}"
-            assert time.monotonic() < deadline, f"no search trained within 900 s:\n{''.join(seen)[-3000:]}"
         stages = _descendants(process.pid)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)

@@ -199,28 +199,11 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     never find it missing; elsewhere it is first moved aside and deleted only after the new one is in place, and a
     writer killed between those renames leaves the previous output in a retired sibling, which the next writer (or
     `restore_interrupted`) puts back before anything else, and deletes the leftovers of killed writers.
+
+    One output is the one-member case of `atomic_directories`.
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(final):
-        _recover(final)
-        staging = _new_staging(final)
-        try:
-            yield staging
-        except BaseException as error:
-            shutil.rmtree(staging, ignore_errors=True)
-            _raise_naming(error, final)
-            raise
-        if final.is_dir():
-            _keep_modes(staging, final)
-            if exchange_paths(staging, final):  # one step: `final` is never missing, the old output sits in staging
-                shutil.rmtree(staging, ignore_errors=True)
-                return
-        try:
-            _move_into_place(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    with atomic_directories(final) as (staging,):
+        yield staging
 
 
 def _new_staging(final: Path) -> Path:
@@ -346,10 +329,10 @@ def atomic_directories(*finals: Path) -> Iterator[list[Path]]:
     """`atomic_directory` for several folders that must change together: yields one empty staging folder per output;
     on success every output is replaced, and a writer killed at any instant leaves all old or all new outputs once
     the next writer, or a reader through `restore_interrupted`, has run (see the journal note above)."""
-    finals = [Path(os.path.abspath(final)) for final in finals]
-    for final in finals:
+    named = [Path(final) for final in finals]  # as the caller named them: errors name these
+    for final in named:
         final.parent.mkdir(parents=True, exist_ok=True)
-    finals = [_canonical(final) for final in finals]
+    finals = [_canonical(Path(os.path.abspath(final))) for final in named]
     if len(set(finals)) != len(finals):
         raise ValueError(f"an output is named twice: {finals}")
     held = frozenset(finals)
@@ -365,13 +348,19 @@ def atomic_directories(*finals: Path) -> Iterator[list[Path]]:
         except BaseException as error:
             for staging in stagings:
                 shutil.rmtree(staging, ignore_errors=True)
-            _raise_naming(error, finals[0])
+            _raise_naming(error, named[0])
             raise
         for staging, final in zip(stagings, finals):
             if final.is_dir():
                 _keep_modes(staging, final)
-        journals = _write_journals(list(zip(stagings, finals)))
-        _roll_forward([(staging, final, _inode(staging)) for staging, final in zip(stagings, finals)])
+        # One output is replaced in one step (or two renames a rerun undoes); several need their journals first.
+        journals = _write_journals(list(zip(stagings, finals))) if len(finals) > 1 else []
+        try:
+            _roll_forward([(staging, final, _inode(staging)) for staging, final in zip(stagings, finals)])
+        except BaseException:
+            if not journals:  # nothing will roll this one forward: its staging is a leftover now
+                shutil.rmtree(stagings[0], ignore_errors=True)
+            raise
         for journal in journals:
             journal.unlink()
         for staging in stagings:  # after an exchange, a staging holds the previous output
