@@ -105,7 +105,8 @@ def project(tmp_path_factory, repo_root, blob_npz, process_waits) -> Path:
     return root
 
 
-#: What a search prints once its first trial has trained an epoch: the study is then killed mid-stage.
+#: What a search prints once its first trial has trained an epoch: the study is then killed mid-stage (in that
+#: trial, or in the final fits after it when the trial ended first, its only epoch done).
 MID_STAGE = re.compile(r"search \S+ trial 1/1")
 #: How long a killed study's processes may outlive it (the issue's bound for every fault).
 GONE_WITHIN_SECONDS = 30
@@ -140,7 +141,7 @@ def _running(identity: str) -> bool:
 
 @pytest.fixture(scope="module")
 def killed_study(project, process_waits) -> SimpleNamespace:
-    """`medtransfer study` killed by SIGKILL while its first search trains (as `kill -9 <pid>` would), and what was
+    """`medtransfer study` killed by SIGKILL while its first search runs (as `kill -9 <pid>` would), and what was
     still running 0 to GONE_WITHIN_SECONDS later."""
     process = subprocess.Popen([str(BIN / "medtransfer"), "study"], cwd=project, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
