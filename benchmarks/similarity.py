@@ -39,9 +39,9 @@ import time
 import tracemalloc
 
 import numpy as np
-from scipy.linalg.blas import sgemm, ssyrk
+from scipy.linalg.blas import sgemm
 
-from medtransfer.analysis.cross_products import FLOAT32_BLOCK_ROWS
+from medtransfer.analysis.cross_products import FLOAT32_BLOCK_ROWS, float32_product
 from medtransfer.analysis.similarity import ALL_MEASURES, SimilarityAccumulator
 
 CHUNK_ROWS = 4096
@@ -118,8 +118,8 @@ def best_accumulation(source: Source, precision: str) -> tuple[float, float, Sim
     return seconds, peak, acc
 
 
-def finalise(acc: SimilarityAccumulator, measures=None, cpu: list | None = None):
-    """(seconds, peak bytes, result); the process's CPU seconds (all threads) are appended to ``cpu`` if given."""
+def finalise(acc: SimilarityAccumulator, measures=None):
+    """(seconds, peak bytes, result, the process's CPU seconds over all its threads)."""
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -128,9 +128,7 @@ def finalise(acc: SimilarityAccumulator, measures=None, cpu: list | None = None)
     seconds, c1 = time.perf_counter() - t0, os.times()
     peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
-    if cpu is not None:
-        cpu.append((c1.user - c0.user) + (c1.system - c0.system))
-    return seconds, peak, result
+    return seconds, peak, result, (c1.user - c0.user) + (c1.system - c0.system)
 
 
 def usable_cores() -> int:
@@ -139,8 +137,9 @@ def usable_cores() -> int:
 
 
 def gram_floor(x32: np.ndarray, y32: np.ndarray) -> float:
-    """Seconds of the float32 ``ssyrk`` calls alone that the fast path makes (blocks of `FLOAT32_BLOCK_ROWS` rows of
-    ``[X Y]``, in memory, nothing shifted, scaled or added): what no float32 accumulation of this design can beat."""
+    """Seconds of the fast path's float32 ``ssyrk`` calls alone (`cross_products.float32_product` on blocks of
+    `FLOAT32_BLOCK_ROWS` rows of ``[X Y]``, in memory, nothing shifted, scaled or added): what no float32 accumulation
+    of this design can beat."""
     d = x32.shape[1] + y32.shape[1]
     rows = min(FLOAT32_BLOCK_ROWS, x32.shape[0])
     block = np.empty((rows, d), dtype=np.float32)
@@ -150,7 +149,7 @@ def gram_floor(x32: np.ndarray, y32: np.ndarray) -> float:
         m = min(rows, x32.shape[0] - start)
         block[:m, : x32.shape[1]], block[:m, x32.shape[1]:] = x32[start:start + m], y32[start:start + m]
         t0 = time.perf_counter()
-        ssyrk(1.0, block[:m].T, beta=0.0, c=product, trans=0, lower=0, overwrite_c=1)
+        float32_product(product, block[:m])
         seconds += time.perf_counter() - t0
     return seconds
 
@@ -202,10 +201,9 @@ def bench_size(n: int, p: int) -> dict[str, object]:
     row: dict[str, object] = {"n": n, "p": p}
     for precision in ("float64", "float32"):
         acc_s, acc_peak, acc = best_accumulation(source, precision)
-        cpu: list[float] = []
-        fin_s, fin_peak, result = finalise(acc, cpu=cpu)
+        fin_s, fin_peak, result, fin_cpu_s = finalise(acc)
         row[precision] = {"acc_s": acc_s, "acc_peak": acc_peak, "fin_s": fin_s, "fin_peak": fin_peak, "result": result,
-                          "fin_cpu_s": cpu[0]}
+                          "fin_cpu_s": fin_cpu_s}
         if precision == "float32":  # each measure on its own, on the fast path
             row["alone_s"] = {measure: min(finalise(acc, [measure])[0] for _ in range(2 if fin_s < 1.0 else 1))
                               for measure in ALL_MEASURES}

@@ -184,7 +184,7 @@ def study(project, killed_study, process_waits) -> SimpleNamespace:
     rerun = _run(finish, project, str(BIN / "medtransfer"), "study", timeout=1200)
     _run(finish, project, "git", "add", "-A")
     _run(finish, project, "git", "commit", "-q", "-m", "the study")
-    return SimpleNamespace(root=project, rerun=rerun, runs_after_kill=killed_study.runs_after_kill)
+    return SimpleNamespace(root=project, rerun=rerun)
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +295,7 @@ def test_a_killed_study_leaves_no_stage_running(killed_study):
                                           killed_study.survivors)
 
 
-def test_the_next_study_closes_the_killed_run_finishes_and_leaves_nothing_open_or_half_written(study):
+def test_the_next_study_closes_the_killed_run_finishes_and_leaves_nothing_open_or_half_written(study, killed_study):
     closed = re.findall(r"study: closed run (\w+) as KILLED: the study that ran it was killed", study.rerun)
     assert len(closed) == 1, study.rerun[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{study.root / 'mlflow.db'}")
@@ -307,8 +307,8 @@ def test_the_next_study_closes_the_killed_run_finishes_and_leaves_nothing_open_o
     # Every run the kill left open (the study's at least; a stage's too when the kill caught it before it could end
     # its own) is now closed as stopped, never reported FINISHED. Which stage runs were open depends on where the
     # kill caught the study, which differs from machine to machine, so the test names none of them.
-    left_open = {run_id: step for run_id, (status, step) in study.runs_after_kill.items() if status == "RUNNING"}
-    assert closed[0] in left_open, study.runs_after_kill
+    left_open = {run_id: step for run_id, (status, step) in killed_study.runs_after_kill.items() if status == "RUNNING"}
+    assert closed[0] in left_open, killed_study.runs_after_kill
     assert {run_id: now[run_id] for run_id in left_open if now[run_id][0] not in ("KILLED", "FAILED")} == {}
     leftovers = [str(path.relative_to(study.root)) for folder in ("data", "results", "activations", "reports")
                  for path in (study.root / folder).rglob(".*")

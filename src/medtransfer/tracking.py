@@ -143,13 +143,14 @@ def name_an_unused_mlflow_uri(uri_in_use: str, where: str) -> bool:
 
 
 def _same_store(first: str, second: str) -> bool:
-    """Whether two tracking URIs name one store: equal, or SQLite/file URIs of one file (relative to this folder)."""
+    """Whether two tracking URIs name one store: equal, or SQLite/file URIs of one file (relative to this folder,
+    as MLflow reads them; `config.resolve_store_url`)."""
+    from medtransfer.config import resolve_store_url
+
     def canonical(uri: str) -> str:
-        for scheme in ("sqlite:///", "file://"):
-            if uri.startswith(scheme):
-                return scheme + str(Path(uri[len(scheme):]).resolve())
-        return uri if not uri.startswith("/") else "file://" + str(Path(uri).resolve())
-    return canonical(first.rstrip("/")) == canonical(second.rstrip("/"))
+        return resolve_store_url(uri.rstrip("/").removeprefix("file://"), Path.cwd())
+
+    return canonical(first) == canonical(second)
 
 
 def ensure_experiment(config: Config) -> str:

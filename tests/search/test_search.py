@@ -190,12 +190,15 @@ def test_sigkill_mid_trial_then_rerun_gives_exactly_the_requested_trials(config)
     worker = subprocess.Popen(command, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     name = study_name(config, SearchRequest("target", "random", "full"))
+
+    def trials() -> list:
+        return optuna.load_study(study_name=name, storage=create_storage(config.optuna_storage)).get_trials()
+
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
             try:
-                study = optuna.load_study(study_name=name, storage=create_storage(config.optuna_storage))
-                running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+                running = [t for t in trials() if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
             except KeyError:
                 running = []
             if running:
@@ -207,8 +210,7 @@ def test_sigkill_mid_trial_then_rerun_gives_exactly_the_requested_trials(config)
         worker.wait()
     # What the kill caught, read after it: the trial seen running may still have ended first (then another, or a
     # final fit, was caught), so the checks below follow these states rather than assume the kill's timing.
-    caught = [t for t in optuna.load_study(study_name=name, storage=create_storage(config.optuna_storage)).get_trials()
-              if t.state == TrialState.RUNNING]
+    caught = [t for t in trials() if t.state == TrialState.RUNNING]
     rerun = subprocess.run(command, env=_cli_env(), capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     # Progress says which trial and which final fit each epoch belongs to; library chatter stays out of stderr.
@@ -216,12 +218,12 @@ def test_sigkill_mid_trial_then_rerun_gives_exactly_the_requested_trials(config)
     assert re.search(r"final fit fold 1 \(2/2\) full epoch 1/", rerun.stdout), rerun.stdout[-2000:]
     for chatter in ("ExperimentalWarning", "already exists. Creating a new version", "Created version"):
         assert chatter not in rerun.stderr, rerun.stderr[-2000:]
-    trials = optuna.load_study(study_name=name, storage=create_storage(config.optuna_storage)).get_trials()
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    after = trials()
+    assert sum(t.state == TrialState.COMPLETE for t in after) == 2
+    assert not [t for t in after if t.state == TrialState.RUNNING]
     mlflow.set_tracking_uri(config.tracking_uri)
     for killed in caught:  # each trial the kill left running is failed, and so is its MLflow run
-        assert trials[killed.number].state == TrialState.FAIL
+        assert after[killed.number].state == TrialState.FAIL
         if "mlflow_run_id" in killed.user_attrs:
             assert mlflow.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     assert not _runs(config, "attributes.status = 'RUNNING'"), "no run left RUNNING"
