@@ -24,7 +24,9 @@ from medtransfer.search.storage import (CONNECT_TIMEOUT_SECONDS, SQLITE_BUSY_SEC
 from medtransfer.search.workers import WORKER_ATTR, final_fit_lock, wait_for_other_workers
 
 HEARTBEAT_SECONDS, GRACE_SECONDS = 1, 3  # the lease lapses after 2 s without running
-# A trial that writes a user attribute every 0.2 s, as many times as argv[2] says, through a heartbeat storage.
+# A trial that writes a user attribute as many times as argv[2] says, through a heartbeat storage: every 0.2 s, or
+# (argv[3] == "stdin") printing each committed step and waiting for a line on stdin before the next, so that a test can
+# stop it where no write of its own is in flight.
 WORKER = """
 import sys, time, warnings
 import optuna
@@ -38,19 +40,23 @@ study = optuna.create_study(study_name="s", storage=lease_storage_class()(
 def objective(trial):
     for step in range(int(sys.argv[2])):
         trial.set_user_attr(f"step{{step:05d}}", step)
-        time.sleep(0.2)
+        if sys.argv[3] == "stdin":
+            print(step, flush=True)
+            sys.stdin.readline()
+        else:
+            time.sleep(0.2)
     return 0.0
 
 study.optimize(objective, n_trials=1)
 """.format(heartbeat=HEARTBEAT_SECONDS, grace=GRACE_SECONDS)
 
 
-def _start_worker(tmp_path, process_waits, steps: int):
+def _start_worker(tmp_path, process_waits, steps: int, pace: str = "sleep"):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    worker = subprocess.Popen([sys.executable, str(script), url, str(steps)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    worker = subprocess.Popen([sys.executable, str(script), url, str(steps), pace], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     return worker, url
 
 
@@ -75,20 +81,30 @@ def _wait_for_steps(url: str, worker, steps: int, timeout: float = 120) -> None:
 
 
 def test_a_worker_stopped_past_its_grace_period_exits_with_one_line_and_writes_nothing_more(tmp_path, process_waits):
-    worker, url = _start_worker(tmp_path, process_waits, steps=100_000)
+    # Stopped between two steps (it has printed step 2, so that step is committed, and waits on stdin): no write of
+    # its own is in flight, so every step after the stall would be a write the lease failed to prevent. The rows are
+    # counted once it has exited: a read while it is stopped could wait on a lock its heartbeat holds.
+    worker, url = _start_worker(tmp_path, process_waits, steps=100_000, pace="stdin")
     try:
-        _wait_for_steps(url, worker, 3)
+        for step in range(3):
+            line = worker.stdout.readline()
+            assert line.strip() == str(step), (line, worker.poll())
+            if step < 2:
+                worker.stdin.write("\n")
+                worker.stdin.flush()
         os.killpg(worker.pid, signal.SIGSTOP)
-        written = _steps_written(url)
         time.sleep(GRACE_SECONDS + 1)  # past the grace period: the other workers may have failed its trial
         os.killpg(worker.pid, signal.SIGCONT)
+        with contextlib.suppress(BrokenPipeError):  # it may already have exited
+            worker.stdin.write("\n")  # go on to the next step: the lease must stop it first
+            worker.stdin.flush()
         _, err = process_waits.finish(worker, timeout=60)
     finally:
         process_waits.kill(worker)
     assert worker.returncode == 2, err[-3000:]
     assert len(err.strip().splitlines()) == 1, err[-3000:]
     assert err.startswith("medtransfer search: error: this worker was stalled for "), err
-    assert _steps_written(url) == written, "no write after the stall"
+    assert _steps_written(url) == 3, "no write after the stall"
 
 
 def test_a_worker_stopped_within_its_grace_period_goes_on(tmp_path, process_waits):
@@ -165,3 +181,34 @@ def test_waiting_on_other_workers_trials_that_never_progress_ends_with_an_error(
     with pytest.raises(WorkerStalled, match=f"trials {trial.number} of other workers have shown no progress"):
         wait_for_other_workers(study, client=None, poll_seconds=0.05, stall_seconds=0.3)
     assert study.trials[0].state == TrialState.RUNNING
+
+
+def test_a_statement_run_before_a_stall_is_not_committed_after_it(tmp_path, monkeypatch):
+    # The window the per-statement check leaves: the INSERT ran while the lease was fresh, the process was stopped
+    # before its COMMIT, and the COMMIT comes after the SIGCONT. The commit's own check must stop it before the
+    # database commits anything.
+    import sqlalchemy
+
+    stops = []
+
+    def stop(what, fix=None):
+        stops.append(what)
+        raise SystemExit(2)
+
+    monkeypatch.setattr(storage, "_stop_worker", stop)
+    monkeypatch.setattr(storage, "_lease", None)  # no lease armed in this process: every check is a no-op
+    storage.guard_every_write()
+    path = tmp_path / "rows.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}", poolclass=sqlalchemy.pool.NullPool)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text("CREATE TABLE rows (value INTEGER)"))
+    lease = storage.HeartbeatLease(limit=1.0)
+    with pytest.raises(SystemExit), engine.connect() as connection:
+        connection.execute(sqlalchemy.text("INSERT INTO rows VALUES (1)"))  # before the stall: nothing to notice
+        lease.last_tick = time.monotonic() - 10.0  # ... stopped for 10 s, then continued
+        monkeypatch.setattr(storage, "_lease", lease)
+        connection.commit()
+    monkeypatch.setattr(storage, "_lease", None)
+    assert stops and stops[0].startswith("this worker was stalled for 10 s"), stops
+    with contextlib.closing(sqlite3.connect(path)) as reader:
+        assert reader.execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 0, "the stalled write was committed"

@@ -198,8 +198,8 @@ class HeartbeatLease:
     So a worker that has gone `limit` seconds (the grace period less one heartbeat interval, a margin for the write
     in flight) without running, or with its heartbeats failing, or with one heartbeat stuck, exits at once with one
     line and code 2, before any further write: a watchdog thread ticks every fraction of the limit, and every SQL
-    statement of the process (Optuna's and MLflow's engines alike) first checks when it last ticked, so after a
-    SIGCONT no statement runs before the stall is noticed. Exiting without cleanup leaves the stores as the other
+    statement and every commit of the process (Optuna's and MLflow's engines alike) first checks when it last ticked,
+    so after a SIGCONT no statement runs and nothing is committed before the stall is noticed. Exiting without cleanup leaves the stores as the other
     workers left them; the database ends its connections and rolls back anything it left open. Armed by the first
     heartbeat, so only a process that runs trials on a heartbeat storage is ever stopped by it."""
 
@@ -255,19 +255,33 @@ _lease_guard = threading.Lock()
 
 
 def heartbeat_lease(heartbeat_seconds: float, grace_seconds: float) -> HeartbeatLease:
-    """This process's lease, armed on first use: the watchdog thread and the check before every SQL statement."""
+    """This process's lease, armed on first use: the watchdog thread and the check before every SQL statement and
+    commit (`guard_every_write`)."""
     global _lease
     with _lease_guard:
         if _lease is None:
-            import sqlalchemy
-
             _lease = HeartbeatLease(max(1.0, grace_seconds - heartbeat_seconds))
             threading.Thread(target=_lease.watch, name="medtransfer-heartbeat-lease", daemon=True).start()
-            sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", _check_before_statement)
+            guard_every_write()
         return _lease
 
 
-def _check_before_statement(*_args) -> None:
+#: The engine events that run the lease's check: every SQL statement, and every commit (a statement run before a
+#: stall would otherwise be committed after the SIGCONT without another check).
+GUARDED_EVENTS = ("before_cursor_execute", "commit")
+
+
+def guard_every_write() -> None:
+    """Check this process's lease (when armed) before every SQL statement and every commit of every SQLAlchemy engine,
+    Optuna's and MLflow's alike. Idempotent; a no-op for a process whose lease was never armed."""
+    import sqlalchemy
+
+    for event in GUARDED_EVENTS:
+        if not sqlalchemy.event.contains(sqlalchemy.engine.Engine, event, _check_lease):
+            sqlalchemy.event.listen(sqlalchemy.engine.Engine, event, _check_lease)
+
+
+def _check_lease(*_args) -> None:
     if _lease is not None:
         _lease.check_running()
 
