@@ -216,8 +216,13 @@ def test_three_workers_on_postgres_complete_exactly_the_requested_trials(project
     for worker in [workers.start(trials=4) for _ in range(3)]:
         workers.finish(worker)
     every = _assert_consistent(project, trials=4)
-    pids = {t.user_attrs["worker"]["pid"] for t in every if "worker" in t.user_attrs}
-    assert len(pids) >= 2, "the trials were shared between workers"
+    # How the trials fall between the workers depends on which started first and how fast they ran, so that is only
+    # shown (-s); that every trial ran in one of them is not. test_a_stopped_worker... has one worker take over the
+    # trial of another, whatever the timing.
+    complete = [t for t in every if t.state == TrialState.COMPLETE]
+    pids = [t.user_attrs["worker"]["pid"] for t in complete if "worker" in t.user_attrs]
+    assert len(pids) == len(complete) and set(pids) <= {worker.pid for worker in workers.started}, pids
+    print(f"  trials per worker: {sorted(pids.count(pid) for pid in set(pids))}")
 
 
 def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_by_a_survivor(project, workers):
