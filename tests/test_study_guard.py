@@ -41,6 +41,7 @@ def test_a_stage_stops_with_one_line_once_its_study_is_gone(tmp_path):
         try:
             time.sleep(120)
         except KeyboardInterrupt:
+            print("interrupted", flush=True)
             sys.exit(130)
         sys.exit(0)
     """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -48,11 +49,13 @@ def test_a_stage_stops_with_one_line_once_its_study_is_gone(tmp_path):
         assert stage.stdout.readline().strip() == "ready"
         study.kill()  # kill -9
         study.wait()
-        _, stderr = stage.communicate(timeout=60)
+        stdout, stderr = stage.communicate(timeout=60)
     finally:
         study.kill()
         stage.kill()
     assert stage.returncode == 130
+    # Interrupted inside its blocking sleep, not ended by the watcher's last resort (os._exit after a grace period)
+    assert stdout.strip() == "interrupted", "the interrupt must end a blocking call"
     assert stderr.strip() == (f"medtransfer extract: the study that started this step (process {study.pid}) is gone; "
                               "stopping")
 

@@ -30,6 +30,10 @@ PROCESS_TAG = "process"
 #: How often a stage looks for its study, and how long it waits for the interrupted main thread before exiting.
 POLL_SECONDS = 2.0
 EXIT_GRACE_SECONDS = 30.0
+#: The signal a stage's watcher sends its main thread, whose handler raises KeyboardInterrupt there: a real signal
+#: ends a blocking call (a sleep, a lock or process wait) at once, where `_thread.interrupt_main` is only seen after
+#: that call returns, and it works whatever SIGINT's disposition (a study started in the background ignores SIGINT).
+STOP_SIGNAL = signal.SIGUSR2
 
 
 def process_identity(pid: int | None = None) -> str | None:
@@ -57,6 +61,10 @@ def watch_study(command: str, identity: str | None = None) -> threading.Thread |
     identity = identity or os.environ.get(STUDY_PROCESS_ENV)
     if not identity or not _has_proc():
         return None
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:  # signal handlers can only be set there
+        signal.signal(STOP_SIGNAL, _raise_interrupt)
+    main_thread = threading.main_thread().ident
 
     def watch() -> None:
         while is_alive(identity):
@@ -66,13 +74,21 @@ def watch_study(command: str, identity: str | None = None) -> threading.Thread |
                   "gone; stopping", file=sys.stderr, flush=True)
         except (OSError, ValueError):
             pass
-        _thread.interrupt_main()  # KeyboardInterrupt in the main thread: runs end KILLED, the CLI exits 130
-        time.sleep(EXIT_GRACE_SECONDS)  # a main thread stuck in native code never sees it
+        # KeyboardInterrupt in the main thread: runs end KILLED, the CLI exits 130
+        if on_main_thread:
+            signal.pthread_kill(main_thread, STOP_SIGNAL)
+        else:
+            _thread.interrupt_main()
+        time.sleep(EXIT_GRACE_SECONDS)  # a main thread stuck in native code (or blocking the signal) never sees it
         os._exit(130)
 
     thread = threading.Thread(target=watch, name="study-watch", daemon=True)
     thread.start()
     return thread
+
+
+def _raise_interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
 
 
 def parent_death_signal() -> None:
