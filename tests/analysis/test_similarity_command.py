@@ -296,25 +296,33 @@ def test_out_of_memory_in_the_maths_is_one_line(tmp_path, capsys, monkeypatch):
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork") or __import__("sys").platform != "linux",
                     reason="address-space limits (RLIMIT_AS) are a Linux feature")
 def test_a_wide_pair_under_an_address_space_limit_is_refused_with_one_line(tmp_path):
-    # 3 rows x 13000 channels each: the (p+q)^2 matrices alone need about 25 GiB; under `ulimit -v` 3 GB the command
-    # must refuse up front (exit 2, one line) instead of dying in numpy with a traceback.
-    import resource
+    # 3 rows x 13000 channels each: the (p+q)^2 matrices alone need about 25 GiB; with 3 GB of address space left
+    # (`ulimit -v`) the command must refuse up front (exit 2, one line) instead of dying in numpy with a traceback.
+    # The cap is set once the libraries are loaded, at what they mapped plus 3 GB: their thread stacks alone (one
+    # OpenBLAS thread per core, two OpenBLAS copies) exceed a fixed 3 GB on a machine with many cores.
     import subprocess
     import sys
+    import textwrap
 
     np.save(tmp_path / "x.npy", np.zeros((3, 13000), dtype=np.float32))
     np.save(tmp_path / "y.npy", np.zeros((3, 13000), dtype=np.float32))
-    limit = 3 * 10**9
-
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    code = ("import sys; from medtransfer.analysis.similarity_command import add_arguments, run; "
-            "from medtransfer.errors import InputError; import argparse; p = argparse.ArgumentParser(); "
-            "add_arguments(p); a = p.parse_args(sys.argv[1:])\n"
-            "try:\n    run(a)\nexcept InputError as e:\n    print(e, file=sys.stderr); sys.exit(2)")
+    code = textwrap.dedent("""
+        import argparse, resource, sys
+        from medtransfer.analysis.similarity_command import add_arguments, run
+        from medtransfer.errors import InputError
+        from medtransfer.memory_budget import parse_vm_size
+        mapped = parse_vm_size(open("/proc/self/status").read())
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + 3 * 10**9, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        try:
+            run(parser.parse_args(sys.argv[1:]))
+        except InputError as error:
+            print(error, file=sys.stderr)
+            sys.exit(2)
+    """)
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-                          capture_output=True, text=True, preexec_fn=cap, timeout=300)
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

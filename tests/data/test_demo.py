@@ -85,7 +85,10 @@ def test_target_is_learnable_and_a_control_with_labels_independent_of_the_images
         dataset = read_medmnist_npz(demo_folder / "fundus_vessels.npz", ["no_vessel", "vessel"])
         train = np.flatnonzero(dataset.given_split != 2)
         test = np.flatnonzero(dataset.given_split == 2)
-        accuracy = _train_and_score(dataset.images, dataset.labels, train, test)
+        # Five initialisations, averaged: one network's accuracy moves by several points with the seed and with the
+        # CPU's instruction set (0.70 to 0.83 seen, sd about 0.04), the mean of five by under half as much (0.77 here).
+        accuracy = float(np.mean([_train_and_score(dataset.images, dataset.labels, train, test, seed=seed)
+                                  for seed in range(5)]))
         control_targets = dataset.labels.copy()
         control_targets[train] = control_labels(dataset.labels[train], 0)
         control_targets[test] = control_labels(dataset.labels[test], 1)
@@ -95,6 +98,7 @@ def test_target_is_learnable_and_a_control_with_labels_independent_of_the_images
     # The control is trained and scored on labels drawn independently of the images (exactly balanced within each
     # class): whatever the network learned, its predictions depend on the images alone, so its accuracy is
     # Binomial(150, 0.5) / 150 around 0.5 (sd 0.041) on any machine. 0.5 ± 0.2 is five sd (two-sided p < 1e-6);
-    # the true target must clear chance by the same margin.
-    assert accuracy >= 0.5 + 0.2, f"the CNN should learn the target (accuracy {accuracy:.3f})"
+    # the true target must clear chance by the same margin (the mean of five networks scored on the same 150 images
+    # spreads no more than one network does under chance: sd <= 0.041 whatever their correlation).
+    assert accuracy >= 0.5 + 0.2, f"the CNN should learn the target (mean accuracy of five seeds {accuracy:.3f})"
     assert abs(control - 0.5) <= 0.2, f"labels independent of the images should give chance (accuracy {control:.3f})"

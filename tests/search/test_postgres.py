@@ -227,7 +227,9 @@ def test_three_workers_on_postgres_complete_exactly_the_requested_trials(project
 
 def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_by_a_survivor(project, workers):
     doomed = workers.start(trials=2)
-    victim = _wait_for_a_running_trial(project)
+    # Stopped mid-trial first, so the trial read is still running when the SIGKILL lands (a trial read and then
+    # killed could have completed in between).
+    victim = _stop_mid_trial(project, doomed)
     workers.kill(doomed)
     workers.finish(workers.start(trials=2))
     every = _assert_consistent(project, trials=2)

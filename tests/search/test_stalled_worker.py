@@ -24,9 +24,9 @@ from medtransfer.search.storage import (CONNECT_TIMEOUT_SECONDS, SQLITE_BUSY_SEC
 from medtransfer.search.workers import WORKER_ATTR, final_fit_lock, wait_for_other_workers
 
 HEARTBEAT_SECONDS, GRACE_SECONDS = 1, 3  # the lease lapses after 2 s without running
-# A trial that writes a user attribute as many times as argv[2] says, through a heartbeat storage: every 0.2 s, or
-# (argv[3] == "stdin") printing each committed step and waiting for a line on stdin before the next, so that a test can
-# stop it where no write of its own is in flight.
+# A trial that writes a user attribute as many times as argv[2] says, through a heartbeat storage whose grace period is
+# argv[4] seconds: every 0.2 s, or (argv[3] == "stdin") printing each committed step and waiting for a line on stdin
+# before the next, so that a test can stop it where no write of its own is in flight.
 WORKER = """
 import sys, time, warnings
 import optuna
@@ -35,7 +35,7 @@ from medtransfer.search.storage import lease_storage_class
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
 study = optuna.create_study(study_name="s", storage=lease_storage_class()(
-    sys.argv[1], heartbeat_interval={heartbeat}, grace_period={grace}))
+    sys.argv[1], heartbeat_interval={heartbeat}, grace_period=int(sys.argv[4])))
 
 def objective(trial):
     for step in range(int(sys.argv[2])):
@@ -48,14 +48,14 @@ def objective(trial):
     return 0.0
 
 study.optimize(objective, n_trials=1)
-""".format(heartbeat=HEARTBEAT_SECONDS, grace=GRACE_SECONDS)
+""".format(heartbeat=HEARTBEAT_SECONDS)
 
 
-def _start_worker(tmp_path, process_waits, steps: int, pace: str = "sleep"):
+def _start_worker(tmp_path, process_waits, steps: int, pace: str = "sleep", grace: int = GRACE_SECONDS):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    worker = subprocess.Popen([sys.executable, str(script), url, str(steps), pace], stdin=subprocess.PIPE,
+    worker = subprocess.Popen([sys.executable, str(script), url, str(steps), pace, str(grace)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     return worker, url
 
@@ -108,7 +108,9 @@ def test_a_worker_stopped_past_its_grace_period_exits_with_one_line_and_writes_n
 
 
 def test_a_worker_stopped_within_its_grace_period_goes_on(tmp_path, process_waits):
-    worker, url = _start_worker(tmp_path, process_waits, steps=15)
+    # Stopped for 0.5 s with a lease of 9 s (grace 10 s less one heartbeat): a loaded machine that delays the test's
+    # SIGCONT, or the worker's next tick, by seconds still leaves it within its lease.
+    worker, url = _start_worker(tmp_path, process_waits, steps=15, grace=10)
     try:
         _wait_for_steps(url, worker, 3)
         os.killpg(worker.pid, signal.SIGSTOP)
