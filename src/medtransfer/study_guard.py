@@ -33,7 +33,7 @@ EXIT_GRACE_SECONDS = 30.0
 #: The signal a stage's watcher sends its main thread, whose handler raises KeyboardInterrupt there: a real signal
 #: ends a blocking call (a sleep, a lock or process wait) at once, where `_thread.interrupt_main` is only seen after
 #: that call returns, and it works whatever SIGINT's disposition (a study started in the background ignores SIGINT).
-STOP_SIGNAL = signal.SIGUSR2
+STOP_SIGNAL = getattr(signal, "SIGUSR2", None)  # None where the platform has none (Windows)
 
 
 def process_identity(pid: int | None = None) -> str | None:
@@ -61,8 +61,9 @@ def watch_study(command: str, identity: str | None = None) -> threading.Thread |
     identity = identity or os.environ.get(STUDY_PROCESS_ENV)
     if not identity or not _has_proc():
         return None
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    if on_main_thread:  # signal handlers can only be set there
+    # Signal handlers can only be set on the main thread; elsewhere the watcher falls back to interrupt_main.
+    use_signal = STOP_SIGNAL is not None and threading.current_thread() is threading.main_thread()
+    if use_signal:
         signal.signal(STOP_SIGNAL, _raise_interrupt)
     main_thread = threading.main_thread().ident
 
@@ -75,7 +76,7 @@ def watch_study(command: str, identity: str | None = None) -> threading.Thread |
         except (OSError, ValueError):
             pass
         # KeyboardInterrupt in the main thread: runs end KILLED, the CLI exits 130
-        if on_main_thread:
+        if use_signal:
             signal.pthread_kill(main_thread, STOP_SIGNAL)
         else:
             _thread.interrupt_main()
