@@ -19,7 +19,9 @@ For each size (n rows, p = q channels per side) it times, in one run on this mac
 
 Under the goals it prints the floor of this design on this machine: the float32 ``ssyrk`` calls alone (no shifting,
 scaling or adding) plus the finalisation's CPU time (all threads) divided by the usable cores, i.e. the time with
-no accumulation overhead and no idle core during the decompositions.
+no accumulation overhead and no idle core during the decompositions; and a lower floor for any finalisation: the
+dense steps the nine measures need whatever the design (three eigendecompositions with vectors, two SVDs for the
+nuclear norms, three products and a Gram of p x p matrices), timed alone on one core each (`dense_work_seconds`).
 
 The measure table gives, per measure: its value on the fast path, the largest |fast - float64| difference, its
 seconds on the fast path (the shared accumulation plus its own finalisation) and that time as a multiple of svcca's
@@ -155,6 +157,30 @@ def gram_floor(x32: np.ndarray, y32: np.ndarray) -> float:
     return seconds
 
 
+def dense_work_seconds(p: int) -> dict[str, float]:
+    """One-thread seconds (best of two, random matrices) of the dense steps every finalisation of the nine measures
+    at ``p`` channels a side takes, whatever else it does: ``eigh``, an eigendecomposition with vectors of a ``(p, p)``
+    covariance (each side, and the canonical directions PWCCA weights by); ``svd``, the singular values of a
+    ``(p, p)`` matrix (each nuclear norm: Procrustes and shape_0.5); ``gemm``, a ``(p, p)`` product (the cross block
+    rotated into both sides' bases, and PWCCA's correlations); ``syrk``, a ``(p, p)`` Gram (the canonical
+    correlations' own)."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(p)
+    a = rng.standard_normal((2 * p, p))
+    covariance, square = a.T @ a, rng.standard_normal((p, p))
+    other = square.copy()
+    with threadpool_limits(1):
+        return {"eigh": timed(np.linalg.eigh, covariance, budget=0.0)[0],
+                "svd": timed(lambda: np.linalg.svd(square, compute_uv=False), budget=0.0)[0],
+                "gemm": timed(lambda: square @ other, budget=0.0)[0],
+                "syrk": timed(lambda: square.T @ square, budget=0.0)[0]}
+
+
+#: How many of each `dense_work_seconds` step the nine measures take.
+DENSE_STEPS = {"eigh": 3, "svd": 2, "gemm": 3, "syrk": 1}
+
+
 def svcca_mean_cca(x: np.ndarray, y: np.ndarray) -> float:
     """google/svcca's ``np.mean(get_cca_similarity(acts1, acts2, epsilon=1e-12)["cca_coef1"])``, every step that call
     takes with its defaults (compute_coefs=True, compute_dirns=False, threshold=0.98), written here from its
@@ -239,6 +265,7 @@ def bench_size(n: int, p: int) -> dict[str, object]:
     x32, y32 = source.materialise(np.float32)
     row["gemm32_s"], _ = timed(lambda: x32.T @ y32)
     row["ssyrk_floor_s"] = gram_floor(x32, y32)
+    row["dense_s"] = dense_work_seconds(p)
     x64, y64 = x32.astype(np.float64), y32.astype(np.float64)
     del x32, y32
     row["gemm64_s"], _ = timed(lambda: x64.T @ y64)
@@ -388,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
           f"time {fast['fin_cpu_s']:.2f} s spread over {cores} core(s) = {floor:.2f} s = "
           f"{floor / largest['svcca_s']:.2f} x svcca (accumulation overhead {fast['acc_s'] - syrk_s:.2f} s, "
           f"finalisation's idle cores {fast['fin_s'] - fast['fin_cpu_s'] / cores:.2f} s)")
+    dense = largest["dense_s"]
+    least = syrk_s + sum(count * dense[step] for step, count in DENSE_STEPS.items()) / cores
+    steps = ", ".join(f"{count} {step} x {dense[step]:.2f} s" for step, count in DENSE_STEPS.items())
+    print(f"    the dense steps alone, one core each ({steps}), spread over {cores} core(s), plus the ssyrk calls = "
+          f"{least:.2f} s = {least / largest['svcca_s']:.2f} x svcca: what a finalisation with no other cost and no "
+          f"idle core would take here")
     if memory_check is not None:
         same = abs(big_peak - small["acc_peak"]) <= 0.05 * small["acc_peak"]
         print(f"  accumulator peak memory independent of n (p=q={memory_check[0]}, n={n} vs {memory_check[1]}): "
