@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import importlib.util
 import os
 import resource
 import signal
@@ -42,9 +43,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # marked `slow(minutes=N)` gets SECONDS_PER_SLOW_MINUTE per minute of its estimate when that exceeds the default:
 # a loaded 2-core CI machine takes up to three times the quiet time. A hang that the signal cannot break (a C call
 # that never returns to Python, SIGALRM blocked) meets the backstop BACKSTOP_SECONDS later: faulthandler prints every
-# thread's stack and, in a serial run, ends the process. Under xdist it only prints: `--dist loadfile` hands a
-# crashed worker's file, the hung test included, to a fresh worker, so ending the worker would rerun the hang up to
-# 4 x workers times (the "thread" timeout method has the same flaw).
+# thread's stack and ends the process. Under xdist the dead worker's unfinished file goes to a fresh worker, the hung
+# test included; `worker_guard` (loaded as a plugin below) fails that test at setup there instead of running it again.
 SECONDS_PER_SLOW_MINUTE = 5 * 60
 BACKSTOP_SECONDS = 120
 _ORIGINAL_STDERR = pytest.StashKey[int]()
@@ -64,6 +64,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # The terminal's stderr, taken while output capture is suspended: the backstop's stack dump must outlive the
     # process that the capture files die with.
     config.stash[_ORIGINAL_STDERR] = os.dup(2)
+    spec = importlib.util.spec_from_file_location("medtransfer_worker_guard", Path(__file__).parent / "worker_guard.py")
+    guard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(guard)
+    config.pluginmanager.register(guard, "medtransfer-worker-guard")
 
 
 def _default_timeout(config: pytest.Config) -> float:
@@ -95,10 +99,10 @@ def _timeout_of(item: pytest.Item) -> float:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
-    """The backstop: BACKSTOP_SECONDS after the test's own timeout, dump every thread's stack (and exit, serially)."""
+    """The backstop: BACKSTOP_SECONDS after the test's own timeout, dump every thread's stack and exit."""
     seconds = _timeout_of(item)
     if seconds > 0:
-        faulthandler.dump_traceback_later(seconds + BACKSTOP_SECONDS, exit="PYTEST_XDIST_WORKER" not in os.environ,
+        faulthandler.dump_traceback_later(seconds + BACKSTOP_SECONDS, exit=True,
                                           file=item.config.stash[_ORIGINAL_STDERR])
     try:
         yield
