@@ -199,9 +199,10 @@ class HeartbeatLease:
     in flight) without running, or with its heartbeats failing, or with one heartbeat stuck, exits at once with one
     line and code 2, before any further write: a watchdog thread ticks every fraction of the limit, and every SQL
     statement and every commit of the process (Optuna's and MLflow's engines alike) first checks when it last ticked,
-    so after a SIGCONT no statement runs and nothing is committed before the stall is noticed. Exiting without cleanup leaves the stores as the other
-    workers left them; the database ends its connections and rolls back anything it left open. Armed by the first
-    heartbeat, so only a process that runs trials on a heartbeat storage is ever stopped by it."""
+    so after a SIGCONT no statement runs and nothing is committed before the stall is noticed. Exiting without cleanup
+    leaves the stores as the other workers left them; the database ends its connections and rolls back anything it
+    left open. Armed by the first heartbeat, so only a process that runs trials on a heartbeat storage is ever stopped
+    by it."""
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
