@@ -52,9 +52,9 @@ def _inner_run(tmp_path: Path, *plugins: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_other.py").write_text(OTHER)
     loads = [arg for plugin in plugins for arg in ("-p", plugin)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "pytest", *loads, "-p", "no:cacheprovider", "-n", "2",
-                           "--dist", "loadfile", "-q", "test_inner.py", "test_other.py"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    command = [sys.executable, "-m", "pytest", *loads, "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile", "-q",
+               "test_inner.py", "test_other.py"]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_a_test_that_takes_its_worker_down_is_not_run_again_on_the_next(tmp_path):
