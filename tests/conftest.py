@@ -310,6 +310,18 @@ def finish_process(process: subprocess.Popen, timeout: float) -> tuple[str, str]
 
 
 @pytest.fixture(scope="session")
+def cap_address_space() -> Callable[[int], str]:
+    """Python source of one statement that caps the running process's address space (RLIMIT_AS, `ulimit -v`) at what
+    it has mapped plus ``extra`` bytes. For a child process, after its imports: a fixed cap set before them can be too
+    small for the libraries' own thread stacks (one OpenBLAS thread per core, two OpenBLAS copies) on many cores."""
+    def source(extra: int) -> str:
+        return ("import resource; from medtransfer.memory_budget import parse_vm_size; "
+                f"resource.setrlimit(resource.RLIMIT_AS, (parse_vm_size(open('/proc/self/status').read()) + {extra}, "
+                "resource.getrlimit(resource.RLIMIT_AS)[1]))")
+    return source
+
+
+@pytest.fixture(scope="session")
 def process_waits() -> SimpleNamespace:
     """The bounded waits, for tests that start processes themselves: `finish` (`finish_process`) and `kill`
     (`kill_process_group`)."""

@@ -31,13 +31,10 @@ def test_cgroup_limit_left_and_unlimited():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="address-space limits and /proc are Linux features")
-def test_an_address_space_limit_bounds_what_is_available():
+def test_an_address_space_limit_bounds_what_is_available(cap_address_space):
     # With an address-space limit 2 GB above what the process has mapped, nothing above 2 GB more can be allocated,
-    # whatever the machine has free. (The limit is set after the imports: a fixed one set before them can be too
-    # small for the libraries' own thread stacks on a machine with many cores.)
-    code = ("import resource; from medtransfer.memory_budget import available_bytes, parse_vm_size; "
-            "mapped = parse_vm_size(open('/proc/self/status').read()); "
-            "resource.setrlimit(resource.RLIMIT_AS, (mapped + 2 * 10**9, resource.getrlimit(resource.RLIMIT_AS)[1])); "
+    # whatever the machine has free (the limit is set after the imports: `cap_address_space`).
+    code = (f"from medtransfer.memory_budget import available_bytes; {cap_address_space(2 * 10**9)}; "
             "print(available_bytes())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -51,7 +51,7 @@ def _inner_run(tmp_path: Path, *plugins: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_inner.py").write_text(INNER)
     (tmp_path / "test_other.py").write_text(OTHER)
     loads = [arg for plugin in plugins for arg in ("-p", plugin)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "pytest", *loads, "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile", "-q",
                "test_inner.py", "test_other.py"]
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

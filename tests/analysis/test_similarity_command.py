@@ -295,24 +295,21 @@ def test_out_of_memory_in_the_maths_is_one_line(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork") or __import__("sys").platform != "linux",
                     reason="address-space limits (RLIMIT_AS) are a Linux feature")
-def test_a_wide_pair_under_an_address_space_limit_is_refused_with_one_line(tmp_path):
+def test_a_wide_pair_under_an_address_space_limit_is_refused_with_one_line(tmp_path, cap_address_space):
     # 3 rows x 13000 channels each: the (p+q)^2 matrices alone need about 25 GiB; with 3 GB of address space left
     # (`ulimit -v`) the command must refuse up front (exit 2, one line) instead of dying in numpy with a traceback.
-    # The cap is set once the libraries are loaded, at what they mapped plus 3 GB: their thread stacks alone (one
-    # OpenBLAS thread per core, two OpenBLAS copies) exceed a fixed 3 GB on a machine with many cores.
+    # The cap is set once the libraries are loaded, at what they mapped plus 3 GB (`cap_address_space`).
     import subprocess
     import sys
     import textwrap
 
     np.save(tmp_path / "x.npy", np.zeros((3, 13000), dtype=np.float32))
     np.save(tmp_path / "y.npy", np.zeros((3, 13000), dtype=np.float32))
-    code = textwrap.dedent("""
-        import argparse, resource, sys
+    code = textwrap.dedent(f"""
+        import argparse, sys
         from medtransfer.analysis.similarity_command import add_arguments, run
         from medtransfer.errors import InputError
-        from medtransfer.memory_budget import parse_vm_size
-        mapped = parse_vm_size(open("/proc/self/status").read())
-        resource.setrlimit(resource.RLIMIT_AS, (mapped + 3 * 10**9, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        {cap_address_space(3 * 10**9)}
         parser = argparse.ArgumentParser()
         add_arguments(parser)
         try:

@@ -162,7 +162,7 @@ def test_arrays_larger_than_this_process_may_allocate_are_refused_before_reading
         read_medmnist_npz(path, ["a", "b"])
 
 
-def test_an_npz_bomb_under_ulimit_v_is_one_line_and_exit_2(tmp_path, medmnist_npz):
+def test_an_npz_bomb_under_ulimit_v_is_one_line_and_exit_2(tmp_path, medmnist_npz, cap_address_space):
     """A compressed member claiming far more than `ulimit -v` leaves: refused from the header, in a real process
     whose address space is capped (RLIMIT_AS) once the libraries are loaded."""
     import subprocess
@@ -176,12 +176,10 @@ def test_an_npz_bomb_under_ulimit_v_is_one_line_and_exit_2(tmp_path, medmnist_np
     np.savez_compressed(path, **arrays)
     assert path.stat().st_size < 2**20
     script = textwrap.dedent(f"""
-        import resource, sys
+        import sys
         from medtransfer.data.medmnist import read_medmnist_npz
         from medtransfer.errors import DataError
-        from medtransfer.memory_budget import parse_vm_size
-        mapped = parse_vm_size(open("/proc/self/status").read())
-        resource.setrlimit(resource.RLIMIT_AS, (mapped + 64 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        {cap_address_space(64 * 2**20)}
         try:
             read_medmnist_npz({str(path)!r}, ["a", "b"])
         except DataError as error:
