@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import importlib.util
 import os
 import resource
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -24,30 +22,6 @@ BREASTMNIST = REPO_ROOT / "data" / "breastmnist" / "breastmnist.npz"
 BIN_DIR = Path(sys.executable).parent
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Test files marked `slow` run first, longest first (`pytest.mark.slow(minutes=...)`, a rough serial estimate),
-    so that under `make test`'s parallel workers (`--dist loadfile` hands out files in collection order) the quick
-    files fill the gaps instead of one long file starting last. The order inside each file is kept."""
-    minutes: dict = {}
-    for item in items:
-        marker = item.get_closest_marker("slow")
-        if marker is not None:
-            minutes[item.path] = max(minutes.get(item.path, 0), marker.kwargs.get("minutes", 1))
-    items.sort(key=lambda item: -minutes.get(item.path, 0))
-    _size_the_timeouts(config, items)
-
-
-# -- no test waits without a bound ----------------------------------------------------------------------------------
-# pytest-timeout fails a test that runs past its timeout (pyproject.toml: a default, method "signal": the test fails
-# with the traceback of the line it hung on, other threads' stacks are printed, and the session goes on). A test
-# marked `slow(minutes=N)` gets SECONDS_PER_SLOW_MINUTE per minute of its estimate when that exceeds the default:
-# a loaded 2-core CI machine takes up to three times the quiet time. A hang that the signal cannot break (a C call
-# that never returns to Python, SIGALRM blocked) meets the backstop BACKSTOP_SECONDS later: faulthandler prints every
-# thread's stack and ends the process. Under xdist the dead worker's unfinished file goes to a fresh worker, the hung
-# test included; `worker_guard` (loaded as a plugin below) fails that test at setup there instead of running it again.
-SECONDS_PER_SLOW_MINUTE = 5 * 60
-BACKSTOP_SECONDS = 120
-_ORIGINAL_STDERR = pytest.StashKey[int]()
 # Python processes the tests start print their stacks on SIGABRT (faulthandler), which `finish_process` sends to a
 # process group that ran out of time before it kills the group: a hung child says where it hung. The stacks are
 # wanted, not core files in the children's folders (the repository, for some): no process of the session dumps core.
@@ -60,55 +34,21 @@ resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+def _load_test_module(name: str):
+    """tests/<name>.py as a module (the suite runs with --import-mode=importlib: test folders are not importable)."""
+    spec = importlib.util.spec_from_file_location(f"medtransfer_tests_{name}", Path(__file__).parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_WAITS = _load_test_module("process_waits")
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    # The terminal's stderr, taken while output capture is suspended: the backstop's stack dump must outlive the
-    # process that the capture files die with.
-    config.stash[_ORIGINAL_STDERR] = os.dup(2)
-    spec = importlib.util.spec_from_file_location("medtransfer_worker_guard", Path(__file__).parent / "worker_guard.py")
-    guard = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(guard)
-    config.pluginmanager.register(guard, "medtransfer-worker-guard")
-
-
-def _default_timeout(config: pytest.Config) -> float:
-    """pytest-timeout's default per-test timeout: --timeout, else $PYTEST_TIMEOUT, else pyproject.toml; 0 is none."""
-    for value in (config.getoption("timeout", None), os.environ.get("PYTEST_TIMEOUT"), config.getini("timeout")):
-        if value not in (None, ""):
-            return float(value)
-    return 0.0
-
-
-def _size_the_timeouts(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A timeout marker on every `slow(minutes=N)` test without its own: the default or N minutes times
-    SECONDS_PER_SLOW_MINUTE, whichever is longer. Nothing when timeouts are off (--timeout=0, for a debugger)."""
-    default = _default_timeout(config)
-    if default <= 0:
-        return
-    for item in items:
-        slow = item.get_closest_marker("slow")
-        if slow is not None and item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(max(default, SECONDS_PER_SLOW_MINUTE * slow.kwargs.get("minutes", 1))))
-
-
-def _timeout_of(item: pytest.Item) -> float:
-    marker = item.get_closest_marker("timeout")
-    if marker is None:
-        return _default_timeout(item.config)
-    return float(marker.kwargs.get("timeout", marker.args[0] if marker.args else 0) or 0)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem):
-    """The backstop: BACKSTOP_SECONDS after the test's own timeout, dump every thread's stack and exit."""
-    seconds = _timeout_of(item)
-    if seconds > 0:
-        faulthandler.dump_traceback_later(seconds + BACKSTOP_SECONDS, exit=True,
-                                          file=item.config.stash[_ORIGINAL_STDERR])
-    try:
-        yield
-    finally:
-        if seconds > 0:
-            faulthandler.cancel_dump_traceback_later()
+    # Timeouts on every test and the backstop behind them; a test that took its xdist worker down is not run again.
+    for name in ("time_bounds", "worker_guard"):
+        config.pluginmanager.register(_load_test_module(name), f"medtransfer-{name.replace('_', '-')}")
 
 
 @pytest.fixture(scope="session")
@@ -260,55 +200,6 @@ def write_params(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
-# -- bounded waits on subprocesses ----------------------------------------------------------------------------------
-STACK_DUMP_SECONDS = 15  # for a process group sent SIGABRT to print its stacks and die
-DRAIN_SECONDS = 30  # for the pipes of a killed process group to close
-
-
-def _text(output) -> str:
-    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
-
-
-def kill_process_group(process: subprocess.Popen, signum: int = signal.SIGKILL,
-                       drain_seconds: float = DRAIN_SECONDS) -> str:
-    """Send `signum` to the process group of `process` (started with start_new_session=True) and return all its output
-    (stdout, then stderr), bounded: a descendant that left the group can hold a pipe open forever, so after
-    `drain_seconds` the pipes are closed and the process itself is waited for as long again."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signum)
-        if signum != signal.SIGKILL:
-            os.killpg(process.pid, signal.SIGCONT)  # a stopped process takes no other signal until continued
-    try:
-        out, err = process.communicate(timeout=drain_seconds)
-    except subprocess.TimeoutExpired as held:
-        out, err = held.output, held.stderr
-        for pipe in (process.stdin, process.stdout, process.stderr):
-            if pipe is not None:
-                pipe.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL never takes that long; the caller sends it
-            process.wait(timeout=drain_seconds)
-    return _text(out) + _text(err)
-
-
-def finish_process(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
-    """Wait at most `timeout` for `process` (started with start_new_session=True, output piped) and return its stdout
-    and stderr. Past `timeout` its process group gets SIGABRT, so that its Python processes print their stacks
-    (PYTHONFAULTHANDLER), then SIGKILL; everything they printed, stacks last, goes to this test's captured stderr
-    (shown with the failure) and TimeoutExpired is raised. Any other way out of the wait (the test's own timeout)
-    kills the group as well: no child outlives a failed test."""
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        output = kill_process_group(process, signal.SIGABRT, drain_seconds=STACK_DUMP_SECONDS)
-        output = kill_process_group(process) or output
-        sys.stderr.write(f"{process.args} ran out of its {timeout:g} s; what it printed, its stacks last:\n{output}\n")
-        raise subprocess.TimeoutExpired(process.args, timeout, output=output) from None
-    except BaseException:
-        kill_process_group(process)
-        raise
-    return _text(out), _text(err)
-
-
 @pytest.fixture(scope="session")
 def cap_address_space() -> Callable[[int], str]:
     """Python source of one statement that caps the running process's address space (RLIMIT_AS, `ulimit -v`) at what
@@ -325,23 +216,14 @@ def cap_address_space() -> Callable[[int], str]:
 def process_waits() -> SimpleNamespace:
     """The bounded waits, for tests that start processes themselves: `finish` (`finish_process`) and `kill`
     (`kill_process_group`)."""
-    return SimpleNamespace(finish=finish_process, kill=kill_process_group)
-
-
-def _run_bounded(command: list[str], cwd: Path | None, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """`subprocess.run(command, capture_output=True, text=True, timeout=timeout)`, except that a command out of time
-    prints its stacks first (`finish_process`); TimeoutExpired is raised as before."""
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    out, err = finish_process(process, timeout)
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+    return SimpleNamespace(finish=_WAITS.finish_process, kill=_WAITS.kill_process_group)
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the installed `medtransfer` command in a subprocess."""
     full_env = {**os.environ, **(env or {})}
     full_env["PATH"] = f"{BIN_DIR}{os.pathsep}{full_env.get('PATH', '')}"
-    return _run_bounded([sys.executable, "-m", "medtransfer", *args], cwd, full_env, timeout)
+    return _WAITS.run_bounded([sys.executable, "-m", "medtransfer", *args], cwd, full_env, timeout)
 
 
 @pytest.fixture
@@ -366,7 +248,7 @@ def cli_without_root_file_access() -> Callable[..., subprocess.CompletedProcess]
     def run(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         full_env = {**os.environ, "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"}
         prefix = [setpriv, f"--inh-caps={_NO_FILE_OVERRIDES}", f"--bounding-set={_NO_FILE_OVERRIDES}"]
-        return _run_bounded([*prefix, sys.executable, "-m", "medtransfer", *args], cwd, full_env, timeout)
+        return _WAITS.run_bounded([*prefix, sys.executable, "-m", "medtransfer", *args], cwd, full_env, timeout)
 
     return run
 

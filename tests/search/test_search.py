@@ -1,14 +1,9 @@
-"""Optuna searches as MLflow runs: pruning, resume, crash recovery, parallel workers, registration, pointers."""
+"""Optuna searches as MLflow runs: pruning, resume, superseded fits, registration, pointers, the paper protocol
+(the searches as processes are in test_search_processes.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -16,54 +11,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from medtransfer.config import load_config
-from medtransfer.data.prepare import prepare_dataset
-from medtransfer.models.sources import register_source
 from medtransfer.pointers import pointer_path, read_pointer, verify_pointer
 from medtransfer.search.storage import create_storage
 from medtransfer.search.study import SearchRequest, run_search, study_name
-
-BIN = Path(sys.executable).parent
-TRAIN = {"learning_rate": 3e-3, "batch_size": 16, "max_epochs": 2, "patience": 2, "augment": False, "seed": 0}
-SEARCH = {
-    "trials": 2,
-    "space": {"learning_rate": {"type": "float", "low": 1.0e-9, "high": 3.0e-3, "log": True}},
-    "startup_trials": 1,
-    "pruner_startup_trials": 1,
-    "pruner_warmup_epochs": 1,
-}
-
-
-def _project(tmp_path, write_params, blob_npz, tracking_uri=None, storage="sqlite:///optuna.db"):
-    blob_npz(tmp_path / "data/raw/target.npz", 0)
-    stores = {"tracking_uri": tracking_uri or "sqlite:///mlflow.db", "experiment": "search-test",
-              "optuna_storage": storage}
-    params = write_params(
-        {"target": {"format": "medmnist", "path": "data/raw/target.npz", "classes": ["a", "b"],
-                    "split": {"scheme": "stratified_kfold", "folds": 2, "val_fraction": 0.25}}},
-        sources={"random": {"kind": "random", "arch": "resnet18", "seed": 0}},
-        train=TRAIN, search=SEARCH, stores=stores,
-    )
-    config = load_config(params)
-    prepare_dataset(config, "target")
-    register_source(config, "random")
-    return config
-
-
-@pytest.fixture
-def clean_mlflow_env(monkeypatch):
-    for variable in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.delenv(variable, raising=False)
-
-
-@pytest.fixture
-def config(tmp_path, write_params, blob_npz, clean_mlflow_env):
-    return _project(tmp_path, write_params, blob_npz)
-
-
-def _runs(config, filter_string=""):
-    experiment = mlflow.MlflowClient().get_experiment_by_name(config.stores.experiment)
-    return mlflow.MlflowClient().search_runs([experiment.experiment_id], filter_string=filter_string, max_results=500)
 
 
 def test_a_hopeless_trial_is_pruned(config, monkeypatch):
@@ -101,25 +51,25 @@ def test_a_hopeless_trial_is_pruned(config, monkeypatch):
     assert pruned_run.info.status == "KILLED" and pruned_run.data.tags["optuna_state"] == "PRUNED"
 
 
-def test_resume_reuses_the_parent_and_every_run_is_nested(config):
+def test_resume_reuses_the_parent_and_every_run_is_nested(config, search_runs):
     first = run_search(config, SearchRequest("target", "random", "full", trials=1))
     second = run_search(config, SearchRequest("target", "random", "full", trials=2))
     assert first.parent_run_id == second.parent_run_id and second.complete_trials == 2
-    parents = _runs(config, "tags.step = 'search'")
+    parents = search_runs(config, "tags.step = 'search'")
     assert [run.info.run_id for run in parents] == [first.parent_run_id]
-    children = [run for run in _runs(config) if run.data.tags.get("step") in ("trial", "final_fit")]
+    children = [run for run in search_runs(config) if run.data.tags.get("step") in ("trial", "final_fit")]
     assert len(children) >= 2 + 2
     assert all(run.data.tags.get("mlflow.parentRunId") == first.parent_run_id for run in children)
-    assert not _runs(config, "attributes.status = 'RUNNING'")
+    assert not search_runs(config, "attributes.status = 'RUNNING'")
     parent = mlflow.get_run(first.parent_run_id)
     assert {"test_auc_mean", "test_auc_sd", "best_val_loss"} <= set(parent.data.metrics)
     # Whichever trial won each time: the fits the pointer names are current, every other final fit is superseded,
     # and the README's filter returns one fit per fold.
     current = {fold.run_id for fold in second.pointer.folds}
-    fits = _runs(config, "tags.step = 'final_fit'")
+    fits = search_runs(config, "tags.step = 'final_fit'")
     assert {run.info.run_id for run in fits if run.data.tags.get("superseded") == "false"} == current
     assert all(run.data.tags.get("superseded") == "true" for run in fits if run.info.run_id not in current)
-    shown = _runs(config, "tags.step = 'final_fit' and tags.superseded = 'false'")
+    shown = search_runs(config, "tags.step = 'final_fit' and tags.superseded = 'false'")
     assert sorted(run.data.tags["fold"] for run in shown) == ["0", "1"]
 
 
@@ -177,118 +127,7 @@ def test_preset_paper_registers_without_searching(config, monkeypatch):
     assert version.tags["trial"] == "paper"
 
 
-def _cli_env(extra=None):
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    env.update({"PATH": f"{BIN}{os.pathsep}{env['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true"}, **(extra or {}))
-    return env
-
-
-@pytest.mark.slow
-def test_sigkill_mid_trial_then_rerun_gives_exactly_the_requested_trials(config):
-    command = [sys.executable, "-m", "medtransfer", "--params", str(config.source_file), "search",
-               "--dataset", "target", "--source", "random", "--trials", "2"]
-    worker = subprocess.Popen(command, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    name = study_name(config, SearchRequest("target", "random", "full"))
-
-    def trials() -> list:
-        return optuna.load_study(study_name=name, storage=create_storage(config.optuna_storage)).get_trials()
-
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline:
-            try:
-                running = [t for t in trials() if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
-            except KeyError:
-                running = []
-            if running:
-                break
-            time.sleep(0.5)
-        assert running, "the search never started a trial"
-    finally:  # at once: a trial of this size may end within seconds on a fast machine
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
-    # What the kill caught, read after it: the trial seen running may still have ended first (then another, or a
-    # final fit, was caught), so the checks below follow these states rather than assume the kill's timing.
-    caught = [t for t in trials() if t.state == TrialState.RUNNING]
-    rerun = subprocess.run(command, env=_cli_env(), capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    # Progress says which trial and which final fit each epoch belongs to; library chatter stays out of stderr.
-    assert re.search(r"target\.random\.full trial [12]/2 full epoch 1/", rerun.stdout), rerun.stdout[-2000:]
-    assert re.search(r"final fit fold 1 \(2/2\) full epoch 1/", rerun.stdout), rerun.stdout[-2000:]
-    for chatter in ("ExperimentalWarning", "already exists. Creating a new version", "Created version"):
-        assert chatter not in rerun.stderr, rerun.stderr[-2000:]
-    after = trials()
-    assert sum(t.state == TrialState.COMPLETE for t in after) == 2
-    assert not [t for t in after if t.state == TrialState.RUNNING]
-    mlflow.set_tracking_uri(config.tracking_uri)
-    for killed in caught:  # each trial the kill left running is failed, and so is its MLflow run
-        assert after[killed.number].state == TrialState.FAIL
-        if "mlflow_run_id" in killed.user_attrs:
-            assert mlflow.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
-    assert not _runs(config, "attributes.status = 'RUNNING'"), "no run left RUNNING"
-    versions = mlflow.MlflowClient().search_model_versions("name = 'target.random.full'")
-    assert len(versions) == 2, "one registered version per fold"
-
-
-@pytest.fixture
-def tracking_server(tmp_path, start_mlflow_server):
-    """A local MLflow server over SQLite (SQLite files are not safe for concurrent writers; the server is)."""
-    store = tmp_path / "server"
-    store.mkdir()
-    with start_mlflow_server(["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                              "--default-artifact-root", (store / "artifacts").as_uri()]) as url:
-        yield url
-
-
-@pytest.mark.slow
-def test_two_parallel_workers_share_one_study(tmp_path, write_params, blob_npz, clean_mlflow_env, tracking_server):
-    config = _project(tmp_path, write_params, blob_npz, tracking_uri=tracking_server, storage="journal:optuna.log")
-    command = [sys.executable, "-m", "medtransfer", "--params", str(config.source_file), "search",
-               "--dataset", "target", "--source", "random", "--trials", "3"]
-    workers = [subprocess.Popen(command, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(2)]
-    for worker in workers:
-        _, stderr = worker.communicate(timeout=900)
-        assert worker.returncode == 0, stderr[-3000:]
-    name = study_name(config, SearchRequest("target", "random", "full"))
-    trials = optuna.load_study(study_name=name, storage=create_storage(config.optuna_storage)).get_trials()
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 3
-    assert len({t.params["learning_rate"] for t in complete}) == 3, "distinct trials"
-    # Which worker runs how many trials depends on which started first and how fast it ran (a late one may find every
-    # trial taken and only leave a surplus one), so the split is only shown (-s); that each ran in one of them is not.
-    pids = [t.user_attrs["worker"]["pid"] for t in complete]
-    assert set(pids) <= {worker.pid for worker in workers}, pids
-    print(f"  trials per worker: {sorted(pids.count(pid) for pid in set(pids))}")
-    mlflow.set_tracking_uri(tracking_server)
-    assert len(_runs(config, "tags.step = 'search'")) == 1, "one parent for the study"
-    versions = mlflow.MlflowClient().search_model_versions("name = 'target.random.full'")
-    assert len(versions) == 2, "one registration per fold"
-
-
-@pytest.mark.slow
-def test_mlflow_run_search_logs_under_the_launchers_run_in_the_profiles_experiment(config, repo_root):
-    import shutil
-
-    for name in ("MLproject", "conda.yaml"):
-        shutil.copy(repo_root / name, config.root / name)
-    command = [str(BIN / "mlflow"), "run", ".", "-e", "search", "-P", "dataset=target", "-P", "source=random",
-               "-P", "regime=full", "-P", "trials=1", "--env-manager", "local",
-               "--experiment-name", config.stores.experiment]  # another experiment is refused (tests/test_mlproject.py)
-    result = subprocess.run(command, cwd=config.root, env=_cli_env({"MLFLOW_TRACKING_URI": config.tracking_uri}),
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    client = mlflow.MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name(config.stores.experiment).experiment_id],
-                              max_results=100)
-    steps = {run.data.tags.get("step") for run in runs}
-    assert {"search", "trial", "final_fit"} <= steps
-    launcher = [run for run in runs if "study_parent_run_id" in run.data.tags]
-    assert len(launcher) == 1 and launcher[0].info.status == "FINISHED"
-
-
-def test_a_failed_model_upload_fails_the_fit_and_registers_nothing(config, monkeypatch):
+def test_a_failed_model_upload_fails_the_fit_and_registers_nothing(config, search_runs, monkeypatch):
     """The artifact store refuses the model (disk full) in the first final fit: that run ends FAILED, so does the
     search, no version is registered and no pointer is written."""
     from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
@@ -303,14 +142,14 @@ def test_a_failed_model_upload_fails_the_fit_and_registers_nothing(config, monke
     monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", refuse_models)
     with pytest.raises(OSError, match="No space left"):
         run_search(config, SearchRequest("target", "random", "full"))
-    fits = _runs(config, "tags.step = 'final_fit'")
+    fits = search_runs(config, "tags.step = 'final_fit'")
     assert len(fits) == 1 and fits[0].info.status == "FAILED"
-    assert [run.info.status for run in _runs(config, "tags.step = 'search'")] == ["FAILED"]
+    assert [run.info.status for run in search_runs(config, "tags.step = 'search'")] == ["FAILED"]
     assert not mlflow.MlflowClient().search_model_versions("name = 'target.random.full'")
     assert not pointer_path(config, "target", "random", "full").exists()
 
 
-def test_best_trial_and_champion_are_the_lowest_validation_losses_in_the_runs(config):
+def test_best_trial_and_champion_are_the_lowest_validation_losses_in_the_runs(config, search_runs):
     """Checked against what the MLflow runs recorded, not against the pointer or aliases the same code wrote."""
     request = SearchRequest("target", "random", "full", trials=2)
     study = optuna.create_study(storage=create_storage(config.optuna_storage), study_name=study_name(config, request),
@@ -318,7 +157,7 @@ def test_best_trial_and_champion_are_the_lowest_validation_losses_in_the_runs(co
     study.enqueue_trial({"learning_rate": 1e-4})
     study.enqueue_trial({"learning_rate": 3e-3})
     outcome = run_search(config, request)
-    runs = _runs(config)
+    runs = search_runs(config)
     complete = [run for run in runs if run.data.tags.get("step") == "trial"
                 and run.data.tags.get("optuna_state") == "COMPLETE"]
     assert len(complete) == 2
@@ -334,8 +173,8 @@ def test_best_trial_and_champion_are_the_lowest_validation_losses_in_the_runs(co
     assert outcome.parent_run_id == fits[0].data.tags["mlflow.parentRunId"]
 
 
-def test_the_paper_protocol_of_the_study_reaches_the_trainer_on_every_fold(tmp_path, write_params, blob_npz,
-                                                                           clean_mlflow_env, monkeypatch, repo_root):
+def test_the_paper_protocol_of_the_study_reaches_the_trainer_on_every_fold(search_project, search_runs, monkeypatch,
+                                                                           repo_root):
     """dvc.yaml's search stage, as DVC would render it for a profile with `study.protocol: paper`, fits the preset's
     settings (here a 1-epoch stand-in) on every fold, logs them, and records the protocol in the pointer."""
     import dataclasses
@@ -347,18 +186,8 @@ def test_the_paper_protocol_of_the_study_reaches_the_trainer_on_every_fold(tmp_p
     from medtransfer.search import promotion
     from medtransfer.train import presets
 
-    blob_npz(tmp_path / "data/raw/target.npz", 0)
-    params = write_params(
-        {"target": {"format": "medmnist", "path": "data/raw/target.npz", "classes": ["a", "b"],
-                    "split": {"scheme": "stratified_kfold", "folds": 2, "val_fraction": 0.25}}},
-        sources={"random": {"kind": "random", "arch": "resnet18", "seed": 0}},
-        train=TRAIN, search=SEARCH, stores={"experiment": "paper-protocol", "tracking_uri": "sqlite:///mlflow.db",
-                                            "optuna_storage": "sqlite:///optuna.db"},
-        study={"targets": ["target"], "sources": ["random"], "regimes": ["freeze"], "protocol": "paper"},
-    )
-    config = load_config(params)
-    prepare_dataset(config, "target")
-    register_source(config, "random")
+    config = search_project(experiment="paper-protocol", study={"targets": ["target"], "sources": ["random"],
+                                                                "regimes": ["freeze"], "protocol": "paper"})
     quick = dataclasses.replace(presets.PAPER, max_epochs=1, head_max_epochs=1, batch_size=16)
     monkeypatch.setitem(presets.PRESETS, "paper", quick)
     handed = []
@@ -372,15 +201,15 @@ def test_the_paper_protocol_of_the_study_reaches_the_trainer_on_every_fold(tmp_p
         .replace("${item.regime}", "freeze").replace("${study.protocol}", config.study.protocol)
     words = shlex.split(command)
     assert words[:2] == ["medtransfer", "search"]
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["--params", str(params), *words[1:]]) == 0
+    monkeypatch.chdir(config.root)
+    assert cli.main(["--params", str(config.source_file), *words[1:]]) == 0
 
     assert sorted(request.fold for request in handed) == [0, 1]  # every fold, and no search trial before them
     assert all(request.preset == "paper" for request in handed)
     assert all(dataclasses.replace(request.settings, seed=quick.seed) == quick for request in handed)
     pointer = read_pointer(pointer_path(config, "target", "random", "freeze"))
     assert pointer.protocol == "paper" and pointer.best_params == {}
-    fits = _runs(config, "tags.step = 'final_fit'")
+    fits = search_runs(config, "tags.step = 'final_fit'")
     assert sorted(run.data.params["fold"] for run in fits) == ["0", "1"]
     for run in fits:
         logged = run.data.params
@@ -389,12 +218,12 @@ def test_the_paper_protocol_of_the_study_reaches_the_trainer_on_every_fold(tmp_p
                                              "head_learning_rate", "head_patience", "optimizer")} == \
             {key: str(getattr(quick, key)) for key in ("learning_rate", "batch_size", "max_epochs", "patience",
                                                        "head_learning_rate", "head_patience", "optimizer")}
-    (parent,) = _runs(config, "tags.step = 'search'")
+    (parent,) = search_runs(config, "tags.step = 'search'")
     assert parent.data.params["protocol"] == "paper"
-    assert not _runs(config, "tags.step = 'trial'")
+    assert not search_runs(config, "tags.step = 'trial'")
 
 
-def test_search_runs_and_versions_explain_themselves(config):
+def test_search_runs_and_versions_explain_themselves(config, search_runs):
     """Source and regime in run names, code revision and profile on every run, the parent's description, space
     and Optuna plots, registry descriptions linking each fit to its source version."""
     from medtransfer.tracking import CODE_REVISION_TAG, PROFILE_TAG
@@ -402,7 +231,7 @@ def test_search_runs_and_versions_explain_themselves(config):
     outcome = run_search(config, SearchRequest("target", "random", "full", trials=2))
     client = mlflow.MlflowClient()
 
-    runs = _runs(config)
+    runs = search_runs(config)
     by_step = {}
     for run in runs:
         by_step.setdefault(run.data.tags["step"], []).append(run)
@@ -431,38 +260,3 @@ def test_search_runs_and_versions_explain_themselves(config):
         link = f"[source.random v{source_version}](#/models/source.random/versions/{source_version})"
         assert f"fold {fit.fold} (seed 0)" in version_description and link in version_description
         assert f"test AUC {fit.test_auc:.3f}" in version_description
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]  # closed again when the block ends: nothing listens there
-
-
-@pytest.mark.parametrize(("kind", "expected"), [
-    ("journal in a missing folder", "the Optuna journal's folder /nonexistent/dir does not exist"),
-    ("a file that is not a database", "cannot open the Optuna storage sqlite:///"),
-    ("an unknown scheme", "cannot open the Optuna storage foo://bar"),
-    ("a closed PostgreSQL port", "cannot reach the store postgresql+psycopg2://worker:***@127.0.0.1:"),
-])
-def test_an_unusable_optuna_storage_is_one_line_exit_2_and_leaves_no_run(tmp_path, write_params, blob_npz,
-                                                                         clean_mlflow_env, kind, expected):
-    junk = tmp_path / "junk.db"
-    junk.write_bytes(os.urandom(4096))
-    storage = {"journal in a missing folder": "journal:/nonexistent/dir/x.log",
-               "a file that is not a database": f"sqlite:///{junk}",
-               "an unknown scheme": "foo://bar",
-               "a closed PostgreSQL port": f"postgresql+psycopg2://worker:secret@127.0.0.1:{_closed_port()}/optuna"}[kind]
-    config = _project(tmp_path, write_params, blob_npz, storage=storage)
-    command = [sys.executable, "-m", "medtransfer", "--params", str(config.source_file), "search",
-               "--dataset", "target", "--source", "random"]
-    done = subprocess.run(command, env=_cli_env({"MEDTRANSFER_STORE_TIMEOUT": "5"}), capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 2, done.stderr[-3000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert "secret" not in done.stderr
-    mlflow.set_tracking_uri(config.tracking_uri)
-    assert not _runs(config, "tags.step = 'search'"), "a storage that was never usable leaves no search run"
