@@ -123,6 +123,23 @@ class Workers:
             if worker.returncode is None:
                 self.waits.kill(worker)  # SIGKILL ends a stopped process too
 
+    def all_exited(self) -> bool:
+        return all(worker.poll() is not None for worker in self.started)
+
+    def report(self) -> str:
+        """Each worker's state and output, for a failure message; a running worker first prints its stacks (SIGABRT,
+        then it is killed)."""
+        parts = []
+        for worker in self.started:
+            if worker.poll() is None:
+                output, state = self.waits.kill(worker, signal.SIGABRT, drain_seconds=15), "was running; its stacks last"
+                self.waits.kill(worker)
+            else:
+                readable = worker.stdout is not None and not worker.stdout.closed
+                output, state = (worker.stdout.read() if readable else ""), f"had exited with {worker.returncode}"
+            parts.append(f"--- worker {worker.pid} {state}:\n{output[-4000:]}")
+        return "\n".join(parts)
+
 
 @pytest.fixture
 def workers(project, process_waits):
@@ -136,9 +153,11 @@ def _study(config):
     return optuna.load_study(study_name=name, storage=create_storage(config.optuna_storage))
 
 
-def _wait_for_a_running_trial(config, timeout: float = 300):
+def _wait_for_a_running_trial(config, pool: Workers, timeout: float = 300):
+    """The first trial seen running with its MLflow run started; fails, with every worker's output, when the workers
+    have all exited or none started a trial within `timeout`."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not pool.all_exited():
         try:
             running = [t for t in _study(config).get_trials() if t.state == TrialState.RUNNING
                        and "mlflow_run_id" in t.user_attrs]
@@ -146,8 +165,22 @@ def _wait_for_a_running_trial(config, timeout: float = 300):
             running = []
         if running:
             return running[0]
-        time.sleep(0.3)
-    pytest.fail("no trial started")
+        time.sleep(0.1)
+    pytest.fail(f"no running trial was seen in {timeout:g} s\n{pool.report()}")
+
+
+def _has_a_heartbeat(config, trial) -> bool:
+    """Whether Optuna recorded a heartbeat of `trial` (its RDB storage's trial_heartbeats table): a running trial
+    with none is never stale, so another worker would never take it over."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(config.optuna_storage, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(sqlalchemy.text("SELECT count(*) FROM trial_heartbeats WHERE trial_id = :id"),
+                                      {"id": trial._trial_id}).scalar() > 0
+    finally:
+        engine.dispose()
 
 
 def _assert_consistent(config, trials: int) -> list:
@@ -183,19 +216,20 @@ def _assert_consistent(config, trials: int) -> list:
     return every
 
 
-def _stop_mid_trial(config, worker: subprocess.Popen, attempts: int = 5):
-    """SIGSTOP `worker` in the middle of a trial that has recorded heartbeats (a trial with none is never stale);
-    returns that trial as it was at the stop."""
+def _stop_mid_trial(config, worker: subprocess.Popen, pool: Workers, attempts: int = 20):
+    """SIGSTOP `worker` in the middle of a trial that has recorded a heartbeat; returns that trial as it was at the
+    stop. The stop follows the sight of the running trial at once, whatever the length of a trial on this machine:
+    a trial that ended in between, or that had no heartbeat yet, sends the worker on (SIGCONT) to be caught again."""
     for _ in range(attempts):
-        trial = _wait_for_a_running_trial(config)
-        time.sleep(2 * HEARTBEAT_SECONDS)
+        trial = _wait_for_a_running_trial(config, pool)
         os.killpg(worker.pid, signal.SIGSTOP)
         still = [t for t in _study(config).get_trials() if t.number == trial.number and t.state == TrialState.RUNNING]
-        if still:
+        if still and _has_a_heartbeat(config, still[0]):
             assert still[0].user_attrs["worker"]["pid"] == worker.pid
             return still[0]
-        os.killpg(worker.pid, signal.SIGCONT)  # the trial ended meanwhile: try the next one
-    pytest.fail(f"the worker was never caught mid-trial in {attempts} attempts")
+        os.killpg(worker.pid, signal.SIGCONT)
+        time.sleep(HEARTBEAT_SECONDS / 10)
+    pytest.fail(f"the worker was never caught mid-trial in {attempts} attempts\n{pool.report()}")
 
 
 def _snapshot(config) -> dict:
@@ -229,7 +263,7 @@ def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried_by_a_survivor
     doomed = workers.start(trials=2)
     # Stopped mid-trial first, so the trial read is still running when the SIGKILL lands (a trial read and then
     # killed could have completed in between).
-    victim = _stop_mid_trial(project, doomed)
+    victim = _stop_mid_trial(project, doomed, workers)
     workers.kill(doomed)
     workers.finish(workers.start(trials=2))
     every = _assert_consistent(project, trials=2)
@@ -259,7 +293,7 @@ def test_a_stopped_worker_is_failed_by_heartbeat_and_the_others_finish_without_w
     study with exactly the requested trials within WORKERS_SECONDS, its trial failed by heartbeat and retried once.
     Continued afterwards (SIGCONT), it exits with code 2 and one line, and changes nothing."""
     stopped = workers.start(trials=3)
-    victim = _stop_mid_trial(project, stopped)
+    victim = _stop_mid_trial(project, stopped, workers)
     for worker in [workers.start(trials=3) for _ in range(2)]:
         workers.finish(worker)
     every = _assert_consistent(project, trials=3)
