@@ -145,6 +145,28 @@ def test_failing_heartbeats_stop_the_worker_once_the_last_good_one_is_older_than
     assert stops[0].startswith("no heartbeat could be recorded for ") and "ConnectionError" in stops[0]
 
 
+def test_a_stop_between_the_watchdogs_check_and_its_record_is_seen_by_the_next_write(monkeypatch):
+    """The watchdog records as its tick the clock reading it checked. Were it to read the clock again to record the
+    tick, a SIGSTOP falling between the two readings would go unseen: resumed, it would record a fresh tick, and the
+    next write's check would pass although the worker had been stopped far longer than the limit."""
+    stops = []
+
+    def stop(what, fix=None):
+        stops.append(what)
+        raise SystemExit(2)
+
+    lease = storage.HeartbeatLease(limit=2.0)  # no watchdog thread: one tick by hand
+    lease.last_tick = 9.5
+    readings = iter([10.0])  # the watchdog's check; every later reading is after the SIGCONT, 50 s on
+    monkeypatch.setattr(storage, "_stop_worker", stop)
+    monkeypatch.setattr(storage.time, "monotonic", lambda: next(readings, 60.0))
+    lease.watch_once()  # checked at 10.0: running
+    assert not stops
+    with pytest.raises(SystemExit):
+        lease.check_running()  # a write, after the SIGCONT
+    assert stops[0].startswith("this worker was stalled for 50 s")
+
+
 def test_a_study_sees_the_heartbeats_of_the_storage_it_wraps(tmp_path):
     # Optuna wraps an RDBStorage in a cache inside a study; the waits of `search.workers` look at the wrapper.
     url = f"sqlite:///{tmp_path / 'optuna.db'}"

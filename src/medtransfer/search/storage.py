@@ -211,23 +211,31 @@ class HeartbeatLease:
         self.beat_in_flight: float | None = None  # when the heartbeat now being recorded started
         self.last_beat: dict[int, float] = {}  # trial id -> when its last successful heartbeat started
 
-    def check_running(self) -> None:
-        """Stop the process if it has not run (ticked) for longer than the limit."""
-        stalled = time.monotonic() - self.last_tick
+    def check_running(self, now: float | None = None) -> None:
+        """Stop the process if it has not run (ticked) for longer than the limit, as of `now` (default: the clock)."""
+        stalled = (time.monotonic() if now is None else now) - self.last_tick
         if stalled > self.limit:
             _stop_worker(f"this worker was stalled for {stalled:.0f} s (stopped or starved), longer than its "
                          f"heartbeats allow ({self.limit:.0f} s): the other workers may have failed and retried its "
                          f"trial, so it stops without writing anything more")
 
+    def watch_once(self) -> None:
+        """One tick of the watchdog. The clock is read once: the tick it records is the time it checked, so a stop
+        that falls anywhere in here leaves an old tick behind, which the next check (this thread's or a write's)
+        sees as the stall. (Reading the clock again to record the tick would let a stop just after the check go
+        unseen: the tick recorded after the SIGCONT would be fresh, and writes would pass.)"""
+        now = time.monotonic()
+        self.check_running(now)
+        started = self.beat_in_flight
+        if started is not None and now - started > self.limit:
+            _stop_worker(f"a heartbeat has waited {now - started:.0f} s on the Optuna storage, "
+                         f"longer than the others allow ({self.limit:.0f} s): its trial may be retried "
+                         f"elsewhere, so this worker stops", fix="check that the database server is reachable")
+        self.last_tick = now
+
     def watch(self) -> None:
         while True:
-            self.check_running()
-            started = self.beat_in_flight
-            if started is not None and time.monotonic() - started > self.limit:
-                _stop_worker(f"a heartbeat has waited {time.monotonic() - started:.0f} s on the Optuna storage, "
-                             f"longer than the others allow ({self.limit:.0f} s): its trial may be retried "
-                             f"elsewhere, so this worker stops", fix="check that the database server is reachable")
-            self.last_tick = time.monotonic()
+            self.watch_once()
             time.sleep(self.tick)
 
     def beat(self, trial_id: int, record) -> None:
