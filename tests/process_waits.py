@@ -60,7 +60,6 @@ def finish_process(process: subprocess.Popen, timeout: float) -> tuple[str, str]
     return _text(out), _text(err)
 
 
-
 def run_bounded(command: list[str], cwd: Path | None, env: dict, timeout: float) -> subprocess.CompletedProcess:
     """`subprocess.run(command, capture_output=True, text=True, timeout=timeout)`, except that a command out of time
     prints its stacks first (`finish_process`); TimeoutExpired is raised as before."""
