@@ -44,7 +44,10 @@ SEARCH = {
     "pruner_warmup_epochs": 1,
 }
 FOLDS = 2
-HEARTBEAT_SECONDS, GRACE_SECONDS = 1, 4
+# A worker whose heartbeats lapse for GRACE_SECONDS loses its trial, and stops itself once it has not run for
+# GRACE_SECONDS - HEARTBEAT_SECONDS: on a loaded 2-core machine (the other test worker, the database's own
+# writes) a healthy worker can be kept waiting for seconds, so the grace leaves it 9 s, not 3.
+HEARTBEAT_SECONDS, GRACE_SECONDS = 1, 10
 # All the workers of one test, together: about a minute on a quiet machine, three times that on a loaded one. Below
 # the test's own timeout (slow(minutes=5)), so a worker that hangs is aborted, and prints its stacks, first.
 WORKERS_SECONDS = 600

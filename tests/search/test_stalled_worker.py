@@ -207,6 +207,27 @@ def test_waiting_on_other_workers_trials_that_never_progress_ends_with_an_error(
     assert study.trials[0].state == TrialState.RUNNING
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_trial_abandoned_before_its_first_heartbeat_is_failed_and_retried_instead_of_waited_on(tmp_path):
+    """Its worker was killed between creating the trial and recording its first heartbeat, so Optuna's stale rule
+    (last heartbeat older than the grace period) never applies to it: the survivors' wait gives it a heartbeat after
+    watching it for two grace periods, then fails it as stale and re-queues it, instead of waiting on it until the
+    stall bound (an hour in the product, 60 s here, which fails the test)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    storage = lease_storage_class()(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=1,
+                                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+    study = optuna.create_study(storage=storage)
+    abandoned = study.ask()  # RUNNING, with no heartbeat: the worker that asked for it is gone
+    abandoned.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
+    wait_for_other_workers(study, client=None, poll_seconds=0.1, stall_seconds=60)
+    trials = study.get_trials()
+    assert trials[abandoned.number].state == TrialState.FAIL
+    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == abandoned.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.WAITING
+    assert retries[0].params == trials[abandoned.number].params
+
+
 def test_a_statement_run_before_a_stall_is_not_committed_after_it(tmp_path, monkeypatch):
     # The window the per-statement check leaves: the INSERT ran while the lease was fresh, the process was stopped
     # before its COMMIT, and the COMMIT comes after the SIGCONT. The commit's own check must stop it before the

@@ -201,8 +201,8 @@ class HeartbeatLease:
     statement and every commit of the process (Optuna's and MLflow's engines alike) first checks when it last ticked,
     so after a SIGCONT no statement runs and nothing is committed before the stall is noticed. Exiting without cleanup
     leaves the stores as the other workers left them; the database ends its connections and rolls back anything it
-    left open. Armed by the first heartbeat, so only a process that runs trials on a heartbeat storage is ever stopped
-    by it."""
+    left open. Armed when the worker starts its trials (`arm_lease`), or by its first heartbeat, so only a process
+    that runs trials on a heartbeat storage is ever stopped by it."""
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
@@ -317,8 +317,41 @@ def lease_storage_class():
     class _HeartbeatLeaseStorage(RDBStorage):
         """An RDBStorage whose heartbeats run under this process's `HeartbeatLease`."""
 
+        def lease(self) -> HeartbeatLease:
+            """This process's lease, armed now if it was not yet (see `heartbeat_lease`)."""
+            return heartbeat_lease(self.heartbeat_interval, self.grace_period or 2 * self.heartbeat_interval)
+
         def record_heartbeat(self, trial_id: int) -> None:
-            lease = heartbeat_lease(self.heartbeat_interval, self.grace_period or 2 * self.heartbeat_interval)
-            lease.beat(trial_id, lambda: super(_HeartbeatLeaseStorage, self).record_heartbeat(trial_id))
+            self.lease().beat(trial_id, lambda: super(_HeartbeatLeaseStorage, self).record_heartbeat(trial_id))
 
     return _HeartbeatLeaseStorage
+
+
+def heartbeat_backend(storage):
+    """The heartbeat storage behind `storage` (a study wraps its storage in Optuna's cache), or None when it records
+    no heartbeats."""
+    backend = getattr(storage, "_backend", storage)
+    return backend if supports_heartbeats(backend) else None
+
+
+def arm_lease(storage) -> None:
+    """Arm this process's heartbeat lease before it creates its first trial on `storage` (a study's, or the storage
+    itself), when that records heartbeats under a lease. Armed only by the first heartbeat, a worker stopped between
+    creating its first trial and recording that trial's first heartbeat would, once continued, write into the trial
+    the others had failed meanwhile (`workers.adopt_silent_trials`)."""
+    backend = heartbeat_backend(storage)
+    if backend is not None and hasattr(backend, "lease"):
+        backend.lease()
+
+
+def adopt_trial(storage, trial_id: int) -> None:
+    """Record one heartbeat for a running trial of another worker, outside this worker's lease (`storage`: an
+    RDBStorage with heartbeats): a trial left without any heartbeat then goes stale like the others
+    (`workers.adopt_silent_trials`). Its own worker's heartbeats, before or after, update the same row."""
+    import sqlalchemy.exc
+    from optuna.storages import RDBStorage
+
+    try:
+        RDBStorage.record_heartbeat(storage, trial_id)
+    except sqlalchemy.exc.IntegrityError:  # its own worker recorded its first heartbeat at the same moment
+        pass

@@ -32,7 +32,7 @@ from medtransfer.search.parent_run import log_optuna_plots, search_parent_tags, 
 from medtransfer.search.promotion import fit_every_fold_once, log_test_auc_summary, write_search_pointer
 from medtransfer.search.sampler import TrialSeededTPESampler
 from medtransfer.search.space import settings_with, suggest
-from medtransfer.search.storage import create_storage, supports_heartbeats
+from medtransfer.search.storage import arm_lease, create_storage, supports_heartbeats
 from medtransfer.search.trials import complete_trials, only_complete
 from medtransfer.search.workers import (RUN_ATTR, SURPLUS_ATTR, WORKER_ATTR, find_or_create_parent, log_parent_params,
                                         mlflow_run_closer, reap_dead_trials, wait_for_other_workers)
@@ -252,4 +252,5 @@ def _run_trials(config: Config, study, request: SearchRequest, target: int, sour
         return
     # Pruned and surplus trials do not count; the cap stops a study whose trials keep failing to complete.
     cap = (target - done) * (1 + search.max_failed_attempts)
+    arm_lease(study._storage)  # noqa: SLF001
     study.optimize(objective, n_trials=cap, callbacks=[stop_when_enough], gc_after_trial=True)

@@ -15,8 +15,8 @@ import time
 
 from medtransfer.config import Config
 from medtransfer.layout import LOCK_FOLDER, STEP_FINAL_FIT, STEP_SEARCH, Tag
-from medtransfer.search.storage import (LOCK_POLL_SECONDS, WorkerStalled, advisory_lock, is_postgresql, lock_key,
-                                        supports_heartbeats)
+from medtransfer.search.storage import (LOCK_POLL_SECONDS, WorkerStalled, adopt_trial, advisory_lock,
+                                        heartbeat_backend, is_postgresql, lock_key)
 
 #: Trial user attributes: the worker running it ({"host", "pid"}), its MLflow run, and whether it was surplus.
 WORKER_ATTR = "worker"
@@ -189,12 +189,15 @@ def close_orphaned_fits(client, experiment_id: str, study: str) -> int:
 def wait_for_other_workers(study, client, poll_seconds: float = 2.0,
                            stall_seconds: float = OTHERS_STALL_SECONDS) -> None:
     """Block until no other worker is running a trial, so that every worker picks the same best trial. Trials of
-    dead workers are failed meanwhile (stale heartbeats, or gone processes on this host); running trials that show no
-    progress for `stall_seconds` end the wait with an error."""
+    dead workers are failed meanwhile (stale heartbeats, including those of trials abandoned before their first one
+    (`adopt_silent_trials`), or gone processes on this host); running trials that show no progress for
+    `stall_seconds` end the wait with an error."""
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
     close_mlflow_run = mlflow_run_closer(client)
+    heartbeats = heartbeat_backend(study._storage)  # noqa: SLF001
+    watched: dict[int, float] = {}
     progress, since = None, time.monotonic()
     while True:
         running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -208,8 +211,28 @@ def wait_for_other_workers(study, client, poll_seconds: float = 2.0,
             numbers = ", ".join(str(number) for number, _ in sorted(now))
             raise WorkerStalled(f"trials {numbers} of other workers have shown no progress for {stall_seconds:.0f} s",
                                fix="the workers running them are stopped (SIGSTOP) or stuck: end them, then rerun")
-        if supports_heartbeats(study._storage):  # noqa: SLF001
+        if heartbeats is not None:
+            adopt_silent_trials(heartbeats, running, watched)
             fail_stale_trials(study)
         else:
             reap_dead_trials(study, close_mlflow_run)
         time.sleep(poll_seconds)
+
+
+def adopt_silent_trials(storage, running: list, watched: dict[int, float]) -> None:
+    """Give each trial in `running` that this worker has watched for two grace periods one heartbeat of its own
+    (`storage.adopt_trial`), once; `watched` maps trial ids to when they were first seen, or to 0 once adopted.
+
+    A worker killed between creating its trial and recording the trial's first heartbeat (the worker's first trial
+    starts while it is still setting up, so that window is not small) leaves a RUNNING trial that Optuna never fails:
+    it only fails trials whose last heartbeat is older than the grace period. Adopted, such a trial goes stale a grace
+    period later and is failed and retried like any trial whose worker died. A trial that is alive beats anyway, so
+    the adoption changes nothing for it; a dead one that had heartbeats went stale before two grace periods passed,
+    so it is failed before it could be adopted and kept a little longer."""
+    grace = storage.grace_period or 2 * storage.heartbeat_interval
+    clock = time.monotonic()
+    for trial in running:
+        seen = watched.setdefault(trial._trial_id, clock)  # noqa: SLF001
+        if seen and clock - seen > 2 * grace:
+            adopt_trial(storage, trial._trial_id)  # noqa: SLF001
+            watched[trial._trial_id] = 0.0  # noqa: SLF001
