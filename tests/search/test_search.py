@@ -114,6 +114,26 @@ def test_pointer_matches_the_registry(config):
         verify_pointer(client, pointer, str(path))
 
 
+def test_a_retry_queued_after_the_target_was_reached_is_recorded_as_surplus_not_left_waiting(config):
+    """A stale trial failed while the other workers completed the study re-queues a retry nobody needs: the search
+    takes it from the queue and records it as surplus (PRUNED, never run), so no trial is left WAITING."""
+    from optuna.distributions import FloatDistribution
+
+    from medtransfer.search.workers import SURPLUS_ATTR
+
+    request = SearchRequest("target", "random", "full", trials=1)
+    study = optuna.create_study(storage=create_storage(config.optuna_storage), study_name=study_name(config, request),
+                                direction="minimize")
+    study.add_trial(optuna.trial.create_trial(
+        params={"learning_rate": 1e-3}, distributions={"learning_rate": FloatDistribution(1e-9, 3e-3, log=True)},
+        value=0.5))  # the one requested trial, complete
+    study.enqueue_trial({"learning_rate": 2e-3})  # the retry, queued after it
+    run_search(config, request)
+    trials = optuna.load_study(study_name=study.study_name, storage=create_storage(config.optuna_storage)).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert trials[1].user_attrs[SURPLUS_ATTR] is True and "mlflow_run_id" not in trials[1].user_attrs
+
+
 def test_preset_paper_registers_without_searching(config, monkeypatch):
     import dataclasses
 

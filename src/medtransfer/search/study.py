@@ -128,6 +128,7 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
                 _run_trials(config, study, request, trials_target, source_version.version, name)
                 wait_for_other_workers(study, client)
                 if len(complete_trials(study)) >= trials_target:
+                    _run_trials(config, study, request, trials_target, source_version.version, name)  # retries left
                     break
             complete = complete_trials(study)
             if not complete:
@@ -248,9 +249,14 @@ def _run_trials(config: Config, study, request: SearchRequest, target: int, sour
             study_.stop()
 
     done = len(complete_trials(study))
+    arm_lease(study._storage)  # noqa: SLF001
     if done >= target:
+        # Retries queued after the study reached its target (a stale trial failed while the others finished): each
+        # is taken from the queue as Optuna hands out waiting trials, one worker each, and recorded as surplus
+        # without running, so no trial is left WAITING.
+        for _ in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            study.optimize(objective, n_trials=1, gc_after_trial=False)
         return
     # Pruned and surplus trials do not count; the cap stops a study whose trials keep failing to complete.
     cap = (target - done) * (1 + search.max_failed_attempts)
-    arm_lease(study._storage)  # noqa: SLF001
     study.optimize(objective, n_trials=cap, callbacks=[stop_when_enough], gc_after_trial=True)
