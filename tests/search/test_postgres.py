@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import optuna
@@ -34,7 +33,6 @@ from medtransfer.search.study import SearchRequest, study_name
 
 pytestmark = pytest.mark.slow(minutes=5)
 
-BIN = Path(sys.executable).parent
 TRAIN = {"learning_rate": 3e-3, "batch_size": 16, "max_epochs": 3, "patience": 3, "augment": False, "seed": 0}
 SEARCH = {
     "trials": 2,
@@ -84,23 +82,18 @@ def _command(config, trials: int) -> list[str]:
             "--dataset", "target", "--source", "random", "--trials", str(trials)]
 
 
-def _env():
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    env.update({"PATH": f"{BIN}{os.pathsep}{env['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true"})
-    return env
-
-
 class Workers:
     """`medtransfer search` workers on one project, all waited for within one deadline (WORKERS_SECONDS)."""
 
-    def __init__(self, config, process_waits) -> None:
+    def __init__(self, config, process_waits, env: dict) -> None:
         self.config = config
         self.waits = process_waits
+        self.env = env
         self.deadline = time.monotonic() + WORKERS_SECONDS
         self.started: list[subprocess.Popen] = []
 
     def start(self, trials: int) -> subprocess.Popen:
-        worker = subprocess.Popen(_command(self.config, trials), env=_env(), stdout=subprocess.PIPE,
+        worker = subprocess.Popen(_command(self.config, trials), env=self.env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.started.append(worker)
         return worker
@@ -145,8 +138,8 @@ class Workers:
 
 
 @pytest.fixture
-def workers(project, process_waits):
-    pool = Workers(project, process_waits)
+def workers(project, process_waits, cli_env):
+    pool = Workers(project, process_waits, cli_env())
     yield pool
     pool.kill_all()
 
