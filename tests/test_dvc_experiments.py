@@ -305,11 +305,26 @@ def test_the_next_study_closes_the_killed_run_finishes_and_leaves_nothing_open_o
     now = _run_states(study.root)
     assert [(run_id, step) for run_id, (status, step) in now.items() if status == "RUNNING"] == []
     # Every run the kill left open (the study's at least; a stage's too when the kill caught it before it could end
-    # its own) is now closed as stopped, never reported FINISHED. Which stage runs were open depends on where the
-    # kill caught the study, which differs from machine to machine, so the test names none of them.
+    # its own) is now closed as stopped, never reported FINISHED, with one exception: the next study went on in it.
+    # That is a search's parent run, which the rerun of its search resumes (README: "Rerunning a killed search ...
+    # reuses the parent run"), tags with how it had ended and ends with its own outcome. Which runs were open depends
+    # on where the kill caught the study, which differs from machine to machine, so the test names none of them.
     left_open = {run_id: step for run_id, (status, step) in killed_study.runs_after_kill.items() if status == "RUNNING"}
     assert closed[0] in left_open, killed_study.runs_after_kill
-    assert {run_id: now[run_id] for run_id in left_open if now[run_id][0] not in ("KILLED", "FAILED")} == {}
+    resumed = {run_id for run_id, (_status, step) in killed_study.runs_after_kill.items() if step == "search"}
+    assert {run_id: now[run_id] for run_id in left_open.keys() - resumed
+            if now[run_id][0] not in ("KILLED", "FAILED")} == {}
+    # A search parent the kill caught is the one its rerun went on in and finished. Before, it had been ended as
+    # stopped: by its stage when interrupted, else by the next study as its study's child (as KILLED). One that had
+    # already finished (its stage ended before it saw the kill) is left finished, whether DVC runs it again or not.
+    for run_id in resumed:
+        run, before = client.get_run(run_id), killed_study.runs_after_kill[run_id][0]
+        assert run.info.status == "FINISHED", (run_id, before, run.info.status)
+        if before != "FINISHED":
+            ended = "KILLED" if before == "RUNNING" else before
+            assert run.data.tags.get("resumed_after", "").startswith(f"{ended} at "), (before, run.data.tags)
+    searches = [run_id for run_id, (_status, step) in now.items() if step == "search"]
+    assert len(searches) == len(SOURCES), now  # one parent per search: none was started afresh beside a killed one
     leftovers = [str(path.relative_to(study.root)) for folder in ("data", "results", "activations", "reports")
                  for path in (study.root / folder).rglob(".*")
                  if re.search(r"\.(tmp|old|commit|commit-new|part)$", path.name)]

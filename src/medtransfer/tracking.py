@@ -19,6 +19,7 @@ from medtransfer.config import Config
 from medtransfer.layout import REPORT_ARTIFACT_FOLDER, STEP_REPORT, Tag
 from medtransfer.experiment_tags import experiment_tags, tag_experiment
 from medtransfer.mlflow_project import check_launched_run, launched_by_mlflow_run
+from medtransfer.run_scope import ends_with_outcome
 
 CODE_REVISION_TAG = "code_revision"
 PROFILE_TAG = "profile"
@@ -81,7 +82,8 @@ def step_run(config: Config, *, step: str, run_name: str, tags: dict[str, str] |
             created = mlflow.MlflowClient().create_run(experiment_id, start_time=int(started * 1000), tags=run_tags,
                                                        run_name=run_name)
             context = mlflow.start_run(run_id=created.info.run_id, nested=active is not None)
-    with context as run:
+    # ended with the step's outcome (KILLED when interrupted), with any run the step left open inside it
+    with ends_with_outcome(context) as run:
         mlflow.set_tags(tags)
         if resumes_launcher:
             mlflow.MlflowClient().update_run(run.info.run_id, name=run_name)  # the launcher named it at random

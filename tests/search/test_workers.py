@@ -7,7 +7,8 @@ import pytest
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 
-from medtransfer.search.workers import log_parent_params
+from medtransfer.layout import STEP_SEARCH, Tag
+from medtransfer.search.workers import RESUMED_AFTER_TAG, find_or_create_parent, log_parent_params
 
 PARAMS = {"dataset": "target", "source": "random", "regime": "full", "source_version": 1}
 
@@ -55,3 +56,16 @@ def test_a_changed_value_is_still_refused(client):
     log_parent_params(client, run_id, PARAMS)
     with pytest.raises(MlflowException):
         log_parent_params(client, run_id, {**PARAMS, "source_version": 2}, attempts=2)
+
+
+@pytest.mark.parametrize("ended", ["KILLED", "FAILED", "FINISHED"])
+def test_a_search_going_on_in_an_ended_parent_says_how_and_when_it_had_ended(client, ended):
+    experiment = client.get_experiment_by_name("e").experiment_id
+    tags = {Tag.STUDY: "e/target.random.full", Tag.STEP: STEP_SEARCH}
+    first = find_or_create_parent(client, experiment, tags[Tag.STUDY], tags)
+    assert RESUMED_AFTER_TAG not in client.get_run(first).data.tags, "a new parent resumes nothing"
+    assert find_or_create_parent(client, experiment, tags[Tag.STUDY], tags) == first
+    assert RESUMED_AFTER_TAG not in client.get_run(first).data.tags, "another worker's running search: no resume"
+    client.set_terminated(first, ended, end_time=1_700_000_000_000)  # 2023-11-14 22:13:20 UTC
+    assert find_or_create_parent(client, experiment, tags[Tag.STUDY], tags) == first, "the same parent goes on"
+    assert client.get_run(first).data.tags[RESUMED_AFTER_TAG] == f"{ended} at 2023-11-14 22:13:20 UTC"

@@ -21,6 +21,7 @@ from medtransfer.pointers import FoldModel, ModelPointer, fold_model_alias, writ
 from medtransfer.layout import ROLE_FINETUNED
 from medtransfer.registry import (ALIAS_CHAMPION, Tag, finetuned_model_name, registered_versions,
                                   source_model_name)
+from medtransfer.run_scope import outcome_status
 from medtransfer.search.parent_run import fit_descriptions, fit_run_name
 from medtransfer.search.workers import close_orphaned_fits, final_fit_lock
 from medtransfer.train.finetune import FinetuneRequest, run_finetune
@@ -152,8 +153,8 @@ def _final_fits(config, request, settings, best_trial: str, best_params: dict, n
                     version = register_logged_model(result.model_uri, registered_name, tags, **fit_descriptions(
                         request, fold, seed, best_trial, source_version.version, result.test_metrics))
                     mlflow.set_tag("registered_version", version.version)
-                except BaseException:
-                    mlflow.end_run("FAILED")
+                except BaseException as caught:
+                    mlflow.end_run(outcome_status(caught))  # KILLED when interrupted
                     raise
                 mlflow.end_run("FINISHED")
             client.set_registered_model_alias(registered_name, alias, str(version.version))

@@ -28,6 +28,7 @@ from medtransfer.errors import ConfigError
 from medtransfer.layout import REGIMES, STEP_SEARCH, STEP_TRIAL
 from medtransfer.pointers import ModelPointer
 from medtransfer.registry import ALIAS_DEFAULT, Tag, finetuned_model_name, model_uri, source_model_name
+from medtransfer.run_scope import ends_with_outcome
 from medtransfer.search.parent_run import log_optuna_plots, search_parent_tags, search_space_params, trial_run_name
 from medtransfer.search.promotion import fit_every_fold_once, log_test_auc_summary, write_search_pointer
 from medtransfer.search.sampler import TrialSeededTPESampler
@@ -112,7 +113,8 @@ def run_search(config: Config, request: SearchRequest) -> SearchOutcome:
         client.set_tag(launcher_run_id, Tag.STUDY, name)
         client.set_tag(launcher_run_id, "study_parent_run_id", parent_id)
     trials_target = request.trials or config.search.trials
-    with mlflow.start_run(run_id=parent_id):
+    # Ends the parent however the search ends (KILLED when interrupted), with any trial or fit run left open in it.
+    with ends_with_outcome(mlflow.start_run(run_id=parent_id)):
         log_parent_params(client, parent_id, {
             "dataset": request.dataset, "source": request.source, "regime": request.regime,
             "preset": request.preset or "none", "protocol": request.preset or PROTOCOL_SEARCH,
@@ -203,13 +205,6 @@ def _run_trials(config: Config, study, request: SearchRequest, target: int, sour
         trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid()})
         values = suggest(trial, search.space)
         settings = settings_with(config.train, values)
-        child = mlflow.start_run(
-            experiment_id=mlflow.active_run().info.experiment_id,  # nested runs live with their parent
-            nested=True,
-            run_name=trial_run_name(request.source, request.regime, trial.number),
-            tags={Tag.STEP: STEP_TRIAL, Tag.STUDY: name, Tag.TRIAL: str(trial.number)},
-        )
-        trial.set_user_attr(RUN_ATTR, child.info.run_id)
         steps = {"n": 0}
 
         def report(_phase: str, _epoch: int, metrics: dict[str, float]) -> None:
@@ -218,7 +213,14 @@ def _run_trials(config: Config, study, request: SearchRequest, target: int, sour
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {steps['n']}")
 
-        try:
+        child = mlflow.start_run(
+            experiment_id=mlflow.active_run().info.experiment_id,  # nested runs live with their parent
+            nested=True,
+            run_name=trial_run_name(request.source, request.regime, trial.number),
+            tags={Tag.STEP: STEP_TRIAL, Tag.STUDY: name, Tag.TRIAL: str(trial.number)},
+        )
+        try:  # from the moment the run is open, so that however the trial ends, its run ends with it
+            trial.set_user_attr(RUN_ATTR, child.info.run_id)
             mlflow.log_params({f"search_{k}": v for k, v in values.items()})
             result = run_finetune(
                 config,

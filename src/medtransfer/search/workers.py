@@ -23,6 +23,8 @@ WORKER_ATTR = "worker"
 RUN_ATTR = "mlflow_run_id"
 SURPLUS_ATTR = "surplus"
 ELECTION_PAUSE_SECONDS = 0.5
+#: On a search parent run that a later search went on in: how the run had ended before, and when.
+RESUMED_AFTER_TAG = "resumed_after"
 # Bounds on waiting for other workers. One worker fits every fold under the final-fit lock while the others wait;
 # a wait longer than this means its holder is stopped or stuck. Trials of other workers that show no progress (no
 # epoch reported, no trial ended) for this long belong to stopped or stuck workers that no heartbeat reaps (a
@@ -40,6 +42,7 @@ def find_or_create_parent(client, experiment_id: str, study: str, tags: dict[str
     """
     found = _parents(client, experiment_id, study)
     if found:
+        mark_resumed(client, found[0])
         return found[0].info.run_id
     mine = client.create_run(experiment_id, tags=tags, run_name=f"search {study.split('/', 1)[-1]}").info.run_id
     time.sleep(ELECTION_PAUSE_SECONDS)
@@ -47,6 +50,15 @@ def find_or_create_parent(client, experiment_id: str, study: str, tags: dict[str
     if winner != mine:
         client.delete_run(mine)
     return winner
+
+
+def mark_resumed(client, parent) -> None:
+    """Tag a parent run that had ended (a killed, failed or finished search run again) with how and when it ended
+    before this search went on in it: it ends again with this search's outcome, and the UI still shows the break."""
+    if parent.info.status == "RUNNING":
+        return  # another worker's search, still going on: nothing was resumed
+    ended = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime((parent.info.end_time or 0) / 1000))
+    client.set_tag(parent.info.run_id, RESUMED_AFTER_TAG, f"{parent.info.status} at {ended}")
 
 
 def log_parent_params(client, run_id: str, params: dict[str, object], attempts: int = 5) -> None:
