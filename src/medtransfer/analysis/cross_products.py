@@ -10,13 +10,14 @@ and adds each row block ``Z`` ``(m, d)`` of shifted rows into the float64 total 
   `FLOAT32_BLOCK_ROWS` rows, so every float32 sum restarts after that many rows. The float32 GEMM runs at about
   twice the speed of the float64 one, and the GEMM is the floor of the accumulation's cost.
 
-Both paths shift a block's rows `SHIFT_ROWS` at a time (`shift_rows`): the float64 rows of such a slice stay in cache
-while they are squared, summed and (float32 path) scaled and rounded, so memory sees the input and the rounded rows
-once instead of the float64 rows five times. These NumPy passes, and the float64 additions of the float32 product
-(`add_upper`), run on two threads (`spectra.concurrently`: NumPy releases the GIL), by halves of the rows and by
-column ranges; the ``ssyrk`` itself runs alone with all BLAS threads (SciPy's BLAS wrappers hold the GIL, so nothing
-could run beside it). Each entry still receives one float32 product of the same rows per block, so nothing below
-changes, and the column sums are the same numbers on both paths (two half-block sums per block, added in order).
+Both paths shift a block's rows a slice at a time (`shift_rows`, `shift_slice_rows`): the float64 rows of a slice
+stay in cache while they are squared, summed and (float32 path) scaled and rounded, so memory sees the input and the
+rounded rows once instead of the float64 rows five times. These NumPy passes, and the float64 additions of the
+float32 product (`add_upper`), run on two threads (`spectra.concurrently`: NumPy releases the GIL), by halves of the
+rows and by column ranges; the ``ssyrk`` itself runs alone with all BLAS threads (SciPy's BLAS wrappers hold the GIL,
+so nothing could run beside it). Each entry still receives one float32 product of the same rows per block, so
+nothing below changes, and the column sums are the same numbers on both paths (two half-block sums per block, added
+in order).
 
 Error of the float32 path, entrywise, with ``u = 2^-24`` (float32 unit roundoff), ``L`` the rows per block and ``Z``
 the shifted rows in float64 (the float64 path's own):
@@ -53,6 +54,7 @@ __all__ = [
     "FLOAT32_BLOCK_ROWS",
     "Float32Buffers",
     "GRAM_PRECISIONS",
+    "SHIFT_BYTES",
     "SHIFT_ROWS",
     "add_upper",
     "centred_blocks",
@@ -60,6 +62,7 @@ __all__ = [
     "float32_product",
     "shift_block",
     "shift_rows",
+    "shift_slice_rows",
     "side_scales",
     "split_column",
     "symmetrise_upper",
@@ -73,8 +76,16 @@ GRAM_PRECISIONS: tuple[str, ...] = typing.get_args(GramPrecision)
 FLOAT32_BLOCK_ROWS = 2048
 #: Columns per slab when adding or mirroring triangles: a slab of a Fortran-ordered matrix is contiguous memory.
 _SLAB = 256
-#: Rows shifted at a time: 128 float64 rows of 4096 channels (4 MiB) stay in cache through the passes over them.
+#: Rows shifted at a time (`shift_slice_rows`): SHIFT_ROWS float64 rows of 4096 channels (4 MiB) stay in cache through
+#: the passes over them; narrower layers take as many rows as fill SHIFT_BYTES (128 rows of 1024 channels), so that
+#: the passes stay long enough for calling them to cost little beside their work (64 channels a side: 1024 rows).
 SHIFT_ROWS = 128
+SHIFT_BYTES = 1 << 20
+
+
+def shift_slice_rows(d: int) -> int:
+    """Rows per slice of `shift_rows` for ``d`` channels (both sides together)."""
+    return max(SHIFT_ROWS, SHIFT_BYTES // (8 * max(1, d)))
 
 
 def channel_scales(z: np.ndarray) -> np.ndarray:
@@ -97,9 +108,9 @@ def split_column(d: int) -> int:
 @dataclass(frozen=True)
 class Float32Buffers:
     """The float32 path's working memory, allocated once: the block's scaled float32 rows (``rows``, C order: the
-    transpose is the Fortran-ordered operand ``ssyrk`` reads without a copy), one ``(SHIFT_ROWS, d)`` float64 slice
-    per thread (``work``), the block's float32 product (``product``, ``(d, d)``, Fortran order, upper triangle
-    written in place) and the channels' powers of two (``scales``)."""
+    transpose is the Fortran-ordered operand ``ssyrk`` reads without a copy), one ``(shift_slice_rows(d), d)``
+    float64 slice per thread (``work``), the block's float32 product (``product``, ``(d, d)``, Fortran order, upper
+    triangle written in place) and the channels' powers of two (``scales``)."""
 
     scales: np.ndarray
     rows: np.ndarray
@@ -111,23 +122,24 @@ class Float32Buffers:
         """Buffers for blocks of up to ``rows`` rows, keeping ``old``'s product (it does not depend on ``rows``)."""
         d = len(scales)
         product = old.product if old is not None else np.zeros((d, d), dtype=np.float32, order="F")
-        work = tuple(np.empty((min(rows, SHIFT_ROWS), d)) for _ in range(2))
+        work = tuple(np.empty((min(rows, shift_slice_rows(d)), d)) for _ in range(2))
         return cls(scales, np.empty((rows, d), dtype=np.float32), work, product)
 
 
 def shift_rows(x: np.ndarray, y: np.ndarray, shift: np.ndarray, w: np.ndarray, out: np.ndarray,
                work: np.ndarray | None = None, scales: np.ndarray | None = None) -> np.ndarray:
-    """Shift rows ``x`` ``(m, p)``, ``y`` ``(m, q)`` by ``shift`` ``(d,)`` into ``out`` ``(m, d)``, `SHIFT_ROWS` at
-    a time; returns the ``(d, 3)`` float64 sums of ``z'_i w_i^T`` over them and fills ``w[1]``, ``w[2]`` (``w``
-    ``(3, m)``, ``w[0] = 1``) with the squared norms of the shifted ``x`` and ``y`` rows.
+    """Shift rows ``x`` ``(m, p)``, ``y`` ``(m, q)`` by ``shift`` ``(d,)`` into ``out`` ``(m, d)``,
+    `shift_slice_rows` at a time; returns the ``(d, 3)`` float64 sums of ``z'_i w_i^T`` over them and fills ``w[1]``,
+    ``w[2]`` (``w`` ``(3, m)``, ``w[0] = 1``) with the squared norms of the shifted ``x`` and ``y`` rows.
 
     out: float64 (``work`` and ``scales`` None), or float32: the shifted rows multiplied by ``scales`` and rounded,
-    through ``work`` ``(SHIFT_ROWS, d)`` float64, exactly as rounding the whole shifted block would round them.
+    through ``work`` ``(shift_slice_rows(d), d)`` float64, exactly as rounding the whole shifted block would round
+    them.
     """
-    p = x.shape[1]
+    p, step = x.shape[1], shift_slice_rows(len(shift))
     sums = np.zeros((len(shift), 3), order="F")
-    for start in range(0, x.shape[0], SHIFT_ROWS):
-        stop = min(start + SHIFT_ROWS, x.shape[0])
+    for start in range(0, x.shape[0], step):
+        stop = min(start + step, x.shape[0])
         z = out[start:stop] if scales is None else work[: stop - start]
         np.subtract(x[start:stop], shift[:p], out=z[:, :p])  # converts to float64 and shifts in one pass
         np.subtract(y[start:stop], shift[p:], out=z[:, p:])

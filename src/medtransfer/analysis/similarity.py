@@ -163,7 +163,7 @@ class SimilarityAccumulator:
     the result equals one update with all rows up to rounding. Working memory is ``(p+q)^2`` float64 for the
     cross-product matrix plus one row block of about ``block_bytes`` bytes, whatever the chunk or total size
     (``gram_precision="float32"`` instead holds the block in float32 with its ``(p+q)^2`` float32 product, and two
-    float64 slices of `cross_products.SHIFT_ROWS` rows).
+    float64 slices of `cross_products.shift_slice_rows` rows).
 
     Accumulated, on shifted rows ``x'_i = x_i - K_x``, ``y'_i = y_i - K_y`` (``K`` = the first chunk's column
     means, then fixed), with ``z'_i = [x'_i, y'_i]``, ``r'_i = |x'_i|^2``, ``t'_i = |y'_i|^2``:
