@@ -63,6 +63,7 @@ def test_resume_reuses_the_parent_and_every_run_is_nested(config, search_runs):
     assert not search_runs(config, "attributes.status = 'RUNNING'")
     parent = mlflow.get_run(first.parent_run_id)
     assert {"test_auc_mean", "test_auc_sd", "best_val_loss"} <= set(parent.data.metrics)
+    assert parent.info.status == "FINISHED" and parent.data.tags["resumed_after"].startswith("FINISHED at ")
     # Whichever trial won each time: the fits the pointer names are current, every other final fit is superseded,
     # and the README's filter returns one fit per fold.
     current = {fold.run_id for fold in second.pointer.folds}
