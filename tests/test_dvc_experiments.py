@@ -311,13 +311,13 @@ def test_the_next_study_closes_the_killed_run_finishes_and_leaves_nothing_open_o
     # on where the kill caught the study, which differs from machine to machine, so the test names none of them.
     left_open = {run_id: step for run_id, (status, step) in killed_study.runs_after_kill.items() if status == "RUNNING"}
     assert closed[0] in left_open, killed_study.runs_after_kill
-    resumed = {run_id for run_id, (_status, step) in killed_study.runs_after_kill.items() if step == "search"}
-    assert {run_id: now[run_id] for run_id in left_open.keys() - resumed
+    search_parents = {run_id for run_id, (_status, step) in killed_study.runs_after_kill.items() if step == "search"}
+    assert {run_id: now[run_id] for run_id in left_open.keys() - search_parents
             if now[run_id][0] not in ("KILLED", "FAILED")} == {}
     # A search parent the kill caught is the one its rerun went on in and finished. Before, it had been ended as
     # stopped: by its stage when interrupted, else by the next study as its study's child (as KILLED). One that had
     # already finished (its stage ended before it saw the kill) is left finished, whether DVC runs it again or not.
-    for run_id in resumed:
+    for run_id in search_parents:
         run, before = client.get_run(run_id), killed_study.runs_after_kill[run_id][0]
         assert run.info.status == "FINISHED", (run_id, before, run.info.status)
         if before != "FINISHED":

@@ -21,7 +21,7 @@ from medtransfer.pointers import FoldModel, ModelPointer, fold_model_alias, writ
 from medtransfer.layout import ROLE_FINETUNED
 from medtransfer.registry import (ALIAS_CHAMPION, Tag, finetuned_model_name, registered_versions,
                                   source_model_name)
-from medtransfer.run_scope import outcome_status
+from medtransfer.run_scope import ends_with_outcome
 from medtransfer.search.parent_run import fit_descriptions, fit_run_name
 from medtransfer.search.workers import close_orphaned_fits, final_fit_lock
 from medtransfer.train.finetune import FinetuneRequest, run_finetune
@@ -117,11 +117,12 @@ def _final_fits(config, request, settings, best_trial: str, best_params: dict, n
             alias = fold_model_alias(fold, seed_index)
             version = _registered_fit(client, registered_name, name, best_trial, fold, seed)
             if version is None:
-                mlflow.start_run(experiment_id=mlflow.active_run().info.experiment_id, nested=True,
-                                 run_name=fit_run_name(request.source, request.regime, alias),
-                                 tags={Tag.STEP: STEP_FINAL_FIT, Tag.STUDY: name, Tag.TRIAL: best_trial,
-                                       Tag.FOLD: str(fold), Tag.SEED: str(seed)})
-                try:
+                # ended FINISHED, or KILLED when interrupted, FAILED on an error
+                with ends_with_outcome(mlflow.start_run(
+                        experiment_id=mlflow.active_run().info.experiment_id, nested=True,
+                        run_name=fit_run_name(request.source, request.regime, alias),
+                        tags={Tag.STEP: STEP_FINAL_FIT, Tag.STUDY: name, Tag.TRIAL: best_trial,
+                              Tag.FOLD: str(fold), Tag.SEED: str(seed)})):
                     result = run_finetune(
                         config,
                         FinetuneRequest(request.dataset, request.source, request.regime, fold,
@@ -153,10 +154,6 @@ def _final_fits(config, request, settings, best_trial: str, best_params: dict, n
                     version = register_logged_model(result.model_uri, registered_name, tags, **fit_descriptions(
                         request, fold, seed, best_trial, source_version.version, result.test_metrics))
                     mlflow.set_tag("registered_version", version.version)
-                except BaseException as caught:
-                    mlflow.end_run(outcome_status(caught))  # KILLED when interrupted
-                    raise
-                mlflow.end_run("FINISHED")
             client.set_registered_model_alias(registered_name, alias, str(version.version))
             auc = float(version.tags.get(Tag.TEST_AUC, "nan"))
             fits.append(FoldModel(fold=fold, seed=seed, version=str(version.version), run_id=version.run_id,

@@ -251,17 +251,17 @@ def _run_trials(config: Config, study, request: SearchRequest, target: int, sour
             study_.stop()
 
     done = len(complete_trials(study))
-    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if done >= target else []
-    if done >= target and not waiting:
-        return
-    arm_lease(study._storage)  # noqa: SLF001
     if done >= target:
         # Retries queued after the study reached its target (a stale trial failed while the others finished): each
         # is taken from the queue as Optuna hands out waiting trials, one worker each, and recorded as surplus
         # without running, so no trial is left WAITING.
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if waiting:
+            arm_lease(study._storage)  # noqa: SLF001
         for _ in waiting:
             study.optimize(objective, n_trials=1, gc_after_trial=False)
         return
+    arm_lease(study._storage)  # noqa: SLF001
     # Pruned and surplus trials do not count; the cap stops a study whose trials keep failing to complete.
     cap = (target - done) * (1 + search.max_failed_attempts)
     study.optimize(objective, n_trials=cap, callbacks=[stop_when_enough], gc_after_trial=True)
